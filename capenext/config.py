@@ -1,0 +1,157 @@
+"""One config per run: nested dataclasses, JSON presets looked up by name, ``--a.b=v`` overrides.
+
+A run is fully described by a :class:`RunCfg` (``RunCfg{data, model, optim}``). Presets live in
+``capenext/configs/*.json`` and are looked up by file stem (``tiny``, ``swinv2_t`` ...), as open_clip
+looks up its model configs. Overrides are dotted keys (``model.ablation=no_hcmi``); an unknown key is an
+error naming the valid ones. The resolved config is flattened with :func:`flatten` for MLflow params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+MAX_KEYPOINTS = 100  # keypoint slots per sample, as the reference pads to 100
+THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25)  # PCK thresholds reported by the paper
+
+
+@dataclass
+class DataCfg:
+    image_size: int = 256  # side of the square top-down crop fed to the backbone
+    heatmap_size: int = 64  # side of the target heatmap
+    sigma: float = 1.0  # Gaussian sigma of the target heatmap, in heatmap pixels
+    bbox_scale: float = 1.25  # the square bbox is scaled by this before the crop
+    max_keypoints: int = MAX_KEYPOINTS
+    # training augmentation, as the reference: scale ~ clip(N(1, s), 1-f, 1+f) ...
+    scale_sigma: float = 0.15
+    scale_clip: float = 0.15
+    # ... rotation ~ clip(N(0, r), -2r, 2r) degrees, applied with probability rot_prob
+    rot_sigma: float = 15.0
+    rot_prob: float = 0.6
+    descriptions: str | None = None  # optional CapeX-style json: category name -> keypoint texts
+    val_episodes: int = 100  # per category
+    test_episodes: int = 200  # per category
+    queries: int = 15  # queries per episode
+
+
+@dataclass
+class ModelCfg:
+    backbone: str = "swinv2_t"  # registered backbone name (capenext.models.backbone)
+    ablation: str = "full"  # registered ablation name (capenext.models.capenext)
+    backbone_checkpoint: str | None = None  # local file with pretrained backbone weights
+    clip_model: str = "ViT-B-32"  # open_clip model name, or "tiny"
+    clip_checkpoint: str | None = None  # local file, or "random" for explicit random init
+    image_embedding: str = "precomputed"  # "precomputed" (input tensor) or "online" (inside forward)
+    dim: int = 256  # transformer width d
+    heads: int = 8
+    enc_layers: int = 3
+    dec_layers: int = 3
+    ffn_dim: int = 768
+    dropout: float = 0.1
+    fusion_ffn_dim: int = 2048  # FFN width inside HCMI/DSFR (CLIP space)
+    fusion_heads: int = 8
+    drop_path: float = 0.2  # stochastic depth of the Swin V2 backbone
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_iters: int = 1000
+    warmup_ratio: float = 0.001
+    epochs: int = 200
+    lr_steps: tuple[float, ...] = (0.8, 0.9)  # fractions of the epochs where lr is divided by 10
+    batch_size: int = 32  # global batch, fixed whatever the number of workers
+    heatmap_weight: float = 2.0  # lambda_heatmap of Eq. 11
+    seed: int = 0
+
+
+@dataclass
+class RunCfg:
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Typed dataclass from a (nested) dict; unknown keys are an error naming the valid ones."""
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise KeyError(f"unknown config key {where}{key!r}; valid: {sorted(known)}")
+        sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            value = _build(sub, value, f"{where}{key}.")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def from_dict(values: dict[str, Any]) -> RunCfg:
+    return _build(RunCfg, values, "")
+
+
+def load_preset(name: str) -> RunCfg:
+    """The preset ``capenext/configs/<name>.json`` as a :class:`RunCfg`."""
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        raise KeyError(f"config preset {name!r} not found; available: {available_presets()}")
+    return from_dict(json.loads(path.read_text()))
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true/false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(current, tuple):
+        return tuple(float(x) for x in text.split(",") if x)
+    if current is None or isinstance(current, str):
+        return None if text.lower() == "none" else text
+    return type(current)(text)
+
+
+def override(cfg: RunCfg, dotted: dict[str, str]) -> RunCfg:
+    """Apply ``{"model.ablation": "no_hcmi", ...}``; unknown keys raise naming the valid ones."""
+    cfg = from_dict(to_dict(cfg))
+    for key, text in dotted.items():
+        parts = key.split(".")
+        node = cfg
+        for part in parts[:-1]:
+            if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+                raise KeyError(f"unknown config key {key!r}")
+            node = getattr(node, part)
+        if not dataclasses.is_dataclass(node) or parts[-1] not in {f.name for f in fields(node)}:
+            valid = sorted(flatten(to_dict(cfg)))
+            raise KeyError(f"unknown config key {key!r}; valid: {valid}")
+        try:
+            setattr(node, parts[-1], _parse_value(text, getattr(node, parts[-1])))
+        except ValueError as err:
+            raise ValueError(f"config key {key!r}: {err}") from None
+    return cfg
+
+
+def to_dict(cfg: RunCfg) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"ablation": "full"}}`` → ``{"model.ablation": "full"}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,122 @@
+"""From a ``(query, support)`` pair to the tensors the model and the loss take.
+
+:func:`make_item` is shared by every image source (files here, webdataset shards in ``pipelines``): it
+crops the query, builds the targets in the 100 padded slots and keeps what evaluation needs to map
+predictions back to image pixels. Augmentation draws from a generator seeded by ``(seed, epoch, index)``,
+so an item is the same whichever worker loads it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from capenext.config import DataCfg
+from capenext.data.mp100 import Category, Sample, Subset
+from capenext.data.transforms import apply_affine, crop, heatmap_targets, random_scale_rotation, read_image
+
+
+def adjacency(skeleton: tuple[tuple[int, int], ...], slots: int) -> np.ndarray:
+    """(slots, slots) float32 0/1 matrix with ``A[a, b] = 1`` per skeleton edge (the model symmetrises)."""
+    adj = np.zeros((slots, slots), dtype=np.float32)
+    for a, b in skeleton:
+        adj[a, b] = 1.0
+    return adj
+
+
+def make_item(
+    image: np.ndarray,
+    query: Sample,
+    support: Sample,
+    category: Category,
+    cfg: DataCfg,
+    rng: np.random.Generator | None = None,
+) -> dict[str, Any]:
+    """One training/evaluation item. ``rng`` given → the reference's random scale and rotation.
+
+    Keys (K = ``cfg.max_keypoints`` slots, k = the category's keypoints):
+        img (3, S, S); heatmap (K, Hh, Hh); points (K, 2) query keypoints in [0, 1] crop coordinates;
+        query_weight, support_weight (K,) target weights (visible and inside the crop after the warp);
+        kp_mask (K,) bool support-visible slots; adj (K, K); gt_xy (K, 2) query keypoints in image
+        pixels; visible (K,) bool query AND support visible (annotation visibility, for PCK);
+        norm () max(w, h) of the cleaned query bbox; inverse (2, 3) crop → image; category_id, ann_id,
+        support_ann_id, num_keypoints.
+    """
+    slots, size = cfg.max_keypoints, cfg.image_size
+    k = category.num_keypoints
+    if k > slots:
+        raise ValueError(f"category {category.id} has {k} keypoints, more than the {slots} slots")
+    scale, rot = (1.0, 0.0)
+    if rng is not None:
+        scale, rot = random_scale_rotation(rng, cfg.scale_sigma, cfg.scale_clip, cfg.rot_sigma, cfg.rot_prob)
+    c = crop(image, query.bbox, size, cfg.bbox_scale, scale, rot)
+
+    q_vis = query.visible
+    s_vis = support.visible
+    pts = apply_affine(query.keypoints[:, :2].astype(np.float64), c.matrix)
+    heat, q_weight = heatmap_targets(pts, q_vis, size, cfg.heatmap_size, cfg.sigma)
+    # the support is never cropped for text-only CAPE; its weight is its visibility
+    s_weight = s_vis.astype(np.float32)
+
+    def pad(a: np.ndarray, *tail: int, dtype=np.float32) -> np.ndarray:
+        out = np.zeros((slots, *tail), dtype=dtype)
+        out[:k] = a
+        return out
+
+    return {
+        "img": torch.from_numpy(c.image),
+        "heatmap": torch.from_numpy(pad(heat, cfg.heatmap_size, cfg.heatmap_size)),
+        "points": torch.from_numpy(pad(pts / size, 2)),
+        "query_weight": torch.from_numpy(pad(q_weight)),
+        "support_weight": torch.from_numpy(pad(s_weight)),
+        "kp_mask": torch.from_numpy(pad(s_vis, dtype=bool)),
+        "adj": torch.from_numpy(adjacency(category.skeleton, slots)),
+        "gt_xy": torch.from_numpy(pad(query.keypoints[:, :2], 2)),
+        "visible": torch.from_numpy(pad(q_vis & s_vis, dtype=bool)),
+        "norm": torch.tensor(max(query.bbox[2], query.bbox[3]), dtype=torch.float32),
+        "inverse": torch.from_numpy(c.inverse.astype(np.float32)),
+        "category_id": torch.tensor(category.id),
+        "ann_id": torch.tensor(query.ann_id),
+        "support_ann_id": torch.tensor(support.ann_id),
+        "num_keypoints": torch.tensor(k),
+    }
+
+
+class PairDataset(Dataset):
+    """Items of ``(query, support)`` index pairs over one :class:`Subset`, images read from files.
+
+    ``train=True`` applies the augmentation with a generator seeded by ``(seed, epoch, index)``; call
+    :meth:`set_epoch` (and pass the epoch's pairs) to move on. ``load_image`` defaults to reading
+    ``subset.image_path(sample)``.
+    """
+
+    def __init__(
+        self,
+        subset: Subset,
+        pairs: np.ndarray,
+        cfg: DataCfg,
+        train: bool = False,
+        seed: int = 0,
+        load_image: Callable[[Sample], np.ndarray] | None = None,
+    ):
+        self.subset, self.pairs, self.cfg, self.train, self.seed = subset, pairs, cfg, train, seed
+        self.epoch = 0
+        self.load_image = load_image or (lambda s: read_image(str(subset.image_path(s))))
+
+    def set_epoch(self, epoch: int, pairs: np.ndarray | None = None) -> None:
+        self.epoch = epoch
+        if pairs is not None:
+            self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        qi, si = (int(v) for v in self.pairs[i])
+        query, support = self.subset.samples[qi], self.subset.samples[si]
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
+        image = self.load_image(query)
+        return make_item(image, query, support, self.subset.categories[query.category_id], self.cfg, rng)
