@@ -1,0 +1,122 @@
+"""Noisy prompts for the robustness evaluation (paper Tables 4 and 5), defined once and seeded.
+
+Three kinds, shared by the embedding pipeline (which precomputes the noisy keypoint variants) and the
+evaluation job:
+
+* ``class``: the class prompt is replaced by a random *other* category's name (:func:`wrong_class`);
+* ``typo``: keypoint names get character swaps, drops, insertions and substitutions, each letter hit
+  with probability ``rate`` (:func:`typo`; "left eey", "nosse", as in CapeX's typo study);
+* ``template``: keypoint names are rewritten by a word map (:func:`rewrite`). The default maps ship as
+  ``capenext/data/template_maps.json`` and hold the paper's Table 5 rewrites (paw → foreleg,
+  elbow → forearm, eye → eyeball, paw → foot, shoulder → upper arm); a custom map is a JSON object
+  ``{"word": "replacement", ...}``.
+
+Every function takes its randomness from a generator seeded by ``(seed, salt)``, where the salt is a
+stable digest of the text or category, so the same prompt gets the same noise whatever else is drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import string
+from pathlib import Path
+
+import numpy as np
+
+TEMPLATE_MAPS_FILE = Path(__file__).parent / "data" / "template_maps.json"
+NOISE_KINDS = ("none", "class", "typo", "template")
+LETTERS = string.ascii_lowercase
+
+
+def _rng(seed: int, *salt: str | int) -> np.random.Generator:
+    digest = hashlib.sha256("\x1f".join(str(s) for s in salt).encode()).digest()
+    return np.random.default_rng([int(seed), int.from_bytes(digest[:8], "little")])
+
+
+def typo(text: str, rate: float, seed: int) -> str:
+    """Each letter, with probability ``rate``, is swapped with the next, dropped, doubled by an
+    inserted letter, or substituted. Spaces and non-letters are kept. ``rate=0`` returns ``text``."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"typo rate must lie in [0, 1], got {rate}")
+    rng = _rng(seed, "typo", text)
+    chars = list(text)
+    out: list[str] = []
+    i = 0
+    while i < len(chars):
+        c = chars[i]
+        if not c.isalpha() or rng.random() >= rate:
+            out.append(c)
+            i += 1
+            continue
+        op = rng.integers(4)
+        if op == 0 and i + 1 < len(chars) and chars[i + 1].isalpha() and chars[i + 1] != c:  # swap
+            out += [chars[i + 1], c]
+            i += 2
+            continue
+        if op == 1 and sum(ch.isalpha() for ch in chars) > 1:  # drop
+            pass
+        elif op == 2:  # insert a letter after this one
+            out += [c, LETTERS[rng.integers(26)]]
+        else:  # substitute with a different letter
+            out.append(LETTERS[(LETTERS.find(c.lower()) + 1 + rng.integers(25)) % 26])
+        i += 1
+    return "".join(out)
+
+
+def wrong_class(name: str, others: list[str], seed: int) -> str:
+    """A random category name other than ``name`` from ``others`` (the benchmark's categories)."""
+    pool = sorted({o for o in others if o != name})
+    if not pool:
+        raise ValueError(f"class noise needs at least one category other than {name!r}")
+    return pool[int(_rng(seed, "class", name).integers(len(pool)))]
+
+
+def load_template_maps(path: str | Path | None = None) -> dict[str, dict[str, str]]:
+    """Named word maps. ``None``: the paper's Table 5 maps. A file holding one flat map
+    ``{"word": "replacement"}`` is returned as ``{<file stem>: map}``."""
+    p = Path(path) if path is not None else TEMPLATE_MAPS_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"template map not found: {p} (--template-map)")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{p}: not valid json ({err})") from None
+    if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
+        data = {p.stem: data}
+    ok = isinstance(data, dict) and all(
+        isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items())
+        for m in data.values()
+    )
+    if not ok or not data:
+        raise ValueError(f"{p}: expected {{'word': 'replacement'}} or {{'name': {{'word': 'replacement'}}}}")
+    return data
+
+
+def rewrite(text: str, word_map: dict[str, str]) -> str:
+    """Replace whole words (case-insensitive, a plural ``s`` kept): "left front paws" → "left front forelegs"."""
+    for word, repl in word_map.items():
+        text = re.sub(rf"\b{re.escape(word)}(s?)\b", lambda m: repl + m.group(1), text, flags=re.IGNORECASE)
+    return text
+
+
+def keypoint_variants(
+    texts: list[str],
+    typo_rates: tuple[float, ...] = (0.1,),
+    template_maps: dict[str, dict[str, str]] | None = None,
+    seed: int = 0,
+) -> dict[str, list[str]]:
+    """The keypoint-text variants the embedding job precomputes: ``clean``, ``typo@<rate>`` per rate and
+    ``template:<name>`` per map. Each variant has one text per keypoint."""
+    maps = load_template_maps() if template_maps is None else template_maps
+    out = {"clean": list(texts)}
+    for rate in typo_rates:
+        out[typo_variant(rate)] = [typo(t, rate, seed) for t in texts]
+    for name, word_map in maps.items():
+        out[f"template:{name}"] = [rewrite(t, word_map) for t in texts]
+    return out
+
+
+def typo_variant(rate: float) -> str:
+    return f"typo@{rate:g}"

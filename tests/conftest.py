@@ -1,0 +1,56 @@
+"""Shared fixtures: one synthetic MP-100 and one local Ray instance per test session.
+
+Ray start-ups cost seconds on 2 cores, so tests that need Ray share ``ray_local``; tests that run a
+command line as a user would use ``run_cli`` (a real subprocess, with the project's Python).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """The default synthetic mini MP-100 (seed 0), generated once; tests must not modify it."""
+    from pipelines.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic") / "mp100"
+    generate(root, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance on this machine's CPUs, shared by the whole session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
+    """``python -m <args>`` as a user runs it; returns the CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc, *fragments: str) -> None:
+    """A non-zero exit with exactly one ``error: ...`` line on stderr that names every fragment."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])

@@ -1,0 +1,290 @@
+"""The MP-100 data layer on real files: reading and cleaning, the crop, targets, pairs and episodes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from capenext.config import DataCfg
+from capenext.data import (
+    SPLITS,
+    SUBSETS,
+    DataError,
+    PairDataset,
+    annotation_path,
+    episodes,
+    load_split,
+    load_subset,
+    training_pairs,
+)
+from capenext.data.mp100 import clean_bbox
+from capenext.data.transforms import apply_affine, crop, heatmap_targets
+from tests.conftest import assert_one_line_error, run_cli
+
+
+def _expected_clean_count(path: Path) -> int:
+    """Cleaned annotations counted straight from the json, independently of the reader."""
+    data = json.loads(path.read_text())
+    images = {im["id"]: im for im in data["images"]}
+    n = 0
+    for a in data["annotations"]:
+        kp = np.asarray(a["keypoints"], dtype=float)
+        im = images[a["image_id"]]
+        if a["num_keypoints"] == 0 or kp.max() <= 0 or a["area"] <= 0:
+            continue
+        x, y, w, h = a["bbox"]
+        x1, y1 = max(0, x), max(0, y)
+        x2, y2 = min(im["width"] - 1, x1 + max(0, w - 1)), min(im["height"] - 1, y1 + max(0, h - 1))
+        n += x2 > x1 and y2 > y1
+    return n
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_reader_sample_counts_match_json_after_cleaning(synthetic_root, split):
+    for subset in SUBSETS:
+        path = annotation_path(synthetic_root, split, subset)
+        data = load_split(synthetic_root, split, subset)
+        raw = json.loads(path.read_text())
+        assert len(data.samples) == _expected_clean_count(path)
+        assert len(data.samples) + sum(data.dropped.values()) == len(raw["annotations"])
+        assert set(data.categories) == {c["id"] for c in raw["categories"]}
+        for s in data.samples:
+            assert s.keypoints.shape == (data.categories[s.category_id].num_keypoints, 3)
+            assert set(np.unique(s.keypoints[:, 2])) <= {0.0, 1.0}
+            assert data.image_path(s).is_file()
+
+
+def test_splits_are_category_disjoint_and_tests_cover_every_category(synthetic_root):
+    every = set()
+    tests = set()
+    for split in SPLITS:
+        cats = {s: set(load_split(synthetic_root, split, s).categories) for s in SUBSETS}
+        assert not cats["train"] & cats["val"] and not cats["train"] & cats["test"]
+        assert not cats["val"] & cats["test"]
+        total = sum(len(c) for c in cats.values())
+        assert [len(cats[s]) for s in SUBSETS] == [round(total * 0.7), round(total * 0.1), round(total * 0.2)]
+        every |= cats["train"] | cats["val"] | cats["test"]
+        tests |= cats["test"]
+    assert tests == every
+
+
+def test_keypoint_and_class_text_use_spaces_for_underscores(tmp_path, synthetic_root):
+    desc = {}
+    data = load_split(synthetic_root, 1, "test")
+    cat = next(iter(data.categories.values()))
+    desc[cat.name] = [f"part_{i}_of_it" for i in range(cat.num_keypoints)]
+    (tmp_path / "desc.json").write_text(json.dumps(desc))
+    again = load_split(synthetic_root, 1, "test", descriptions=tmp_path / "desc.json")
+    assert again.categories[cat.id].keypoints[0] == "part 0 of it"
+    assert "_" not in again.categories[cat.id].class_text
+
+
+def test_clean_bbox_follows_the_reference():
+    assert clean_bbox([-5, 10, 20, 30], 100, 100) == (0.0, 10.0, 19.0, 29.0)
+    assert clean_bbox([90, 90, 50, 50], 100, 100) == (90.0, 90.0, 9.0, 9.0)
+    assert clean_bbox([10, 10, 1, 30], 100, 100) is None  # x2 == x1
+    assert clean_bbox([200, 10, 10, 10], 100, 100) is None
+
+
+@pytest.mark.parametrize("rot", [0.0, 25.0, -30.0])
+@pytest.mark.parametrize("scale", [0.85, 1.0, 1.15])
+def test_crop_then_inverse_transform_is_within_half_a_pixel(rot, scale):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, size=(180, 240, 3), dtype=np.uint8)
+    bbox = (30.0, 40.0, 120.0, 70.0)
+    pts = np.stack([rng.uniform(30, 150, 50), rng.uniform(40, 110, 50)], axis=1)
+    c = crop(image, bbox, 256, scale=scale, rot_deg=rot)
+    back = apply_affine(apply_affine(pts, c.matrix), c.inverse)
+    assert np.abs(back - pts).max() < 0.5
+    # the box centre lands on the crop centre
+    assert np.allclose(apply_affine(np.array([90.0, 75.0]), c.matrix), [128, 128])
+
+
+def test_crop_content_follows_the_transform():
+    """A bright pixel in the image appears where the affine map sends it."""
+    image = np.zeros((200, 200, 3), dtype=np.uint8)
+    image[60:63, 120:123] = 255  # centre (121, 61)
+    c = crop(image, (50.0, 30.0, 100.0, 100.0), 128, rot_deg=20.0)
+    x, y = apply_affine(np.array([121.0, 61.0]), c.matrix)
+    plane = c.image[0]
+    iy, ix = np.unravel_index(plane.argmax(), plane.shape)
+    assert abs(ix - x) <= 1.5 and abs(iy - y) <= 1.5
+
+
+def test_heatmap_peaks_sit_at_the_keypoints():
+    pts = np.array([[10.0, 20.0], [100.3, 200.7], [255.0, 0.0], [-40.0, 50.0], [50.0, 50.0]])
+    vis = np.array([True, True, True, True, False])
+    heat, weight = heatmap_targets(pts, vis, image_size=256, heatmap_size=64, sigma=1.0)
+    assert heat.shape == (5, 64, 64)
+    assert weight.tolist() == [1, 1, 1, 0, 0]  # far outside, or invisible → weight 0
+    for j in range(3):
+        iy, ix = np.unravel_index(heat[j].argmax(), heat[j].shape)
+        assert heat[j].max() == pytest.approx(1.0)
+        assert (ix, iy) == (int(pts[j, 0] / 4 + 0.5), int(pts[j, 1] / 4 + 0.5))
+    assert heat[3].max() == 0 and heat[4].max() == 0
+
+
+def test_items_carry_targets_in_padded_slots(synthetic_root):
+    data = load_split(synthetic_root, 1, "train")
+    cfg = DataCfg(image_size=128, heatmap_size=32)
+    pairs = training_pairs(data.by_category(), seed=0, epoch=0)[:4]
+    ds = PairDataset(data, pairs, cfg)
+    item = ds[0]
+    q = data.samples[int(pairs[0, 0])]
+    k = data.categories[q.category_id].num_keypoints
+    assert item["img"].shape == (3, 128, 128)
+    assert item["heatmap"].shape == (100, 32, 32)
+    assert not item["kp_mask"][k:].any() and item["query_weight"][k:].sum() == 0
+    # the target points, mapped back to image pixels, are the annotation's keypoints
+    xy = item["points"][:k].double().numpy() * 128
+    back = apply_affine(xy, item["inverse"].double().numpy())
+    vis = q.visible
+    assert np.abs(back[vis] - q.keypoints[vis, :2]).max() < 0.05
+    # heatmap peaks of weighted slots sit at the target points
+    for j in np.flatnonzero(item["query_weight"].numpy()):
+        iy, ix = np.unravel_index(item["heatmap"][j].argmax(), (32, 32))
+        assert abs(ix - item["points"][j, 0] * 32) <= 0.5 + 1e-6
+        assert abs(iy - item["points"][j, 1] * 32) <= 0.5 + 1e-6
+
+
+def test_training_items_are_deterministic_per_seed_epoch_index(synthetic_root):
+    data = load_split(synthetic_root, 1, "train")
+    cfg = DataCfg(image_size=64, heatmap_size=16)
+    pairs = training_pairs(data.by_category(), seed=3, epoch=0)[:6]
+    a = PairDataset(data, pairs, cfg, train=True, seed=3)
+    b = PairDataset(data, pairs, cfg, train=True, seed=3)
+    assert all(torch.equal(a[i]["img"], b[i]["img"]) for i in range(6))
+    b.set_epoch(1)
+    assert not all(torch.equal(a[i]["img"], b[i]["img"]) for i in range(6))
+
+
+def test_training_pairs_are_deterministic_and_class_balanced(synthetic_root):
+    data = load_split(synthetic_root, 1, "train")
+    groups = data.by_category()
+    p0 = training_pairs(groups, seed=0, epoch=0)
+    assert np.array_equal(p0, training_pairs(groups, seed=0, epoch=0))
+    assert not np.array_equal(p0, training_pairs(groups, seed=0, epoch=1))
+    largest = max(len(v) for v in groups.values())
+    per_cat = Counter(data.samples[q].category_id for q, _ in p0)
+    assert set(per_cat.values()) == {largest}
+    assert set(per_cat) == {c for c, v in groups.items() if v}
+    for q, s in p0:
+        assert data.samples[q].category_id == data.samples[s].category_id
+        assert q != s
+
+
+def test_training_pairs_balance_uneven_categories():
+    groups = {1: [0, 1, 2, 3, 4, 5], 2: [6, 7], 3: [8]}
+    pairs = training_pairs(groups, seed=1, epoch=0)
+    cat_of = {i: c for c, idx in groups.items() for i in idx}
+    assert Counter(cat_of[int(q)] for q, _ in pairs) == {1: 6, 2: 6, 3: 6}
+    assert Counter(int(q) for q, _ in pairs if cat_of[int(q)] == 2) == {6: 3, 7: 3}
+
+
+def test_episodes_are_fixed_for_a_seed(synthetic_root):
+    data = load_split(synthetic_root, 1, "test")
+    groups = data.by_category()
+    e = episodes(groups, num_episodes=5, queries=15, seed=0)
+    assert np.array_equal(e, episodes(groups, num_episodes=5, queries=15, seed=0))
+    assert not np.array_equal(e, episodes(groups, num_episodes=5, queries=15, seed=1))
+    per_cat = Counter(data.samples[q].category_id for q, _ in e)
+    for cat, idx in groups.items():
+        assert per_cat[cat] == 5 * min(15, len(idx) - 1)
+    # within an episode: one support, distinct queries, none equal to the support
+    for block in np.split(e, len(e) // 15):
+        assert len(set(block[:, 1])) == 1 and block[0, 1] not in block[:, 0]
+        assert len(set(block[:, 0])) == 15
+    # a category's episodes do not depend on the other categories
+    one = next(iter(groups))
+    alone = episodes({one: groups[one]}, num_episodes=5, queries=15, seed=0)
+    assert np.array_equal(alone, e[: len(alone)])
+
+
+# --- malformed input: one clear line, naming the file, the record and the problem -------------------
+
+
+def _write_minimal(tmp_path: Path, mutate) -> Path:
+    """A valid one-annotation file (and its image), then ``mutate(data)``."""
+    from PIL import Image
+
+    (tmp_path / "images" / "cat").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 48)).save(tmp_path / "images" / "cat" / "a.jpg")
+    data = {
+        "images": [{"id": 7, "file_name": "cat/a.jpg", "width": 64, "height": 48}],
+        "categories": [{"id": 3, "name": "tabby_cat", "supercategory": "animal",
+                        "keypoints": ["left_eye", "right eye", "nose"], "skeleton": [[0, 1], [1, 2]]}],
+        "annotations": [{"id": 11, "image_id": 7, "category_id": 3, "bbox": [4, 4, 30, 30], "area": 900,
+                         "keypoints": [10, 10, 2, 20, 10, 2, 15, 20, 1], "num_keypoints": 3, "iscrowd": 0}],
+    }
+    mutate(data)
+    path = tmp_path / "annotations" / "mp100_split1_train.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+MALFORMED = {
+    "keypoint list of the wrong length": (
+        lambda d: d["annotations"][0].update(keypoints=[1, 2, 2]), ["annotation 11", "3 x 3"]),
+    "skeleton index out of range": (
+        lambda d: d["categories"][0].update(skeleton=[[0, 5]]), ["category 3", "skeleton index out of range"]),
+    "unknown category": (
+        lambda d: d["annotations"][0].update(category_id=99), ["annotation 11", "category_id 99"]),
+    "unknown image": (
+        lambda d: d["annotations"][0].update(image_id=8), ["annotation 11", "image_id 8"]),
+    "missing image file": (
+        lambda d: d["images"][0].update(file_name="dog/a.jpg"), ["annotation 11", "dog/a.jpg", "not found"]),
+    "bad bbox": (
+        lambda d: d["annotations"][0].update(bbox=[1, 2]), ["annotation 11", "bbox"]),
+    "missing list": (lambda d: d.pop("annotations"), ["'annotations'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_input_gives_one_line_naming_file_and_record(tmp_path, case):
+    mutate, fragments = MALFORMED[case]
+    path = _write_minimal(tmp_path, mutate)
+    with pytest.raises(DataError) as err:
+        load_subset(path)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg
+    for frag in fragments:
+        assert frag in msg
+
+
+def test_valid_minimal_file_reads_and_cleans(tmp_path):
+    path = _write_minimal(tmp_path, lambda d: None)
+    data = load_subset(path)
+    (s,) = data.samples
+    assert s.bbox == (4.0, 4.0, 29.0, 29.0)
+    assert s.keypoints[:, 2].tolist() == [1, 1, 1]
+    assert data.categories[3].keypoints == ("left eye", "right eye", "nose")
+    assert data.categories[3].class_text == "tabby cat"
+
+
+def test_missing_image_can_be_skipped_and_listed(tmp_path):
+    path = _write_minimal(tmp_path, lambda d: d["images"][0].update(file_name="dog/a.jpg"))
+    data = load_subset(path, missing="skip")
+    assert data.samples == [] and data.missing == [(11, "dog/a.jpg")]
+
+
+def test_cli_reports_malformed_data_in_one_line(tmp_path, synthetic_root):
+    root = tmp_path / "copy"
+    shutil.copytree(synthetic_root / "annotations", root / "annotations")
+    (root / "images").symlink_to(synthetic_root / "images")
+    path = annotation_path(root, 1, "val")
+    data = json.loads(path.read_text())
+    bad = data["annotations"][0]
+    bad["keypoints"] = bad["keypoints"][:-3]
+    path.write_text(json.dumps(data))
+    proc = run_cli("jobs.quickstart", "--data-root", str(root), "--workdir", str(tmp_path / "work"))
+    assert_one_line_error(proc, str(path), f"annotation {bad['id']}", "keypoints has")
+
+    proc = run_cli("jobs.quickstart", "--data-root", str(root), "--split", "9")
+    assert_one_line_error(proc, "unknown split 9")
