@@ -129,10 +129,8 @@ def heatmap_targets(
                 or mu_x + radius + 1 < 0 or mu_y + radius + 1 < 0):
             weights[j] = 0
             continue
-        gx = np.exp(-((grid - mu_x) ** 2) / (2 * sigma**2))
-        gy = np.exp(-((grid - mu_y) ** 2) / (2 * sigma**2))
-        hm = gy[:, None] * gx[None, :]
-        hm[np.abs(grid - mu_y)[:, None] > radius] = 0  # the reference's patch is (6σ+1)² wide
-        hm[:, np.abs(grid - mu_x) > radius] = 0
-        heatmaps[j] = hm
+        # the reference's patch is (6σ+1)² wide: zero beyond 3σ on either axis
+        gx = np.where(np.abs(grid - mu_x) <= radius, np.exp(-((grid - mu_x) ** 2) / (2 * sigma**2)), 0)
+        gy = np.where(np.abs(grid - mu_y) <= radius, np.exp(-((grid - mu_y) ** 2) / (2 * sigma**2)), 0)
+        heatmaps[j] = gy[:, None] * gx[None, :]
     return heatmaps, weights

@@ -1,0 +1,893 @@
+"""Synthetic MP-100: a small, fair category-agnostic pose estimation (CAPE) benchmark.
+
+``python -m pipelines.synthetic --out DIR`` writes a dataset with MP-100's exact
+layout, so every pipeline that reads MP-100 runs unchanged on it::
+
+    DIR/annotations/mp100_split{1..5}_{train,val,test}.json   (COCO keypoints)
+    DIR/images/<category_name>/<image_id>.jpg                 (file_name is relative to images/)
+
+Each json holds the ``images``, ``annotations`` and ``categories`` of one subset
+only. Category ``keypoints`` are text names ("left eye", "top", ...) and
+``skeleton`` is a list of 0-based index pairs, as in the GraphCape/CapeX files.
+Category names use underscores like MP-100 ("office_chair"); read them as text by
+replacing ``_`` with a space.
+
+What makes it a fair CAPE benchmark, and able to show what text guidance buys:
+
+* **Category-disjoint splits.** Five splits, each with train/val/test categories
+  in MP-100's 70/10/20 proportions (20 categories -> 14/2/4). The five test sets
+  partition the categories, so every category is tested once; each validation set
+  comes from another split's test group. Every test set holds categories whose
+  supercategory is seen in training (the paper's setting), never the categories
+  themselves.
+* **Keypoint names come from one shared vocabulary, and a part's look follows its
+  name.** Every visible keypoint carries a small glyph (a shape and a fill
+  pattern) chosen by its name, so "left eye" looks the same on a cat face, a fox
+  face and a horse body, up to colour scheme, scale and rotation. A model can
+  learn the link from a name to an appearance and carry it to unseen categories.
+* **Polysemy.** The names in ``POLYSEMOUS`` ("neck", "top", "handle", the legs,
+  the shoulders) get a different glyph in each supercategory: a chair's "left
+  front leg" does not look like a horse's. Only the class prompt tells them apart.
+* **Class names carry information.** A category's name shares its head word with
+  its supercategory ("office_chair", "garden_chair" in "chair"; "cat_face" in
+  "animal_face"), so the prompt of an unseen category says what it resembles.
+* **Supercategory templates, perturbed per category.** Each of eight
+  supercategories is a template: a tree of named parts with a nominal 2-D layout.
+  Each category rescales it, moves its parts and drops some optional parts, so
+  categories differ in proportions and in keypoint count (6..16).
+* **Instance variation.** Colour scheme, texture (plain, stripes, spots, checks),
+  scale, rotation, aspect and articulation (every joint turns within a range)
+  change per image, so a whole-image cue helps and memorising one support fails.
+* **Distractors.** Cluttered backgrounds, stray glyphs, unannotated partial
+  objects of other categories cut by the frame, and some images with a second
+  annotated instance of the same category.
+* **Visibility.** Keypoints hidden under an occluder or outside the frame have
+  ``v=0`` and are stored as ``0, 0, 0`` (COCO convention); visible ones have
+  ``v=2``. ``num_keypoints`` counts the visible ones.
+
+Image sides are 128..256 px (256..512 px with ``--full-size``). Generation is
+deterministic for a seed: the same arguments give byte-identical json and images
+(every category draws from its own ``numpy`` generator seeded with
+``(seed, category index)``, and JPEGs are written at quality 90). The default
+(20 categories x 30 images) takes a few seconds; ``--full-size`` (100 categories
+x 180 images) is meant for benchmarks. Files are written under a temporary name
+and moved into place, so re-running into the same folder overwrites cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from capenext.data.mp100 import SPLITS, SUBSETS, annotation_path
+
+MIN_CATEGORIES = 10
+POLYSEMOUS = frozenset(
+    {
+        "neck",
+        "top",
+        "handle",
+        "left shoulder",
+        "right shoulder",
+        "left front leg",
+        "right front leg",
+        "left back leg",
+        "right back leg",
+    }
+)
+
+_SIZES = {False: (128, 256), True: (256, 512)}
+_DEFAULT_COUNTS = {False: (20, 30), True: (100, 180)}
+_STREAM_NAMES = 1_000_001
+_STREAM_SPLITS = 1_000_002
+_JPEG_QUALITY = 90
+
+
+# --------------------------------------------------------------------------- templates
+
+
+@dataclass(frozen=True)
+class Part:
+    """One named part of a template: nominal position (y down), parent, articulation."""
+
+    name: str
+    x: float
+    y: float
+    parent: str | None = None
+    optional: bool = False
+    joint: float = 0.0  # the part turns around its parent by up to this many degrees
+
+
+@dataclass(frozen=True)
+class Template:
+    """A supercategory: a tree of parts, how to draw its body, and its category names."""
+
+    supercategory: str
+    head: str  # the word every category name of the supercategory ends with
+    modifiers: tuple[str, ...]
+    parts: tuple[Part, ...]
+    extra_edges: tuple[tuple[str, str], ...] = ()
+    polygons: tuple[tuple[str, ...], ...] = ()
+    discs: tuple[tuple[str, float], ...] = ()  # (part, radius) filled circles
+    limb: float = 0.12  # width of the limbs along skeleton edges
+    max_rotation: float = 20.0
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        """Part name -> index."""
+        return {part.name: i for i, part in enumerate(self.parts)}
+
+    @cached_property
+    def parents(self) -> tuple[int, ...]:
+        """Parent index of each part (-1 for the root); parents always come first."""
+        index = self.index
+        return tuple(-1 if p.parent is None else index[p.parent] for p in self.parts)
+
+
+P = Part
+TEMPLATES: tuple[Template, ...] = (
+    Template(
+        "animal_face",
+        "face",
+        ("cat", "dog", "fox", "bear", "panda", "tiger", "rabbit", "monkey", "sheep", "lion",
+         "deer", "koala", "raccoon"),
+        (
+            P("nose", 0.0, 0.15),
+            P("left eye", -0.35, -0.2, "nose"),
+            P("right eye", 0.35, -0.2, "nose"),
+            P("mouth", 0.0, 0.45, "nose", joint=10),
+            P("left ear", -0.6, -0.75, "left eye", joint=20),
+            P("right ear", 0.6, -0.75, "right eye", joint=20),
+            P("forehead", 0.0, -0.5, "nose", optional=True),
+            P("chin", 0.0, 0.72, "mouth", optional=True),
+            P("left cheek", -0.6, 0.25, "nose", optional=True),
+            P("right cheek", 0.6, 0.25, "nose", optional=True),
+            P("left eyebrow", -0.35, -0.42, "left eye", optional=True),
+            P("right eyebrow", 0.35, -0.42, "right eye", optional=True),
+        ),
+        extra_edges=(("left eye", "right eye"),),
+        discs=(("nose", 0.7),),
+        limb=0.25,
+        max_rotation=30.0,
+    ),
+    Template(
+        "animal_body",
+        "body",
+        ("horse", "dog", "cat", "cow", "zebra", "giraffe", "deer", "goat", "sheep", "pig",
+         "bear", "wolf", "camel"),
+        (
+            P("spine", -0.1, -0.25),
+            P("neck", 0.45, -0.35, "spine", joint=10),
+            P("nose", 0.9, -0.45, "neck", joint=20),
+            P("left eye", 0.72, -0.58, "nose"),
+            P("left ear", 0.62, -0.78, "left eye", optional=True, joint=15),
+            P("tail", -0.75, -0.3, "spine", joint=25),
+            P("tail tip", -0.95, 0.05, "tail", optional=True, joint=30),
+            P("left front knee", 0.4, 0.35, "neck", joint=20),
+            P("left front leg", 0.42, 0.85, "left front knee", joint=25),
+            P("right front knee", 0.3, 0.35, "neck", optional=True, joint=20),
+            P("right front leg", 0.28, 0.85, "right front knee", joint=25),
+            P("left back knee", -0.5, 0.35, "spine", joint=20),
+            P("left back leg", -0.45, 0.85, "left back knee", joint=25),
+            P("right back knee", -0.6, 0.35, "spine", optional=True, joint=20),
+            P("right back leg", -0.62, 0.85, "right back knee", joint=25),
+        ),
+        polygons=(("spine", "neck", "left front knee", "left back knee"),),
+        discs=(("nose", 0.16),),
+        limb=0.14,
+        max_rotation=15.0,
+    ),
+    Template(
+        "hand",
+        "hand",
+        ("child", "adult", "gloved", "robot", "cartoon", "bony", "painted", "elderly", "chubby",
+         "slim", "tattooed", "pianist", "puppet"),
+        (
+            P("wrist", 0.0, 0.8),
+            P("thumb base", -0.35, 0.45, "wrist", joint=15),
+            P("thumb joint", -0.6, 0.2, "thumb base", optional=True, joint=20),
+            P("thumb tip", -0.75, -0.05, "thumb joint", joint=20),
+            P("index base", -0.25, -0.05, "wrist", joint=8),
+            P("index joint", -0.3, -0.45, "index base", optional=True, joint=20),
+            P("index tip", -0.33, -0.8, "index joint", joint=15),
+            P("middle base", 0.0, -0.1, "wrist", joint=5),
+            P("middle joint", 0.0, -0.52, "middle base", optional=True, joint=20),
+            P("middle tip", 0.0, -0.9, "middle joint", joint=15),
+            P("ring base", 0.22, -0.05, "wrist", joint=5),
+            P("ring joint", 0.26, -0.45, "ring base", optional=True, joint=20),
+            P("ring tip", 0.28, -0.8, "ring joint", joint=15),
+            P("little base", 0.42, 0.05, "wrist", joint=8),
+            P("little joint", 0.5, -0.25, "little base", optional=True, joint=20),
+            P("little tip", 0.55, -0.52, "little joint", joint=15),
+        ),
+        polygons=(("wrist", "thumb base", "index base", "middle base", "ring base", "little base"),),
+        limb=0.13,
+        max_rotation=45.0,
+    ),
+    Template(
+        "chair",
+        "chair",
+        ("office", "garden", "dining", "bar", "rocking", "folding", "arm", "high", "kitchen",
+         "camping", "school", "lounge", "throne"),
+        (
+            P("seat center", 0.0, 0.1),
+            P("left front corner", -0.5, 0.25, "seat center"),
+            P("right front corner", 0.5, 0.25, "seat center"),
+            P("left back corner", -0.4, -0.05, "seat center"),
+            P("right back corner", 0.4, -0.05, "seat center"),
+            P("left front leg", -0.5, 0.95, "left front corner", joint=4),
+            P("right front leg", 0.5, 0.95, "right front corner", joint=4),
+            P("left back leg", -0.4, 0.7, "left back corner", optional=True, joint=4),
+            P("right back leg", 0.4, 0.7, "right back corner", optional=True, joint=4),
+            P("back top left", -0.4, -0.85, "left back corner", joint=8),
+            P("back top right", 0.4, -0.85, "right back corner", joint=8),
+            P("top", 0.0, -0.95, "seat center", optional=True, joint=6),
+            P("left armrest", -0.62, -0.25, "left back corner", optional=True, joint=8),
+            P("right armrest", 0.62, -0.25, "right back corner", optional=True, joint=8),
+        ),
+        polygons=(
+            ("left front corner", "right front corner", "right back corner", "left back corner"),
+            ("left back corner", "back top left", "top", "back top right", "right back corner"),
+        ),
+        limb=0.08,
+        max_rotation=15.0,
+    ),
+    Template(
+        "table",
+        "table",
+        ("coffee", "dining", "side", "desk", "picnic", "kitchen", "bedside", "folding", "round",
+         "garden", "pool", "work", "console"),
+        (
+            P("top", 0.0, -0.15),
+            P("left front corner", -0.8, 0.0, "top"),
+            P("right front corner", 0.8, 0.0, "top"),
+            P("left back corner", -0.6, -0.3, "top"),
+            P("right back corner", 0.6, -0.3, "top"),
+            P("left front leg", -0.75, 0.8, "left front corner", joint=4),
+            P("right front leg", 0.75, 0.8, "right front corner", joint=4),
+            P("left back leg", -0.55, 0.5, "left back corner", optional=True, joint=4),
+            P("right back leg", 0.55, 0.5, "right back corner", optional=True, joint=4),
+            P("drawer", 0.0, 0.12, "top", optional=True),
+        ),
+        polygons=(("left front corner", "right front corner", "right back corner", "left back corner"),),
+        limb=0.07,
+        max_rotation=10.0,
+    ),
+    Template(
+        "bottle",
+        "bottle",
+        ("wine", "water", "milk", "beer", "perfume", "soda", "oil", "ketchup", "shampoo", "baby",
+         "ink", "vinegar", "spray"),
+        (
+            P("base", 0.0, 0.9),
+            P("left base", -0.35, 0.9, "base"),
+            P("right base", 0.35, 0.9, "base"),
+            P("left shoulder", -0.35, -0.2, "left base"),
+            P("right shoulder", 0.35, -0.2, "right base"),
+            P("neck", 0.0, -0.55, "base"),
+            P("top", 0.0, -0.92, "neck", joint=5),
+            P("handle", 0.62, 0.2, "right shoulder", optional=True),
+            P("label", 0.0, 0.35, "base", optional=True),
+        ),
+        extra_edges=(("left shoulder", "neck"), ("right shoulder", "neck")),
+        polygons=(("left base", "right base", "right shoulder", "neck", "left shoulder"),),
+        limb=0.18,
+        max_rotation=25.0,
+    ),
+    Template(
+        "car",
+        "car",
+        ("sports", "police", "racing", "family", "taxi", "toy", "electric", "vintage", "rally",
+         "city", "estate", "mini", "muscle"),
+        (
+            P("handle", 0.0, 0.0),
+            P("front wheel", 0.6, 0.4, "handle"),
+            P("rear wheel", -0.6, 0.4, "handle"),
+            P("front bumper", 0.95, 0.15, "handle"),
+            P("rear bumper", -0.95, 0.15, "handle"),
+            P("hood", 0.6, -0.15, "handle"),
+            P("roof front", 0.25, -0.5, "handle"),
+            P("roof rear", -0.4, -0.5, "handle"),
+            P("trunk", -0.75, -0.15, "handle"),
+            P("headlight", 0.88, 0.0, "front bumper", optional=True),
+            P("taillight", -0.9, 0.0, "rear bumper", optional=True),
+            P("top", -0.07, -0.56, "roof front", optional=True),
+            P("side mirror", 0.38, -0.22, "hood", optional=True),
+        ),
+        polygons=(
+            ("front bumper", "hood", "roof front", "roof rear", "trunk", "rear bumper",
+             "rear wheel", "front wheel"),
+        ),
+        discs=(("front wheel", 0.22), ("rear wheel", 0.22)),
+        limb=0.05,
+        max_rotation=10.0,
+    ),
+    Template(
+        "shirt",
+        "shirt",
+        ("polo", "dress", "flannel", "denim", "linen", "hawaiian", "rugby", "tank", "sport",
+         "work", "silk", "night", "camp"),
+        (
+            P("neck", 0.0, -0.8),
+            P("left shoulder", -0.45, -0.7, "neck"),
+            P("right shoulder", 0.45, -0.7, "neck"),
+            P("left sleeve", -0.88, -0.2, "left shoulder", joint=25),
+            P("right sleeve", 0.88, -0.2, "right shoulder", joint=25),
+            P("left armpit", -0.4, -0.35, "left shoulder"),
+            P("right armpit", 0.4, -0.35, "right shoulder"),
+            P("left hem", -0.42, 0.85, "left armpit", joint=4),
+            P("right hem", 0.42, 0.85, "right armpit", joint=4),
+            P("center hem", 0.0, 0.88, "neck", optional=True),
+            P("button", 0.0, -0.3, "neck", optional=True),
+            P("pocket", -0.22, -0.45, "left shoulder", optional=True),
+        ),
+        polygons=(
+            ("left shoulder", "right shoulder", "right armpit", "right hem", "center hem",
+             "left hem", "left armpit"),
+            ("left shoulder", "left sleeve", "left armpit"),
+            ("right shoulder", "right sleeve", "right armpit"),
+        ),
+        limb=0.16,
+        max_rotation=15.0,
+    ),
+)
+del P
+MAX_CATEGORIES = sum(len(t.modifiers) for t in TEMPLATES)
+
+
+# --------------------------------------------------------------------------- glyphs
+
+
+def _glyph_keys() -> tuple[tuple[str, str], ...]:
+    """Every distinct look: (name, "") for plain names, (name, supercategory) for polysemous ones."""
+    keys = {
+        (p.name, t.supercategory if p.name in POLYSEMOUS else "")
+        for t in TEMPLATES
+        for p in t.parts
+    }
+    return tuple(sorted(keys))
+
+
+def _shapes() -> tuple[np.ndarray, ...]:
+    """Unit-radius glyph outlines (closed polygons, y down)."""
+
+    def ngon(n: int, start: float, radii: tuple[float, ...] = (1.0,)) -> np.ndarray:
+        angles = np.radians(start) + 2 * np.pi * np.arange(n) / n
+        r = np.resize(np.array(radii), n)
+        return np.stack([r * np.cos(angles), r * np.sin(angles)], axis=1)
+
+    arc = np.linspace(np.pi, 2 * np.pi, 9)
+    return (
+        ngon(16, 0),  # circle
+        ngon(4, 45),  # square
+        ngon(3, -90),  # triangle
+        ngon(5, -90),  # pentagon
+        ngon(6, 0),  # hexagon
+        ngon(10, -90, (1.0, 0.45)),  # star
+        np.array([(-0.33, -1), (0.33, -1), (0.33, -0.33), (1, -0.33), (1, 0.33), (0.33, 0.33),
+                  (0.33, 1), (-0.33, 1), (-0.33, 0.33), (-1, 0.33), (-1, -0.33), (-0.33, -0.33)]),
+        np.stack([np.cos(arc), np.sin(arc) + 0.45], axis=1),  # half disc
+        np.array([(-1, -0.45), (1, -0.45), (1, 0.45), (-1, 0.45)]),  # bar
+        ngon(16, 0) * np.array([1.0, 0.5]),  # ellipse
+        np.array([(0, -1), (1, 0), (0.4, 0), (0.4, 1), (-0.4, 1), (-0.4, 0), (-1, 0)]),  # arrow
+        np.array([(-1, -1), (1, -1), (0.15, 0), (1, 1), (-1, 1), (-0.15, 0)]),  # hourglass
+    )
+
+
+GLYPH_KEYS = _glyph_keys()
+_GLYPH_INDEX = {key: i for i, key in enumerate(GLYPH_KEYS)}
+_SHAPES = _shapes()
+_PATTERNS = 8
+_BAR = np.array([(-0.9, -0.2), (0.9, -0.2), (0.9, 0.2), (-0.9, 0.2)])
+
+
+def glyph_id(name: str, supercategory: str) -> int:
+    """The glyph drawn at keypoint ``name``: shared across supercategories unless polysemous."""
+    return _GLYPH_INDEX[(name, supercategory if name in POLYSEMOUS else "")]
+
+
+def _rotation(angle: float) -> np.ndarray:
+    """2x2 rotation matrix (radians)."""
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, -s], [s, c]])
+
+
+def _draw_glyph(draw: ImageDraw.ImageDraw, glyph: int, center: np.ndarray, radius: float,
+                angle: float, fg: tuple[int, ...], bg: tuple[int, ...]) -> None:
+    """Draw glyph ``glyph`` (shape = glyph % 12, fill pattern = glyph // 12)."""
+    shape, pattern = _SHAPES[glyph % len(_SHAPES)], glyph // len(_SHAPES) % _PATTERNS
+    rot = _rotation(angle)
+    width = max(1, round(radius * 0.3))
+
+    def pts(unit: np.ndarray, scale: float = 1.0) -> list[tuple[float, float]]:
+        return [tuple(p) for p in center + radius * scale * unit @ rot.T]
+
+    def bar(turn: float, colour: tuple[int, ...]) -> None:
+        draw.polygon(pts(_BAR @ _rotation(turn).T), fill=colour)
+
+    outer_fill = fg if pattern in (0, 2, 4, 5, 7) else bg
+    draw.polygon(pts(shape), fill=outer_fill, outline=fg, width=width)
+    if pattern == 2:
+        draw.polygon(pts(shape, 0.45), fill=bg)
+    elif pattern == 3:
+        draw.polygon(pts(shape, 0.35), fill=fg)
+    elif pattern == 4:
+        draw.polygon(pts(shape, 0.7), fill=bg)
+        draw.polygon(pts(shape, 0.4), fill=fg)
+    elif pattern in (5, 6):
+        bar(0.0, bg if pattern == 5 else fg)
+    elif pattern == 7:
+        bar(0.0, bg)
+        bar(math.pi / 2, bg)
+
+
+# --------------------------------------------------------------------------- categories
+
+
+@dataclass(frozen=True)
+class Category:
+    """One category: a template perturbed once (proportions, kept parts, look)."""
+
+    index: int
+    id: int
+    name: str
+    template: Template
+    kept: tuple[int, ...]  # template part indices annotated in this category
+    nominal: np.ndarray  # (parts, 2) perturbed nominal layout
+    limb: float
+    hue: float
+    joint_scale: float
+    textures: np.ndarray  # probabilities of plain, stripes, spots, checks
+
+    @cached_property
+    def keypoints(self) -> list[str]:
+        """Keypoint names in annotation order."""
+        return [self.template.parts[i].name for i in self.kept]
+
+    @cached_property
+    def skeleton(self) -> list[list[int]]:
+        """0-based edges: each kept part to its nearest kept ancestor, plus the template's extras."""
+        parents, position = self.template.parents, {part: k for k, part in enumerate(self.kept)}
+
+        def kept_ancestor(i: int) -> int:
+            while i >= 0 and i not in position:
+                i = parents[i]
+            return i
+
+        edges = [[position[kept_ancestor(parents[i])], position[i]]
+                 for i in self.kept if kept_ancestor(parents[i]) >= 0]
+        index = self.template.index
+        edges += [[position[index[a]], position[index[b]]] for a, b in self.template.extra_edges
+                  if index[a] in position and index[b] in position]
+        return edges
+
+    def coco(self) -> dict:
+        """The COCO ``categories`` entry."""
+        return {"id": self.id, "name": self.name, "supercategory": self.template.supercategory,
+                "keypoints": self.keypoints, "skeleton": self.skeleton}
+
+
+def _categories(seed: int, count: int) -> list[Category]:
+    """Build ``count`` categories over min(8, count // 2) supercategories (>= 2 each)."""
+    templates = TEMPLATES[: min(len(TEMPLATES), count // 2)]
+    names_rng = np.random.default_rng([seed, _STREAM_NAMES])
+    modifiers = [list(names_rng.permutation(t.modifiers)) for t in templates]
+
+    def build(index: int) -> Category:
+        template = templates[index % len(templates)]
+        rng = np.random.default_rng([seed, index, 0])
+        optional = [i for i, p in enumerate(template.parts) if p.optional]
+        kept = sorted({i for i, p in enumerate(template.parts) if not p.optional}
+                      | {i for i in optional if rng.random() < 0.5})
+        layout = np.array([(p.x, p.y) for p in template.parts])
+        nominal = layout * rng.uniform(0.75, 1.3, 2) + rng.normal(0.0, 0.05, layout.shape)
+        return Category(
+            index=index,
+            id=index + 1 + index // 6,  # gaps, as in MP-100's category ids
+            name=f"{modifiers[index % len(templates)][index // len(templates)]}_{template.head}",
+            template=template,
+            kept=tuple(kept),
+            nominal=nominal,
+            limb=float(rng.uniform(0.8, 1.25)),
+            hue=float(rng.random()),
+            joint_scale=float(rng.uniform(0.7, 1.3)),
+            textures=rng.dirichlet(np.ones(4)),
+        )
+
+    return [build(i) for i in range(count)]
+
+
+def _assign_splits(categories: list[Category], seed: int) -> dict[int, dict[str, list[Category]]]:
+    """Split -> subset -> categories; test groups partition the categories (70/10/20)."""
+    rng = np.random.default_rng([seed, _STREAM_SPLITS])
+    n_val = max(1, round(len(categories) / 10))
+
+    def attempt() -> dict[int, dict[str, list[Category]]]:
+        groups = np.array_split(rng.permutation(len(categories)), len(SPLITS))
+        result = {}
+        for k, split in enumerate(SPLITS):
+            test = set(groups[k].tolist())
+            val = set(groups[(k + 1) % len(SPLITS)][:n_val].tolist())
+            train = set(range(len(categories))) - test - val
+            result[split] = {name: [categories[i] for i in sorted(members)]
+                             for name, members in zip(SUBSETS, (train, val, test))}
+        return result
+
+    def fair(splits: dict[int, dict[str, list[Category]]]) -> bool:
+        """Every test set holds a category whose supercategory is seen in training."""
+        return all(
+            {c.template.supercategory for c in s["test"]}
+            & {c.template.supercategory for c in s["train"]}
+            for s in splits.values()
+        )
+
+    for _ in range(1000):
+        splits = attempt()
+        if fair(splits):
+            return splits
+    raise RuntimeError(f"no fair split found for {len(categories)} categories (seed {seed})")
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _colour(h: float, s: float, v: float) -> tuple[int, int, int]:
+    """HSV in [0, 1] -> RGB bytes."""
+    r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def _background(rng: np.random.Generator, width: int, height: int, glyph_radius: float) -> Image.Image:
+    """A colour gradient with random clutter shapes and a few stray glyphs."""
+    a, b = (np.array(_colour(rng.random(), rng.uniform(0, 0.5), rng.uniform(0.3, 1.0)))
+            for _ in range(2))
+    t = np.linspace(0.0, 1.0, height)[:, None, None]
+    gradient = np.broadcast_to(a * (1 - t) + b * t, (height, width, 3))
+    image = Image.fromarray(gradient.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    side = min(width, height)
+    for _ in range(rng.integers(6, 15)):
+        colour = _colour(rng.random(), rng.uniform(0, 0.8), rng.uniform(0.2, 1.0))
+        x, y = rng.uniform(0, width), rng.uniform(0, height)
+        w, h = rng.uniform(0.05, 0.3, 2) * side
+        kind = rng.integers(3)
+        if kind == 0:
+            draw.ellipse([x, y, x + w, y + h], fill=colour)
+        elif kind == 1:
+            draw.rectangle([x, y, x + w, y + h], fill=colour)
+        else:
+            draw.line([x, y, x + w * rng.choice([-1, 1]), y + h], fill=colour,
+                      width=int(rng.integers(1, 5)))
+    for _ in range(rng.integers(0, 3)):
+        _draw_glyph(draw, int(rng.integers(len(GLYPH_KEYS))), rng.uniform((0, 0), (width, height)),
+                    glyph_radius, rng.uniform(0, 2 * np.pi), _colour(rng.random(), 0.8, 0.2),
+                    _colour(rng.random(), 0.2, 0.95))
+    return image
+
+
+def _pose(category: Category, rng: np.random.Generator) -> np.ndarray:
+    """Articulate the category's layout: every part turns around its parent (forward kinematics)."""
+    template = category.template
+    limits = np.radians([p.joint for p in template.parts]) * category.joint_scale
+    angles = rng.uniform(-1.0, 1.0, len(limits)) * limits
+    pose, turned = np.zeros_like(category.nominal), np.zeros(len(limits))
+    for i, parent in enumerate(template.parents):
+        if parent < 0:
+            pose[i] = category.nominal[i]
+            continue
+        turned[i] = turned[parent] + angles[i]
+        offset = category.nominal[i] - category.nominal[parent]
+        pose[i] = pose[parent] + _rotation(turned[i]) @ offset
+    return pose * rng.uniform(0.9, 1.1, 2) + rng.normal(0.0, 0.02, pose.shape)
+
+
+@dataclass
+class _Instance:
+    """One drawn object: its template-part pixel positions, scale and rotation."""
+
+    category: Category
+    points: np.ndarray  # (parts, 2) pixel coordinates
+    scale: float  # pixels per template unit
+    angle: float
+
+    @property
+    def glyph_radius(self) -> float:
+        """Glyph radius in pixels."""
+        return max(3.0, 0.1 * self.scale)
+
+
+def _place(category: Category, rng: np.random.Generator, center: np.ndarray, scale: float) -> _Instance:
+    """Pose the category and map it to pixels around ``center``."""
+    template = category.template
+    angle = float(np.radians(rng.uniform(-1, 1) * template.max_rotation))
+    points = center + scale * _pose(category, rng) @ _rotation(angle).T
+    return _Instance(category, points, scale, angle)
+
+
+def _draw_instance(image: Image.Image, instance: _Instance, rng: np.random.Generator) -> Image.Image:
+    """Draw the body (textured) and the glyphs of one instance; return its body mask."""
+    category, points = instance.category, instance.points
+    template, kept = category.template, set(category.kept)
+    index = template.index
+    mask = Image.new("L", image.size, 0)
+    shape = ImageDraw.Draw(mask)
+    for polygon in template.polygons:
+        corners = [tuple(points[index[n]]) for n in polygon if index[n] in kept]
+        if len(corners) >= 3:
+            shape.polygon(corners, fill=255)
+    for name, radius in template.discs:
+        if index[name] in kept:
+            (x, y), r = points[index[name]], radius * instance.scale
+            shape.ellipse([x - r, y - r, x + r, y + r], fill=255)
+    width = max(2, round(template.limb * category.limb * instance.scale))
+    for a, b in category.skeleton:
+        pa, pb = points[category.kept[a]], points[category.kept[b]]
+        shape.line([tuple(pa), tuple(pb)], fill=255, width=width)
+        for x, y in (pa, pb):
+            shape.ellipse([x - width / 2, y - width / 2, x + width / 2, y + width / 2], fill=255)
+    box = mask.getbbox()
+    if box is not None:
+        image.paste(_texture(category, rng, box), box, mask.crop(box))
+    draw = ImageDraw.Draw(image)
+    fg = _colour(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.05, 0.3))
+    bg = _colour(rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.85, 1.0))
+    for i in category.kept:
+        _draw_glyph(draw, glyph_id(template.parts[i].name, template.supercategory), points[i],
+                    instance.glyph_radius, instance.angle, fg, bg)
+    return mask
+
+
+def _texture(category: Category, rng: np.random.Generator, box: tuple[int, int, int, int]) -> Image.Image:
+    """The body's colour and texture over ``box``: mostly near the category's hue."""
+    hue = category.hue + rng.normal(0, 0.05) if rng.random() < 0.75 else rng.random()
+    saturation, value = rng.uniform(0.35, 0.9), rng.uniform(0.35, 0.85)
+    base = np.array(_colour(hue, saturation, value), dtype=np.float32)
+    second = np.array(_colour(hue + rng.uniform(-0.15, 0.15), saturation, value * 0.6), dtype=np.float32)
+    w, h = box[2] - box[0], box[3] - box[1]
+    y, x = np.mgrid[box[1]:box[3], box[0]:box[2]].astype(np.float32)
+    kind, period = rng.choice(4, p=category.textures), rng.uniform(4, 12)
+    if kind == 1:
+        direction = rng.uniform(0, np.pi)
+        pattern = (x * math.cos(direction) + y * math.sin(direction)) / period % 1 < 0.5
+    elif kind == 2:
+        pattern = (np.sin(x / period * 2) * np.sin(y / period * 2)) > 0.6
+    elif kind == 3:
+        pattern = ((x // period + y // period) % 2) == 0
+    else:
+        pattern = np.zeros((h, w), dtype=bool)
+    pixels = np.where(pattern[..., None], second, base)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def _layout(category: Category, rng: np.random.Generator, size: np.ndarray, pair: bool) -> list[_Instance]:
+    """Place one instance (sometimes shifted partly out of frame) or two side by side."""
+    if pair:
+        along = int(size[1] > size[0])  # split the longer side
+        half = size.astype(float).copy()
+        half[along] /= 2
+        scale = min(half) * rng.uniform(0.3, 0.38)
+        centers = [half / 2 + np.eye(2)[along] * half[along] * k for k in (0, 1)]
+        return [_place(category, rng, c + rng.uniform(-0.05, 0.05, 2) * half, scale) for c in centers]
+    scale = min(size) * rng.uniform(0.26, 0.4)
+    center = size / 2 + rng.uniform(-0.1, 0.1, 2) * size
+    shift = np.zeros(2)
+    if rng.random() < 0.15:
+        direction = rng.uniform(0, 2 * np.pi)
+        shift = np.array([math.cos(direction), math.sin(direction)]) * rng.uniform(0.25, 0.45) * min(size)
+    instance = _place(category, rng, center, scale)
+    for fraction in (1.0, 0.5):
+        moved = _Instance(category, instance.points + shift * fraction, scale, instance.angle)
+        if _in_frame(moved, size).mean() >= 0.6:
+            return [moved]
+    return [instance]
+
+
+def _in_frame(instance: _Instance, size: np.ndarray) -> np.ndarray:
+    """Whether each kept keypoint lies inside the image."""
+    points = instance.points[list(instance.category.kept)]
+    return np.all((points >= 0) & (points < size), axis=1)
+
+
+def _distractor(categories: list[Category], rng: np.random.Generator, size: np.ndarray) -> _Instance:
+    """An unannotated object of a random category, centred near a border so the frame cuts it."""
+    category = categories[rng.integers(len(categories))]
+    side = rng.integers(4)
+    center = rng.uniform(0, 1, 2) * size
+    center[side % 2] = (side // 2) * size[side % 2] + rng.uniform(-0.1, 0.1) * size[side % 2]
+    return _place(category, rng, center, min(size) * rng.uniform(0.25, 0.4))
+
+
+def _occlude(draw: ImageDraw.ImageDraw, instance: _Instance, visible: np.ndarray,
+             rng: np.random.Generator) -> None:
+    """Hide some visible keypoints under opaque blobs (at most half of them); clears ``visible``."""
+    r = instance.glyph_radius
+    for k in np.flatnonzero(visible):
+        if rng.random() < 0.08 and visible.sum() > len(visible) / 2:
+            x, y = instance.points[instance.category.kept[k]] + rng.uniform(-0.3, 0.3, 2) * r
+            extent = r * rng.uniform(1.7, 2.4)
+            box = [x - extent, y - extent, x + extent, y + extent]
+            colour = _colour(rng.random(), rng.uniform(0, 0.8), rng.uniform(0.2, 1.0))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+            visible[k] = False
+
+
+def _annotation(instance: _Instance, visible: np.ndarray, mask: Image.Image, ann_id: int,
+                image_id: int) -> dict:
+    """The COCO annotation of one instance (v=0 keypoints stored as 0, 0, 0)."""
+    keypoints: list[float] = []
+    for k, i in enumerate(instance.category.kept):
+        x, y = instance.points[i]
+        keypoints += [round(float(x), 2), round(float(y), 2), 2] if visible[k] else [0, 0, 0]
+    left, top, right, bottom = mask.getbbox() or (0, 0, 0, 0)
+    shown = instance.points[list(instance.category.kept)][visible]
+    if len(shown):
+        r = instance.glyph_radius
+        left, top = min(left, float(shown[:, 0].min() - r)), min(top, float(shown[:, 1].min() - r))
+        right, bottom = max(right, float(shown[:, 0].max() + r)), max(bottom, float(shown[:, 1].max() + r))
+    left, top = max(0.0, left), max(0.0, top)
+    right, bottom = min(float(mask.width), right), min(float(mask.height), bottom)
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": instance.category.id,
+        "bbox": [round(left, 2), round(top, 2), round(right - left, 2), round(bottom - top, 2)],
+        "keypoints": keypoints,
+        "num_keypoints": int(visible.sum()),
+        "area": float(np.count_nonzero(np.asarray(mask))),
+        "iscrowd": 0,
+    }
+
+
+def _render_category(category: Category, categories: list[Category], out: Path, seed: int,
+                     count: int, full_size: bool) -> Iterator[tuple[dict, list[dict]]]:
+    """Render and write the images of one category; yield each image record and its annotations."""
+    rng = np.random.default_rng([seed, category.index, 1])
+    block = 10 ** max(3, len(str(count)))
+    folder = out / "images" / category.name
+    folder.mkdir(parents=True, exist_ok=True)
+    low, high = _SIZES[full_size]
+    for j in range(count):
+        image_id = category.index * block + j + 1
+        size = rng.integers(low, high + 1, 2)
+        image = _background(rng, int(size[0]), int(size[1]), max(3.0, 0.03 * min(size)))
+        if rng.random() < 0.3:
+            _draw_instance(image, _distractor(categories, rng, size), rng)
+        instances = _layout(category, rng, size, pair=rng.random() < 0.15)
+        masks = [_draw_instance(image, instance, rng) for instance in instances]
+        draw = ImageDraw.Draw(image)
+        visibility = [_in_frame(instance, size) for instance in instances]
+        for instance, visible in zip(instances, visibility):
+            _occlude(draw, instance, visible, rng)
+        file_name = f"{category.name}/{image_id:06d}.jpg"
+        _write(out / "images" / file_name, lambda tmp: image.save(tmp, "JPEG", quality=_JPEG_QUALITY))
+        record = {"id": image_id, "file_name": file_name, "width": int(size[0]), "height": int(size[1])}
+        yield record, [_annotation(inst, vis, mask, image_id * 10 + k + 1, image_id)
+                       for k, (inst, vis, mask) in enumerate(zip(instances, visibility, masks))]
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _write(path: Path, save: Callable[[Path], object]) -> None:
+    """Write through ``save(tmp_path)`` then atomically move into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _validate(seed: int, categories: int, images_per_category: int) -> None:
+    """Raise ``ValueError('<what> (<where>)')`` on out-of-range arguments."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed} (--seed)")
+    if not MIN_CATEGORIES <= categories <= MAX_CATEGORIES:
+        raise ValueError(f"categories must be in {MIN_CATEGORIES}..{MAX_CATEGORIES}, "
+                         f"got {categories} (--categories)")
+    if images_per_category < 2:
+        raise ValueError(f"images per category must be >= 2, got {images_per_category} "
+                         "(--images-per-category)")
+
+
+def generate(out: str | Path, seed: int = 0, categories: int | None = None,
+             images_per_category: int | None = None, full_size: bool = False,
+             progress: bool = True) -> dict:
+    """Write the synthetic MP-100 dataset under ``out`` and return a summary.
+
+    ``categories`` / ``images_per_category`` default to 20 / 30, or 100 / 180 with
+    ``full_size`` (which also doubles the image sides). Raises ``ValueError`` on
+    out-of-range arguments.
+    """
+    default_categories, default_images = _DEFAULT_COUNTS[full_size]
+    categories = default_categories if categories is None else categories
+    images_per_category = default_images if images_per_category is None else images_per_category
+    _validate(seed, categories, images_per_category)
+    start, out = time.perf_counter(), Path(out)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    cats = _categories(seed, categories)
+    images: dict[int, list[dict]] = {c.id: [] for c in cats}
+    annotations: dict[int, list[dict]] = {c.id: [] for c in cats}
+    with tqdm(total=categories * images_per_category, unit="img", desc="synthetic MP-100",
+              disable=not progress) as bar:
+        for category in cats:
+            for record, anns in _render_category(category, cats, out, seed, images_per_category,
+                                                 full_size):
+                images[category.id].append(record)
+                annotations[category.id].extend(anns)
+                bar.update()
+    for split, subsets in _assign_splits(cats, seed).items():
+        for subset, members in subsets.items():
+            data = {
+                "info": {"description": "capenext synthetic MP-100", "seed": seed,
+                         "split": split, "subset": subset},
+                "images": [r for c in members for r in images[c.id]],
+                "annotations": [a for c in members for a in annotations[c.id]],
+                "categories": [c.coco() for c in members],
+            }
+            text = json.dumps(data, separators=(",", ":"))
+            _write(annotation_path(out, split, subset), lambda tmp: tmp.write_text(text))
+    return {
+        "out": str(out),
+        "categories": categories,
+        "images": sum(map(len, images.values())),
+        "annotations": sum(map(len, annotations.values())),
+        "keypoint_names": len({name for c in cats for name in c.keypoints}),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SystemExit(f"error: {message} (command line)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = _Parser(
+        prog="python -m pipelines.synthetic",
+        description="Generate a synthetic MP-100-layout CAPE benchmark (5 category-disjoint "
+                    "splits, COCO keypoint json, JPEG images).",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created; overwritten)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--categories", type=int, default=None,
+                        help=f"number of categories, {MIN_CATEGORIES}..{MAX_CATEGORIES} "
+                             "(default 20, or 100 with --full-size)")
+    parser.add_argument("--images-per-category", type=int, default=None,
+                        help="images per category, >= 2 (default 30, or 180 with --full-size)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="benchmark size: 100 categories x 180 images, 256..512 px sides")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        summary = generate(args.out, seed=args.seed, categories=args.categories,
+                           images_per_category=args.images_per_category,
+                           full_size=args.full_size, progress=not args.quiet)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    except OSError as error:
+        raise SystemExit(f"error: {error.strerror or error} ({error.filename or args.out})") from None
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Tests for pipelines.synthetic: layout, determinism, splits, vocabulary and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipelines import synthetic as syn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """The default dataset (20 categories x 30 images), generated once for the module."""
+    out = tmp_path_factory.mktemp("synthetic")
+    summary = syn.generate(out, seed=0, progress=False)
+    files = {(split, subset): json.loads(syn.annotation_path(out, split, subset).read_text())
+             for split in syn.SPLITS for subset in syn.SUBSETS}
+    return out, summary, files
+
+
+def _all(files: dict, key: str, split: int = 1) -> list[dict]:
+    """Every entry of ``key`` over the three subsets of one split (which partition the data)."""
+    return [entry for subset in syn.SUBSETS for entry in files[(split, subset)][key]]
+
+
+def test_fifteen_annotation_files_in_mp100_layout(dataset):
+    out, summary, files = dataset
+    names = sorted(p.name for p in (out / "annotations").iterdir())
+    assert names == sorted(f"mp100_split{s}_{t}.json" for s in range(1, 6) for t in syn.SUBSETS)
+    assert summary["categories"] == 20 and summary["images"] == 600
+    for split in syn.SPLITS:
+        assert len(_all(files, "images", split)) == 600
+        assert len(_all(files, "annotations", split)) == summary["annotations"]
+
+
+def test_every_image_decodes_with_the_json_size(dataset):
+    out, _, files = dataset
+    for record in _all(files, "images"):
+        assert not Path(record["file_name"]).is_absolute()
+        folder, _ = record["file_name"].split("/")
+        with Image.open(out / "images" / record["file_name"]) as image:
+            image.load()
+            assert image.format == "JPEG"
+            assert image.size == (record["width"], record["height"])
+        assert 128 <= record["width"] <= 256 and 128 <= record["height"] <= 256
+        assert folder in {c["name"] for c in _all(files, "categories")}
+
+
+def test_annotations_are_valid_coco_keypoints(dataset):
+    _, _, files = dataset
+    for (split, subset), data in files.items():
+        categories = {c["id"]: c for c in data["categories"]}
+        images = {r["id"]: r for r in data["images"]}
+        for category in categories.values():
+            k = len(category["keypoints"])
+            assert 5 <= k <= 20 and len(set(category["keypoints"])) == k
+            assert category["skeleton"]
+            assert all(0 <= a < k and 0 <= b < k and a != b for a, b in category["skeleton"])
+        for ann in data["annotations"]:
+            category, image = categories[ann["category_id"]], images[ann["image_id"]]
+            kps = ann["keypoints"]
+            assert len(kps) == 3 * len(category["keypoints"])
+            triples = [kps[i:i + 3] for i in range(0, len(kps), 3)]
+            assert all(v in (0, 1, 2) for _, _, v in triples)
+            assert all(t == [0, 0, 0] for t in triples if t[2] == 0)
+            assert all(0 <= x < image["width"] and 0 <= y < image["height"]
+                       for x, y, v in triples if v > 0)
+            assert ann["num_keypoints"] == sum(v > 0 for _, _, v in triples) > 0
+            x, y, w, h = ann["bbox"]
+            assert 0 <= x and 0 <= y and w > 0 and h > 0
+            assert x + w <= image["width"] + 1e-6 and y + h <= image["height"] + 1e-6
+            assert ann["area"] > 0 and ann["iscrowd"] == 0
+
+
+def test_ids_are_unique_and_non_contiguous(dataset):
+    _, _, files = dataset
+    for key in ("images", "annotations", "categories"):
+        ids = [entry["id"] for entry in _all(files, key)]
+        assert len(ids) == len(set(ids))
+        assert max(ids) - min(ids) + 1 > len(ids), f"{key} ids have no gaps"
+
+
+def test_each_file_holds_only_its_own_categories(dataset):
+    _, _, files = dataset
+    for data in files.values():
+        category_ids = {c["id"] for c in data["categories"]}
+        image_ids = {r["id"] for r in data["images"]}
+        assert {a["category_id"] for a in data["annotations"]} == category_ids
+        assert {a["image_id"] for a in data["annotations"]} == image_ids
+
+
+def test_splits_are_category_disjoint_and_tests_cover_everything(dataset):
+    _, _, files = dataset
+
+    def members(split: int, subset: str) -> set[str]:
+        return {c["name"] for c in files[(split, subset)]["categories"]}
+
+    everything = set().union(*(members(1, subset) for subset in syn.SUBSETS))
+    assert len(everything) == 20
+    tests, vals = [], []
+    for split in syn.SPLITS:
+        train, val, test = (members(split, subset) for subset in syn.SUBSETS)
+        assert (len(train), len(val), len(test)) == (14, 2, 4)
+        assert not (train & val or train & test or val & test)
+        supers = {s: {c["supercategory"] for c in files[(split, s)]["categories"]} for s in ("train", "test")}
+        assert supers["train"] & supers["test"], "a test set has no supercategory seen in training"
+        tests.append(test)
+        vals.append(frozenset(val))
+    assert set().union(*tests) == everything and sum(map(len, tests)) == 20
+    assert len(set(vals)) == 5
+
+
+def test_vocabulary_is_shared_polysemous_and_prompts_carry_meaning(dataset):
+    _, _, files = dataset
+    categories = _all(files, "categories")
+    users = Counter(name for c in categories for name in c["keypoints"])
+    assert max(users.values()) >= 3
+    supers_of = defaultdict(set)
+    for c in categories:
+        for name in c["keypoints"]:
+            supers_of[name].add(c["supercategory"])
+        assert set(c["name"].split("_")) & set(c["supercategory"].split("_")), c["name"]
+    polysemous = [name for name in syn.POLYSEMOUS if len(supers_of[name]) >= 2]
+    assert polysemous
+    for name in polysemous:
+        glyphs = {syn.glyph_id(name, s) for s in supers_of[name]}
+        assert len(glyphs) == len(supers_of[name]), f"{name} looks the same in several supercategories"
+    assert syn.glyph_id("nose", "animal_face") == syn.glyph_id("nose", "animal_body")
+    assert len(syn.GLYPH_KEYS) <= 12 * 8, "two names would share a glyph"
+
+
+def test_invisible_keypoints_and_multi_instance_images(dataset):
+    _, _, files = dataset
+    annotations = _all(files, "annotations")
+    assert any(v == 0 for a in annotations for v in a["keypoints"][2::3])
+    per_image = Counter(a["image_id"] for a in annotations)
+    pairs = [i for i, n in per_image.items() if n == 2]
+    assert pairs and max(per_image.values()) == 2
+    by_image = defaultdict(set)
+    for a in annotations:
+        by_image[a["image_id"]].add(a["category_id"])
+    assert all(len(by_image[i]) == 1 for i in pairs)
+
+
+def test_same_seed_is_byte_identical_and_rerun_overwrites(tmp_path):
+    def snapshot(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    small = {"categories": 10, "images_per_category": 3, "progress": False}
+    syn.generate(tmp_path / "a", seed=1, **small)
+    first = snapshot(tmp_path / "a")
+    syn.generate(tmp_path / "a", seed=1, **small)
+    assert snapshot(tmp_path / "a") == first
+    assert not [name for name in first if ".tmp" in name]
+    syn.generate(tmp_path / "b", seed=2, **small)
+    other = snapshot(tmp_path / "b")
+    json_name = "annotations/mp100_split1_train.json"
+    assert other[json_name] != first[json_name]
+
+
+def test_generate_rejects_out_of_range_arguments(tmp_path):
+    with pytest.raises(ValueError, match=r"\(--categories\)"):
+        syn.generate(tmp_path, categories=9, progress=False)
+    with pytest.raises(ValueError, match=r"\(--images-per-category\)"):
+        syn.generate(tmp_path, images_per_category=1, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_help_and_one_line_errors(tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipelines.synthetic", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+
+    shown = run("--help")
+    assert shown.returncode == 0 and "--full-size" in shown.stdout
+    bad = run("--out", str(tmp_path / "x"), "--categories", "3")
+    assert bad.returncode != 0
+    assert bad.stderr.strip().count("\n") == 0
+    assert bad.stderr.startswith("error: categories") and bad.stderr.strip().endswith("(--categories)")
