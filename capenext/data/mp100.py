@@ -17,7 +17,9 @@ category without a word. ``missing="skip"`` skips and records such samples (the 
 ``--skip-bad``).
 
 A malformed file raises :class:`DataError` with one line naming the file, the annotation (or category)
-id and the problem.
+id and the problem. ``load_subset(..., problems=[])`` collects the record-level problems instead (each a
+:class:`DataError` with a ``kind``) and skips the records they concern: ``pipelines.validate`` reports
+them all at once, with the same messages the loader raises.
 """
 
 from __future__ import annotations
@@ -35,7 +37,19 @@ SUBSETS = ("train", "val", "test")
 
 
 class DataError(ValueError):
-    """A one-line problem with a user's data, naming the file and the record."""
+    """A one-line problem with a user's data, naming the file and the record.
+
+    ``kind`` names the class of problem (``"skeleton index"``, ``"keypoint length"`` ...), so that an
+    audit can group them; ``image`` is the image ``file_name`` the record points at, when known.
+    """
+
+    def __init__(self, message: str, kind: str = "data", image: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.image = image
+
+    def __reduce__(self):  # keep kind and image through pickling (Ray tasks, process pools)
+        return (type(self), (str(self), self.kind, self.image))
 
 
 def annotation_path(root: str | Path, split: int, subset: str) -> Path:
@@ -157,16 +171,17 @@ def clean_bbox(bbox: Any, width: int, height: int) -> tuple[float, float, float,
 
 def _load_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise DataError(f"{path}: annotation file not found")
+        raise DataError(f"{path}: annotation file not found", "annotation file")
     try:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid json ({err})") from None
+        raise DataError(f"{path}: not valid json ({err})", "annotation file") from None
     if not isinstance(data, dict):
-        raise DataError(f"{path}: top level must be an object with images, annotations, categories")
+        raise DataError(f"{path}: top level must be an object with images, annotations, categories",
+                        "annotation file")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise DataError(f"{path}: missing or malformed '{key}' list")
+            raise DataError(f"{path}: missing or malformed '{key}' list", "annotation file")
     return data
 
 
@@ -192,25 +207,29 @@ def load_descriptions(path: str | Path | None) -> dict[str, list[str]]:
 def _parse_category(path: Path, c: Any, descriptions: dict[str, list[str]]) -> Category:
     where = f"{path}: category {c.get('id') if isinstance(c, dict) else c!r}"
     if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
-        raise DataError(f"{where}: needs an integer 'id' and a string 'name'")
+        raise DataError(f"{where}: needs an integer 'id' and a string 'name'", "category record")
     names = c.get("keypoints")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{where}: 'keypoints' must be a non-empty list of names")
+        raise DataError(f"{where}: 'keypoints' must be a non-empty list of names", "keypoint names")
     if c["name"] in descriptions:
         texts = descriptions[c["name"]]
         if len(texts) != len(names):
             raise DataError(
-                f"{where}: description file gives {len(texts)} keypoint texts, category has {len(names)}"
+                f"{where}: description file gives {len(texts)} keypoint texts, category has {len(names)}",
+                "descriptions",
             )
         names = texts
     skeleton = c.get("skeleton") or []  # real MP-100 has categories without a skeleton
+    if not isinstance(skeleton, list):
+        raise DataError(f"{where}: 'skeleton' must be a list of index pairs", "skeleton edge")
     edges = []
     for edge in skeleton:
         if not (isinstance(edge, (list, tuple)) and len(edge) == 2 and all(isinstance(i, int) for i in edge)):
-            raise DataError(f"{where}: skeleton edge {edge!r} is not a pair of integers")
+            raise DataError(f"{where}: skeleton edge {edge!r} is not a pair of integers", "skeleton edge")
         if not all(0 <= i < len(names) for i in edge):
             raise DataError(
-                f"{where}: skeleton index out of range in {list(edge)} (keypoints 0..{len(names) - 1})"
+                f"{where}: skeleton index out of range in {list(edge)} (keypoints 0..{len(names) - 1})",
+                "skeleton index",
             )
         edges.append((int(edge[0]), int(edge[1])))
     return Category(
@@ -222,11 +241,20 @@ def _parse_category(path: Path, c: Any, descriptions: dict[str, list[str]]) -> C
     )
 
 
+def _lookup(table: dict | set, key: Any) -> Any:
+    """``table.get(key)`` (or membership for a set) that treats an unhashable key (a list id) as absent."""
+    try:
+        return key in table if isinstance(table, set) else table.get(key)
+    except TypeError:
+        return None
+
+
 def load_subset(
     path: str | Path,
     image_root: str | Path | None = None,
     descriptions: str | Path | dict[str, list[str]] | None = None,
     missing: str = "error",
+    problems: list[DataError] | None = None,
 ) -> Subset:
     """Read and clean one MP-100 annotation file.
 
@@ -236,6 +264,11 @@ def load_subset(
         descriptions: CapeX-style file (or its loaded dict) overriding the keypoint names.
         missing: ``"error"`` (default) raises on a missing image file; ``"skip"`` records and skips it;
             ``"ignore"`` does not look at the files at all (shards carry the bytes).
+        problems: ``None`` (default) raises the first problem with a record; a list collects every
+            record-level problem (malformed category, image or annotation record, unknown ids, wrong
+            keypoint count, missing image file with ``missing="error"``) and skips the records concerned
+            (annotations of a rejected category or image record are skipped silently). Problems with the
+            file itself (missing, not json, no ``images`` list) always raise.
     """
     path = Path(path)
     image_root = Path(image_root) if image_root is not None else path.parent.parent / "images"
@@ -244,19 +277,34 @@ def load_subset(
     desc = descriptions if isinstance(descriptions, dict) else load_descriptions(descriptions)
     data = _load_json(path)
 
+    def report(err: DataError) -> None:
+        if problems is None:
+            raise err
+        problems.append(err)
+
     categories: dict[int, Category] = {}
+    rejected_categories: set[Any] = set()  # ids whose record was reported (collecting mode)
     for c in data["categories"]:
-        cat = _parse_category(path, c, desc)
+        try:
+            cat = _parse_category(path, c, desc)
+        except DataError as err:
+            report(err)
+            rejected_categories.add(c.get("id") if isinstance(c, dict) else None)
+            continue
         if cat.id in categories:
-            raise DataError(f"{path}: category {cat.id}: duplicate category id")
+            report(DataError(f"{path}: category {cat.id}: duplicate category id", "duplicate category"))
+            continue
         categories[cat.id] = cat
 
     images: dict[int, dict[str, Any]] = {}
+    rejected_images: set[Any] = set()
     for im in data["images"]:
         ok = isinstance(im, dict) and isinstance(im.get("id"), int) and isinstance(im.get("file_name"), str)
         if not ok or not isinstance(im.get("width"), int) or not isinstance(im.get("height"), int):
-            raise DataError(f"{path}: image {im.get('id') if isinstance(im, dict) else im!r}: "
-                            "needs integer id, width, height and a string file_name")
+            report(DataError(f"{path}: image {im.get('id') if isinstance(im, dict) else im!r}: "
+                             "needs integer id, width, height and a string file_name", "image record"))
+            rejected_images.add(im.get("id") if isinstance(im, dict) else None)
+            continue
         images[im["id"]] = im
 
     subset = Subset(path=path, image_root=image_root, categories=categories, samples=[])
@@ -265,34 +313,46 @@ def load_subset(
         ann_id = a.get("id") if isinstance(a, dict) else None
         where = f"{path}: annotation {ann_id}"
         if not isinstance(ann_id, int):
-            raise DataError(f"{path}: annotation {a!r:.60}: needs an integer 'id'")
-        cat = categories.get(a.get("category_id"))
+            report(DataError(f"{path}: annotation {a!r:.60}: needs an integer 'id'", "annotation record"))
+            continue
+        if _lookup(rejected_categories, a.get("category_id")) or _lookup(rejected_images, a.get("image_id")):
+            continue  # its category or image record was reported already (collecting mode only)
+        cat = _lookup(categories, a.get("category_id"))
+        im = _lookup(images, a.get("image_id"))
+        image = im["file_name"] if im is not None else None
         if cat is None:
-            raise DataError(f"{where}: category_id {a.get('category_id')!r} is not in 'categories'")
-        im = images.get(a.get("image_id"))
+            report(DataError(f"{where}: category_id {a.get('category_id')!r} is not in 'categories'",
+                             "unknown category", image))
+            continue
         if im is None:
-            raise DataError(f"{where}: image_id {a.get('image_id')!r} is not in 'images'")
+            report(DataError(f"{where}: image_id {a.get('image_id')!r} is not in 'images'", "unknown image"))
+            continue
         kps = a.get("keypoints")
         if not kps or a.get("num_keypoints", 1) == 0:
             subset.dropped["no keypoints"] += 1
             continue
         if not isinstance(kps, list) or len(kps) != 3 * cat.num_keypoints:
             n = len(kps) if isinstance(kps, list) else type(kps).__name__
-            raise DataError(
-                f"{where}: keypoints has {n} values, category {cat.id} needs 3 x {cat.num_keypoints}"
-            )
+            report(DataError(
+                f"{where}: keypoints has {n} values, category {cat.id} needs 3 x {cat.num_keypoints}",
+                "keypoint length", image,
+            ))
+            continue
         try:
             kp = np.asarray(kps, dtype=np.float32).reshape(-1, 3)
         except (TypeError, ValueError):
-            raise DataError(f"{where}: keypoints must be numbers") from None
+            report(DataError(f"{where}: keypoints must be numbers", "keypoint values", image))
+            continue
         if not np.isfinite(kp).all():
-            raise DataError(f"{where}: keypoints hold non-finite values")
+            report(DataError(f"{where}: keypoints hold non-finite values", "keypoint values", image))
+            continue
         if kp.max() <= 0:
             subset.dropped["all-zero keypoints"] += 1
             continue
         bbox = a.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise DataError(f"{where}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
+            report(DataError(f"{where}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}", "bbox", image))
+            continue
         area = a.get("area", bbox[2] * bbox[3])
         box = clean_bbox(bbox, im["width"], im["height"])
         if box is None or not area > 0:
@@ -305,7 +365,9 @@ def load_subset(
                 exists[file_name] = (image_root / file_name).is_file()
             if not exists[file_name]:
                 if missing == "error":
-                    raise DataError(f"{where}: image file not found: {image_root / file_name}")
+                    report(DataError(f"{where}: image file not found: {image_root / file_name}",
+                                     "missing image", file_name))
+                    continue
                 subset.missing.append((ann_id, file_name))
                 continue
         subset.samples.append(
@@ -320,7 +382,9 @@ def load_split(
     subset: str,
     descriptions: str | Path | dict[str, list[str]] | None = None,
     missing: str = "error",
+    problems: list[DataError] | None = None,
 ) -> Subset:
     """``load_subset`` on ``<root>/annotations/mp100_split{split}_{subset}.json``, images under ``<root>/images``."""
     check_split(split, subset)
-    return load_subset(annotation_path(root, split, subset), Path(root) / "images", descriptions, missing)
+    return load_subset(annotation_path(root, split, subset), Path(root) / "images", descriptions, missing,
+                       problems)
