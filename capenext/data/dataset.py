@@ -88,9 +88,11 @@ def make_item(
 class PairDataset(Dataset):
     """Items of ``(query, support)`` index pairs over one :class:`Subset`, images read from files.
 
-    ``train=True`` applies the augmentation with a generator seeded by ``(seed, epoch, index)``; call
-    :meth:`set_epoch` (and pass the epoch's pairs) to move on. ``load_image`` defaults to reading
-    ``subset.image_path(sample)``.
+    ``train=True`` applies the augmentation with a generator seeded by ``(seed, epoch, index)``, where
+    index is the pair's position in the *global* ``pairs``; ``positions`` selects this worker's share of
+    them, so an item is identical whichever rank (and however many ranks) load it. Call
+    :meth:`set_epoch` (and pass the epoch's pairs and share) to move on. ``load_image`` defaults to
+    reading ``subset.image_path(sample)``.
     """
 
     def __init__(
@@ -101,22 +103,26 @@ class PairDataset(Dataset):
         train: bool = False,
         seed: int = 0,
         load_image: Callable[[Sample], np.ndarray] | None = None,
+        positions: np.ndarray | None = None,
     ):
-        self.subset, self.pairs, self.cfg, self.train, self.seed = subset, pairs, cfg, train, seed
+        self.subset, self.cfg, self.train, self.seed = subset, cfg, train, seed
         self.epoch = 0
+        self.set_epoch(0, pairs, positions)
         self.load_image = load_image or (lambda s: read_image(str(subset.image_path(s))))
 
-    def set_epoch(self, epoch: int, pairs: np.ndarray | None = None) -> None:
+    def set_epoch(self, epoch: int, pairs: np.ndarray | None = None, positions: np.ndarray | None = None) -> None:
         self.epoch = epoch
         if pairs is not None:
             self.pairs = pairs
+            self.positions = np.arange(len(pairs)) if positions is None else np.asarray(positions)
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.positions)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        qi, si = (int(v) for v in self.pairs[i])
+        g = int(self.positions[i])
+        qi, si = (int(v) for v in self.pairs[g])
         query, support = self.subset.samples[qi], self.subset.samples[si]
-        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
+        rng = np.random.default_rng([self.seed, self.epoch, g]) if self.train else None
         image = self.load_image(query)
         return make_item(image, query, support, self.subset.categories[query.category_id], self.cfg, rng)
