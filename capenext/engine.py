@@ -52,6 +52,11 @@ class EmbeddingBank:
         return batch
 
 
+def pck_key(thr: float) -> str:
+    """Metric name of PCK at ``thr``: ``pck_0.2`` (DESIGN.md writes ``pck@0.2``; MLflow forbids ``@``)."""
+    return f"pck_{thr:g}"
+
+
 def to_image_pixels(points: torch.Tensor, inverse: torch.Tensor, image_size: int) -> torch.Tensor:
     """(B, K, 2) points in [0, 1] crop coordinates → image pixels through each (B, 2, 3) inverse crop."""
     xy = points * image_size  # (B, K, 2) crop pixels
@@ -110,7 +115,7 @@ def train_one_epoch(
         optimizer.step()
         step += 1
         n += 1
-        values = {k: float(v) for k, v in losses.items() if torch.is_tensor(v) and v.dim() == 0}
+        values = {k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.dim() == 0}
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
         if on_step is not None:
@@ -132,7 +137,7 @@ def evaluate(
 
     Predictions are the last decoder layer's points mapped back to image pixels; ``norm`` is the cleaned
     query bbox's max side; a keypoint counts where query and support are both visible. Returns
-    ``{"pck@0.05": ..., ..., "pck_mean": ..., "count": n}``. ``keep``, when given, receives one record
+    ``{"pck_0.05": ..., ..., "pck_mean": ..., "count": n}`` (MLflow allows no ``@`` in names). ``keep``, when given, receives one record
     per query (ids, predictions, per-sample PCK per threshold) for pictures of the best and worst samples.
     """
     model.eval()
@@ -156,7 +161,7 @@ def evaluate(
         dist.all_reduce(sums)
         sums = sums.cpu()
     count = max(float(sums[-1]), 1.0)
-    result = {f"pck@{thr:g}": float(sums[i]) / count for i, thr in enumerate(thresholds)}
+    result = {pck_key(thr): float(sums[i]) / count for i, thr in enumerate(thresholds)}
     result["pck_mean"] = sum(result.values()) / len(thresholds)
     result["count"] = float(sums[-1])
     return result

@@ -1,0 +1,90 @@
+"""The embedding job on real Ray Data and real shards, with the tiny random CLIP."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from capenext.config import DataCfg
+from capenext.data.shards import ShardIndex
+from capenext.data.transforms import crop
+from capenext.models.clip import FrozenCLIP, class_prompt
+from capenext.noise import load_template_maps, typo
+from pipelines.embed import check_metadata, embed, load_bank
+
+
+@pytest.fixture(scope="module")
+def embedded(synthetic_root, ray_local, tmp_path_factory):
+    from pipelines.shard import shard
+
+    base = tmp_path_factory.mktemp("embed")
+    shard(synthetic_root, base / "shards", progress=False)
+    meta = embed(base / "shards", base / "emb", clip_model="tiny", clip_checkpoint="random", batch_size=32,
+                 image_size=128, typo_rates=(0.1, 0.3), progress=False)
+    return base, meta
+
+
+def test_row_counts_match_the_shards(embedded):
+    base, meta = embedded
+    index = ShardIndex(base / "shards")
+    images = pq.read_table(base / "emb" / "images.parquet")
+    classes = pq.read_table(base / "emb" / "classes.parquet")
+    kps = pq.read_table(base / "emb" / "keypoints.parquet")
+    n_kp = sum(c.num_keypoints for c in index.categories.values())
+    variants = 1 + 2 + len(load_template_maps())
+    assert images.num_rows == len(index.samples)
+    assert sorted(images.column("ann_id").to_pylist()) == sorted(s.ann_id for s in index.samples)
+    assert classes.num_rows == len(index.categories)
+    assert kps.num_rows == n_kp * variants
+    assert meta["counts"] == {"images": images.num_rows, "classes": classes.num_rows, "keypoints": kps.num_rows}
+    assert json.loads(images.schema.metadata[b"capenext"])["clip_model"] == "tiny"
+
+
+def test_embeddings_equal_an_in_process_clip_forward(embedded):
+    base, _ = embedded
+    index = ShardIndex(base / "shards")
+    clip = FrozenCLIP("tiny", "random")
+    bank = load_bank(base / "emb")
+    samples = index.samples[::97][:6]
+    crops = torch.from_numpy(np.stack([crop(index.load_image(s), s.bbox, 128, DataCfg.bbox_scale).image
+                                       for s in samples]))
+    expected = clip.encode_image(crops)
+    got = torch.stack([bank.images[s.ann_id] for s in samples])
+    assert torch.allclose(got, expected, atol=1e-5)
+
+    cat = next(iter(index.categories.values()))
+    assert torch.allclose(bank.keypoints[cat.id], clip.encode_text(list(cat.keypoints)), atol=1e-5)
+    assert torch.allclose(bank.classes[cat.id], clip.encode_text([class_prompt(cat.name)])[0], atol=1e-5)
+    assert torch.allclose(bank.keypoints[cat.id].norm(dim=-1), torch.ones(cat.num_keypoints), atol=1e-5)
+
+
+def test_noisy_variants_hold_the_noise_module_texts(embedded):
+    base, _ = embedded
+    index = ShardIndex(base / "shards")
+    kps = pq.read_table(base / "emb" / "keypoints.parquet").to_pandas()
+    cat = next(iter(index.categories.values()))
+    rows = kps[(kps.category_id == cat.id) & (kps.variant == "typo@0.3")].sort_values("keypoint_index")
+    assert rows.text.tolist() == [typo(t, 0.3, 0) for t in cat.keypoints]
+    noisy = load_bank(base / "emb", variant="typo@0.3", images=False)
+    assert noisy.images == {}
+    assert not torch.allclose(noisy.keypoints[cat.id], load_bank(base / "emb", images=False).keypoints[cat.id])
+    with pytest.raises(KeyError, match="available"):
+        load_bank(base / "emb", variant="typo@0.9")
+
+
+def test_rerun_is_a_no_op_and_metadata_mismatch_is_refused(embedded, capsys):
+    base, meta = embedded
+    before = (base / "emb" / "images.parquet").stat().st_mtime_ns
+    again = embed(base / "shards", base / "emb", clip_model="tiny", clip_checkpoint="random", batch_size=32,
+                  image_size=128, typo_rates=(0.1, 0.3))
+    assert "up to date" in capsys.readouterr().out
+    assert again == json.loads((base / "emb" / "embeddings.json").read_text())
+    assert (base / "emb" / "images.parquet").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="clip_model='tiny'"):
+        check_metadata(base / "emb", {"clip_model": "ViT-B-32"})
+    with pytest.raises(ValueError, match="image_size=128"):
+        check_metadata(base / "emb", {"image_size": 256})

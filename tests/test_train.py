@@ -1,0 +1,197 @@
+"""Training for real: Ray Train (local mode and DDP workers), checkpoints and resume, MLflow on SQLite.
+
+One set of shards and tiny-CLIP embeddings is made per session (``prepared``). Runs are tiny (tiny
+backbone, few steps) but go through the real TorchTrainer, the real checkpoint storage and a real
+MLflow SQLite store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from capenext.checkpoint import read_checkpoint
+from capenext.cli import run_main
+from jobs import train
+from tests.conftest import REPO, assert_one_line_error, run_cli
+
+TINY = ["--backbone", "tiny", "--clip-model", "tiny", "--clip-checkpoint", "random", "--batch-size", "8",
+        "--val-episodes", "2", "--test-episodes", "2", "--test-queries", "4", "--set", "model.dropout=0.0"]
+
+
+@pytest.fixture(scope="session")
+def prepared(synthetic_root, ray_local, tmp_path_factory):
+    """Shards and tiny random-CLIP embeddings of the synthetic set."""
+    from pipelines.embed import embed
+    from pipelines.shard import shard
+
+    base = tmp_path_factory.mktemp("prepared")
+    shard(synthetic_root, base / "shards", progress=False)
+    embed(base / "shards", base / "emb", clip_model="tiny", clip_checkpoint="random", batch_size=64,
+          image_size=128, progress=False)
+    return base
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh cwd with its own MLflow SQLite store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def _args(prepared: Path, *extra: str) -> list[str]:
+    return ["--split", "1", "--shards", str(prepared / "shards"), "--embeddings", str(prepared / "emb"),
+            *TINY, *extra]
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        run_main(train.main, argv)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _run_by_name(client: MlflowClient, name: str):
+    exp = client.get_experiment_by_name("capenext")
+    (run,) = client.search_runs([exp.experiment_id], f"tags.`capenext.run_name` = '{name}'")
+    return run
+
+
+@pytest.fixture(scope="session")
+def local_run(prepared, tmp_path_factory):
+    """One uninterrupted local-mode run of 3 epochs (a reference for the resume test)."""
+    wd = tmp_path_factory.mktemp("local_run")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{wd / 'mlflow.db'}"}
+    proc = run_cli("jobs.train", *_args(prepared, "--local", "--epochs", "3", "--max-steps", "4",
+                                        "--run-name", "ref", "--storage-path", str(wd / "runs")),
+                   cwd=wd, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return wd, proc
+
+
+def test_local_mode_trains_end_to_end_and_records_in_mlflow(local_run):
+    wd, proc = local_run
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {f"test/pck_{t:g}" for t in (0.05, 0.1, 0.15, 0.2, 0.25)} <= set(result)
+    assert 0.0 <= result["test/pck_0.2"] <= 1.0
+    client = MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
+    run = _run_by_name(client, "ref")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["split"] == "1" and run.data.tags["ablation"] == "full"
+    assert run.data.tags["backbone"] == "tiny"
+    assert run.data.params["model.clip_model"] == "tiny" and run.data.params["optim.epochs"] == "3"
+    losses = _history(client, run.info.run_id, "train/loss")
+    assert [s for s, _ in losses] == [0, 1, 2]
+    for term in ("train/heatmap", "train/proposal", "train/offset_layer0", "val/pck_0.2", "test/pck_mean"):
+        assert _history(client, run.info.run_id, term), term
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert arts == {"checkpoints/final.pt", "checkpoints/best.pt"}
+    local = client.download_artifacts(run.info.run_id, "checkpoints/final.pt", str(wd))
+    ckpt = read_checkpoint(local)
+    assert ckpt["run_config"].model.ablation == "full"
+    assert not any(k.startswith("clip.") for k in ckpt["model"])
+
+
+def test_killed_run_resumes_in_the_same_mlflow_run_with_equal_losses(prepared, local_run):
+    """SIGKILL the driver after its second checkpoint, re-run: same run id, epochs continue, and the
+    losses after resuming equal those of the uninterrupted run (CPU, deterministic)."""
+    wd, _ = local_run
+    runs = wd / "runs"
+    argv = [sys.executable, "-m", "jobs.train",
+            *_args(prepared, "--local", "--epochs", "3", "--max-steps", "4", "--run-name", "killed",
+                   "--storage-path", str(runs))]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{wd / 'mlflow.db'}"}
+    proc = subprocess.Popen(argv, cwd=wd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    target = runs / "killed" / "local" / "checkpoint_000001" / "state.pt"
+    while not target.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.is_file(), "the run never wrote its second checkpoint"
+
+    client = MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
+    before = _run_by_name(client, "killed")
+    assert before.info.status == "RUNNING"
+    done = subprocess.run(argv, cwd=wd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming killed" in done.stdout
+    after = _run_by_name(client, "killed")
+    assert after.info.run_id == before.info.run_id and after.info.status == "FINISHED"
+    resumed = _history(client, after.info.run_id, "train/loss")
+    reference = _history(client, _run_by_name(client, "ref").info.run_id, "train/loss")
+    assert [s for s, _ in resumed] == [0, 1, 2]
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in reference], rel=1e-5, abs=1e-7)
+
+
+def test_two_ddp_workers_match_one_worker_on_the_same_global_batch(prepared, ray_local, workdir, capsys):
+    """gloo DDP with 2 workers x batch 4 follows the same loss curve as 1 worker x batch 8."""
+    curves = {}
+    for workers in (1, 2):
+        code, out, err = _run(_args(prepared, "--epochs", "2", "--max-steps", "3", "--num-workers",
+                                    str(workers), "--run-name", f"w{workers}", "--storage-path", "runs",
+                                    "--val-every", "2"), capsys)
+        assert code == 0, err[-3000:]
+        client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+        curves[workers] = _history(client, _run_by_name(client, f"w{workers}").info.run_id, "train/loss")
+    assert len(curves[1]) == 2
+    assert [s for s, _ in curves[2]] == [s for s, _ in curves[1]]
+    assert [v for _, v in curves[2]] == pytest.approx([v for _, v in curves[1]], rel=2e-4)
+
+
+def test_ray_run_resubmitted_resumes_from_its_checkpoint(prepared, ray_local, workdir, capsys):
+    code, _, err = _run(_args(prepared, "--epochs", "1", "--max-steps", "2", "--run-name", "grow",
+                              "--storage-path", "runs"), capsys)
+    assert code == 0, err[-3000:]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    first = _run_by_name(client, "grow").info.run_id
+    code, out, err = _run(_args(prepared, "--epochs", "2", "--max-steps", "2", "--run-name", "grow",
+                                "--storage-path", "runs"), capsys)
+    assert code == 0, err[-3000:]
+    run = _run_by_name(client, "grow")
+    assert run.info.run_id == first
+    assert [s for s, _ in _history(client, first, "train/loss")] == [0, 1]
+    # the optimizer step count continued from the first run's checkpoint: 2 + 2
+    latest = train.latest_checkpoint(workdir / "runs", "grow")
+    assert torch.load(latest / "state.pt", weights_only=True)["step"] == 4
+
+
+@pytest.mark.parametrize("case", ["split", "ablation", "backbone", "shards", "embeddings", "clip", "no_clip"])
+def test_bad_input_gives_one_line_before_any_worker(prepared, workdir, capsys, tmp_path, case):
+    args = _args(prepared, "--local", "--run-name", "bad", "--storage-path", "runs")
+    fragments = {
+        "split": (["--split", "7"], "unknown split 7"),
+        "ablation": (["--ablation", "no_such"], "unknown ablation 'no_such'"),
+        "backbone": (["--backbone", "resnet9000"], "unknown backbone 'resnet9000'"),
+        "shards": (["--shards", str(tmp_path / "nowhere")], "nowhere"),
+        "embeddings": (["--embeddings", str(tmp_path / "nowhere")], "no embeddings in"),
+        "clip": (["--clip-model", "ViT-B-32"], "clip_model='tiny'"),
+        "no_clip": (["--set", "model.clip_checkpoint=none"], "--clip-checkpoint"),
+    }[case]
+    code, out, err = _run(args + fragments[0], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragments[1] in lines[0], err
+    assert not (workdir / "runs" / "bad").exists()
+
+
+def test_checkpoint_of_another_config_is_refused(prepared, local_run):
+    wd, _ = local_run
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{wd / 'mlflow.db'}"}
+    proc = run_cli("jobs.train", *_args(prepared, "--local", "--ablation", "baseline", "--run-name", "ref",
+                                        "--storage-path", str(wd / "runs")), cwd=wd, env=env)
+    assert_one_line_error(proc, "run 'ref' has a checkpoint of another config", "model.ablation")
