@@ -354,6 +354,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from capenext.baselines import MeanPositionModel
     from capenext.checkpoint import atomic_save, load_weights, read_checkpoint, save_checkpoint
     from capenext.data import PairDataset, episodes, training_pairs
     from capenext.data.shards import ShardIndex
@@ -458,14 +459,17 @@ def train_loop(config: dict[str, Any]) -> None:
                     shutil.copytree(tmp, target, dirs_exist_ok=True)
                     _local_keep(target.parent, job["keep"])
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                shown = f"{last_val:.3f}" if last_val >= 0 else "-"
                 print(f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {metrics.get('train/loss', float('nan')):.4f}  "
-                      f"val pck@0.2 {last_val:.3f}  {elapsed:.1f}s  {metrics['train/img_per_s']:.1f} img/s",
-                      flush=True)
+                      f"val pck@0.2 {shown}  {elapsed:.1f}s  {metrics['train/img_per_s']:.1f} img/s", flush=True)
             ray.train.report(report, checkpoint=checkpoint)
 
-    test = evaluate(ddp, eval_loader(subsets["test"], cfg.data.test_episodes, seed + 2), device, prepare,
-                    cfg.data.image_size, thresholds=THRESHOLDS)
+    test_loader = eval_loader(subsets["test"], cfg.data.test_episodes, seed + 2)
+    test = evaluate(ddp, test_loader, device, prepare, cfg.data.image_size, thresholds=THRESHOLDS)
+    floor = MeanPositionModel(subsets["train"], subsets["test"].categories, cfg.data)
+    base = evaluate(floor, test_loader, device, lambda b: b, cfg.data.image_size, thresholds=THRESHOLDS)
     final = {f"test/{k}": v for k, v in test.items() if k != "count"}
+    final.update({f"baseline/{k}": v for k, v in base.items() if k != "count"})
     final["test/queries"] = test["count"]
     tracker.metrics(final, step=cfg.optim.epochs)
     if rank == 0:
@@ -477,7 +481,10 @@ def train_loop(config: dict[str, Any]) -> None:
             if (artifacts / name).is_file():
                 tracker.artifact(artifacts / name, "checkpoints")
         tracker.finish()
-        print("test " + "  ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in final.items()), flush=True)
+        print("test     " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("test/pck")),
+              flush=True)
+        print("baseline " + "  ".join(f"{k[9:]} {v:.4f}" for k, v in final.items() if k.startswith("baseline/")),
+              flush=True)
     ray.train.report(final, checkpoint=None)
 
 
@@ -495,7 +502,7 @@ def run(args: argparse.Namespace, cfg: RunCfg, run_name: str) -> dict[str, float
     resume = latest_checkpoint(Path(job["storage"]), run_name)
     if not args.local:
         if not ray.is_initialized():
-            ray.init(address=args.address, log_to_driver=True, include_dashboard=False)
+            ray.init(address=args.address, log_to_driver=True)
         check_cluster(args)
     run_id = start_mlflow_run(args, cfg, job, resume)
     config = {"run": to_dict(cfg), "job": job, "run_id": run_id, "tracking_uri": job["tracking_uri"]}
@@ -521,7 +528,10 @@ def run(args: argparse.Namespace, cfg: RunCfg, run_name: str) -> dict[str, float
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return {k: v for k, v in (result.metrics or {}).items() if k.startswith("test/")}
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(job["tracking_uri"]).get_run(run_id).data.metrics
+    return {k: v for k, v in sorted(logged.items()) if k.startswith(("test/", "baseline/"))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ from capenext.data.transforms import crop, decode_image
 from capenext.engine import EmbeddingBank
 from capenext.models.clip import FrozenCLIP, class_prompt
 from capenext.noise import keypoint_variants, load_template_maps
+from pipelines.shard import init_ray
 
 META_FILE = "embeddings.json"
 TABLES = ("images.parquet", "classes.parquet", "keypoints.parquet")
@@ -188,8 +189,7 @@ def embed(shards: Path, out: Path, clip_model: str = "ViT-B-32", clip_checkpoint
 
     classes, keypoints = text_tables(clip, index.categories, variants_of, batch_size, progress)
     del clip
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    init_ray(address)
     resources = ray.cluster_resources()
     use_gpu = resources.get("GPU", 0) > 0
     cpus = resources.get("CPU", 1)

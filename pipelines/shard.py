@@ -405,8 +405,8 @@ def init_ray(address: str | None = None):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
+        # the dashboard stays on: Ray Train's State API (placement-group cleanup) needs it
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     return ray
 
 
