@@ -46,6 +46,7 @@ class ModelCfg:
     backbone_checkpoint: str | None = None  # local file with pretrained backbone weights
     clip_model: str = "ViT-B-32"  # open_clip model name, or "tiny"
     clip_checkpoint: str | None = None  # local file, or "random" for explicit random init
+    clip_quick_gelu: bool = True  # QuickGELU, as OpenAI's CLIP weights (the reference's); False for LAION weights
     image_embedding: str = "precomputed"  # "precomputed" (input tensor) or "online" (inside forward)
     dim: int = 256  # transformer width d
     heads: int = 8

@@ -1,0 +1,249 @@
+"""One image + keypoint names → points: ``Predictor(checkpoint).predict(image, names, class_name)``.
+
+Text-only CAPE needs no support image: the support is the list of keypoint names (all taken as
+visible), the class name and, optionally, a skeleton. The query is the image, cropped as the test
+protocol crops it (the square box around ``bbox`` × ``cfg.data.bbox_scale``, warped to
+``cfg.data.image_size``, no augmentation); without ``bbox`` the whole image is the box.
+
+Embeddings come from the model's own frozen CLIP: the names raw (``_`` → space, as MP-100's keypoint
+texts), the class as ``a photo of {name}``. For ablations with an image stream, the CLIP image
+embedding is computed from the very crop the backbone sees: a ``model.image_embedding == "online"``
+model does it inside its forward, and a ``"precomputed"`` model gets it computed here exactly as
+``pipelines.embed`` does (the un-augmented crop through ``FrozenCLIP.encode_image``).
+
+The prediction is the last decoder layer's points, mapped back to the original image's pixels.
+``score`` (:func:`window_mass`) is how much of the keypoint's similarity map agrees with the point:
+the softmax of its map ``sim`` (h x w cells over the crop; the map the proposal generator's soft-argmax
+reads, Sec. 3.3) summed over the 3 x 3 cells around the predicted point's cell. It lies in [0, 1]: near 1
+when the map is one sharp peak at the point, ``9 / (h w)`` for a flat map; low means the map is spread
+out or peaks elsewhere (the keypoint may be hidden, outside the box, or not in the image at all). It is
+a ranking signal, not a calibrated probability of being correct.
+
+Weights load with ``weights_only=True`` (:func:`capenext.checkpoint.read_checkpoint`); it runs on CPU.
+Every bad input raises ``ValueError`` (or ``FileNotFoundError``) with one line naming what is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from capenext.checkpoint import load_model
+from capenext.data.dataset import adjacency
+from capenext.data.mp100 import text_of
+from capenext.data.transforms import Crop, crop
+from capenext.engine import autocast, to_image_pixels
+from capenext.viz import to_rgb
+
+__all__ = ["Predictor", "window_mass", "load_image", "parse_bbox", "parse_skeleton", "check_names", "check_skeleton", "check_bbox"]
+
+ImageLike = str | Path | Image.Image | np.ndarray
+
+
+def load_image(image: ImageLike) -> np.ndarray:
+    """A path, PIL image or (H, W[, 3|4]) uint8 array → (H, W, 3) uint8 RGB; one-line errors."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            with Image.open(path) as im:  # decoded as the shards' images are (decode_image): load, RGB
+                im.load()
+                return np.asarray(im.convert("RGB"))
+        except UnidentifiedImageError:
+            raise ValueError(f"cannot read image {path}: not an image file (no format PIL can decode)") from None
+        except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
+            raise ValueError(f"cannot read image {path}: {' '.join(str(err).split())}") from None
+    if isinstance(image, (Image.Image, np.ndarray)):
+        return to_rgb(image)
+    raise ValueError(f"image must be a path, a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+
+
+def check_names(names: Sequence[str], slots: int) -> list[str]:
+    """The keypoint names as the model reads them (``_`` → space, stripped); one-line errors."""
+    if isinstance(names, str):
+        raise ValueError(f"names must be a list of keypoint names, got the string {names!r} "
+                         "(split it: 'nose,left eye' → ['nose', 'left eye'])")
+    names = list(names)
+    if not names:
+        raise ValueError("no keypoint names given: pass at least one name")
+    if len(names) > slots:
+        raise ValueError(f"{len(names)} keypoint names given, the model has {slots} keypoint slots "
+                         f"(at most {slots} names)")
+    texts = []
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not text_of(name):
+            raise ValueError(f"keypoint name {i} is empty or not a string ({name!r})")
+        texts.append(text_of(name))
+    return texts
+
+
+def check_skeleton(skeleton: Sequence[Sequence[int]] | None, num_names: int) -> list[tuple[int, int]]:
+    """Edges as 0-based ``(a, b)`` pairs of name indices; one-line errors for a bad pair or index."""
+    edges = []
+    for edge in skeleton or ():
+        pair = tuple(edge) if isinstance(edge, (list, tuple)) else (edge,)
+        if len(pair) != 2 or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in pair):
+            raise ValueError(f"skeleton edge {edge!r} is not a pair of integer keypoint indices")
+        a, b = int(pair[0]), int(pair[1])
+        if not (0 <= a < num_names and 0 <= b < num_names):
+            raise ValueError(f"skeleton index out of range in edge {a}-{b}: {num_names} keypoint names, "
+                             f"valid indices 0..{num_names - 1}")
+        edges.append((a, b))
+    return edges
+
+
+def check_bbox(bbox: Sequence[float] | None, width: int, height: int) -> tuple[float, float, float, float]:
+    """``(x, y, w, h)`` inside the ``width`` x ``height`` image (the whole image when ``None``)."""
+    if bbox is None:
+        return (0.0, 0.0, float(width), float(height))
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise ValueError(f"bbox must be 4 numbers x, y, w, h, got {bbox!r}") from None
+    if not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0:
+        raise ValueError(f"bbox {x:g},{y:g},{w:g},{h:g} must have a positive width and height")
+    if x < 0 or y < 0 or x + w > width or y + h > height:
+        raise ValueError(f"bbox {x:g},{y:g},{w:g},{h:g} lies outside the {width}x{height} image (it needs "
+                         f"0 <= x, 0 <= y, x + w <= {width}, y + h <= {height})")
+    return (x, y, w, h)
+
+
+def parse_skeleton(text: str) -> list[tuple[int, int]]:
+    """``"0-1,0-2"`` → ``[(0, 1), (0, 2)]``; one line naming a malformed edge."""
+    edges = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        a, sep, b = part.partition("-")
+        if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+            raise ValueError(f"skeleton edge {part!r} is not of the form A-B with 0-based indices (e.g. 0-1,0-2)")
+        edges.append((int(a), int(b)))
+    return edges
+
+
+def parse_bbox(text: str) -> tuple[float, float, float, float]:
+    """``"x,y,w,h"`` → four floats; one line when it is not four numbers."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise ValueError(f"bbox {text!r} is not four numbers x,y,w,h (pixels, top-left corner and size)")
+    return values  # type: ignore[return-value]
+
+
+def window_mass(sim: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """The score: softmax(sim) mass in the 3x3 cells around each point's cell.
+
+    Args:
+        sim: (K, h, w) similarity logits; points: (K, 2) (x, y) in [0, 1] crop coordinates.
+    Returns:
+        (K,) in [0, 1]: 1 when the whole map's probability sits within one cell of the point, 9 / (h w)
+        for a flat map.
+    """
+    k, h, w = sim.shape
+    prob = sim.flatten(1).softmax(-1).view(k, 1, h, w)  # (K, 1, h, w)
+    window = F.avg_pool2d(prob, 3, stride=1, padding=1, count_include_pad=True).view(k, h, w) * 9  # 3x3 sums
+    col = (points[:, 0] * w).long().clamp(0, w - 1)  # (K,)
+    row = (points[:, 1] * h).long().clamp(0, h - 1)
+    return window[torch.arange(k), row, col].clamp(0, 1).cpu()
+
+
+class Predictor:
+    """A trained checkpoint, ready to predict keypoints on any image from their names.
+
+    Attributes:
+        model: the :class:`~capenext.models.CapeNext` in eval mode; cfg: its ``RunCfg``; meta: the
+        checkpoint's meta (``run_id``, test metrics ...); device.
+    """
+
+    def __init__(self, checkpoint: str | Path, clip_checkpoint: str | None = None,
+                 device: str | torch.device = "cpu"):
+        """Load ``checkpoint`` (a capenext checkpoint file, ``weights_only=True``). ``clip_checkpoint``
+        overrides where the frozen CLIP's weights are on this machine (default: the training config's)."""
+        self.device = torch.device(device)
+        try:
+            self.model, self.cfg, self.meta = load_model(checkpoint, clip_checkpoint, self.device)
+        except KeyError as err:  # an unregistered ablation, backbone or CLIP model in the config
+            msg = err.args[0] if err.args else err
+            raise ValueError(f"{checkpoint}: checkpoint of an unknown config ({msg})") from None
+        self.slots = self.cfg.data.max_keypoints
+        self.image_size = self.cfg.data.image_size
+        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def _encode_text(self, texts: list[str]) -> torch.Tensor:
+        key = tuple(texts)
+        if key not in self._text_cache:
+            if len(self._text_cache) > 64:
+                self._text_cache.clear()
+            self._text_cache[key] = self.model.clip.encode_text(texts)  # (K, C)
+        return self._text_cache[key]
+
+    def crop(self, image: np.ndarray, bbox: tuple[float, float, float, float]) -> Crop:
+        """The un-augmented test crop around ``bbox`` (what the backbone and the CLIP image tower see)."""
+        return crop(image, bbox, self.image_size, self.cfg.data.bbox_scale)
+
+    def batch(self, image: ImageLike, names: Sequence[str], class_name: str | None,
+              skeleton: Sequence[Sequence[int]] | None = None,
+              bbox: Sequence[float] | None = None) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        """The model's input batch (B = 1, see :class:`~capenext.models.CapeNext`) and the (2, 3) inverse
+        crop; every argument is checked as in :meth:`predict`."""
+        texts = check_names(names, self.slots)
+        edges = check_skeleton(skeleton, len(texts))
+        rgb = load_image(image)
+        box = check_bbox(bbox, rgb.shape[1], rgb.shape[0])
+        if self.model.needs_class_embedding and (not isinstance(class_name, str) or not text_of(class_name)):
+            raise ValueError(f"the {self.cfg.model.ablation!r} model reads a class name: pass class_name "
+                             f"(e.g. 'cat'), got {class_name!r}")
+        k, dev = len(texts), self.device
+        c = self.crop(rgb, box)
+        img = torch.from_numpy(c.image).unsqueeze(0).to(dev)  # (1, 3, S, S)
+        emb = self._encode_text(texts)  # (k, C)
+        kp_emb = torch.zeros(1, self.slots, emb.shape[-1], device=dev)
+        kp_emb[0, :k] = emb  # (1, K, C), zero in padded slots
+        kp_mask = torch.zeros(1, self.slots, dtype=torch.bool, device=dev)
+        kp_mask[0, :k] = True  # text-only support: every named keypoint is visible
+        batch = {"img": img, "kp_emb": kp_emb, "kp_mask": kp_mask,
+                 "adj": torch.from_numpy(adjacency(tuple(edges), self.slots)).unsqueeze(0).to(dev)}  # (1, K, K)
+        if self.model.needs_class_embedding:
+            batch["cls_emb"] = self.model.clip.encode_class([class_name])  # (1, C)
+        if self.model.needs_image_embedding and self.model.image_embedding == "precomputed":
+            batch["img_emb"] = self.model.clip.encode_image(img)  # (1, C), as pipelines.embed
+        return batch, c.inverse
+
+    @torch.no_grad()
+    def predict(self, image: ImageLike, names: Sequence[str], class_name: str | None = None,
+                skeleton: Sequence[Sequence[int]] | None = None,
+                bbox: Sequence[float] | None = None) -> list[dict[str, Any]]:
+        """Keypoints of ``names`` on ``image``.
+
+        Args:
+            image: a path, a PIL image or an (H, W, 3) uint8 RGB array.
+            names: 1..100 keypoint names or descriptions ("nose", "left eye", ...).
+            class_name: the object's category ("cat", "office chair"); required when the model reads a
+                class embedding (every ablation but ``baseline`` and ``img_only``).
+            skeleton: optional 0-based ``(a, b)`` index pairs into ``names`` (the graph decoder's edges).
+            bbox: optional ``(x, y, w, h)`` box around the object in image pixels, inside the image;
+                default the whole image.
+        Returns:
+            one ``{"name", "x", "y", "score"}`` per name, in order: ``x, y`` in original image pixels,
+            ``score`` in [0, 1] (the module docstring says what it means).
+        """
+        batch, inverse = self.batch(image, names, class_name, skeleton, bbox)
+        k = int(batch["kp_mask"].sum())
+        with autocast(self.device):
+            out = self.model(batch)
+        pts01 = out["points"][-1][:, :k].float()  # (1, k, 2) in [0, 1] crop coordinates
+        inv = torch.from_numpy(inverse.astype(np.float32)).unsqueeze(0).to(pts01.device)  # (1, 2, 3)
+        xy = to_image_pixels(pts01, inv, self.image_size)[0].cpu()  # (k, 2) image pixels
+        score = window_mass(out["sim"][0, :k].float(), pts01[0])  # (k,)
+        return [{"name": str(n), "x": float(p[0]), "y": float(p[1]), "score": float(s)}
+                for n, p, s in zip(names, xy, score)]

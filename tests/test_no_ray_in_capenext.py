@@ -1,0 +1,40 @@
+"""``capenext/`` is a pure PyTorch library: nothing under it imports ray or mlflow (DESIGN.md)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+FORBIDDEN = {"ray", "mlflow"}
+LIBRARY = Path(__file__).resolve().parents[1] / "capenext"
+
+
+def imported_roots(source: str) -> set[str]:
+    """Top-level package names imported anywhere in ``source`` (module level or inside functions)."""
+    roots = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in (
+                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            roots.add(str(node.args[0].value).split(".")[0])
+    return roots
+
+
+def test_the_checker_sees_every_import_form():
+    source = (
+        "import os\nimport ray.train as rt\nfrom mlflow import log_metric\n"
+        "def f():\n    import importlib\n    importlib.import_module('ray.data')\n    __import__('mlflow')\n"
+        "from . import sibling\n"
+    )
+    assert imported_roots(source) == {"os", "ray", "mlflow", "importlib"}
+
+
+def test_nothing_under_capenext_imports_ray_or_mlflow():
+    files = sorted(LIBRARY.rglob("*.py"))
+    assert len(files) > 5, "capenext/ sources not found"
+    offenders = {str(f.relative_to(LIBRARY.parent)): sorted(imported_roots(f.read_text()) & FORBIDDEN)
+                 for f in files}
+    assert {f: mods for f, mods in offenders.items() if mods} == {}
