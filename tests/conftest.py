@@ -16,6 +16,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Torch in the test process runs on one intra-op thread: with Ray workers and subprocesses beside
+    it on 2 cores, two spinning OpenMP threads made a tiny training step up to 60x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """The default synthetic mini MP-100 (seed 0), generated once; tests must not modify it."""

@@ -11,15 +11,6 @@ from capenext.losses import CapeNextLoss
 from capenext.metrics import pck, pck_per_sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny CPU work runs on one intra-op thread: on a shared 2-core machine two spinning OpenMP
-    threads made a tiny training step up to 60x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # ---------------------------------------------------------------- PCK
 
 

@@ -37,15 +37,6 @@ K = 100  # keypoint slots
 ABLATIONS = ["full", "no_hcmi", "no_dsfr", "no_lw", "baseline", "img_only", "cls_only"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny CPU work runs on one intra-op thread: on a shared 2-core machine two spinning OpenMP
-    threads made a tiny training step up to 60x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_cfg(**changes) -> ModelCfg:
     return dataclasses.replace(load_preset("tiny").model, **changes)
