@@ -272,7 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Make the data and shards when not given, run :func:`loader_benchmark`, print and return its JSON."""
+    """Make the data and shards when not given, run :func:`loader_benchmark`, return its JSON."""
     with contextlib.ExitStack() as stack:
         work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_loader_")))
         root = args.data_root
@@ -288,10 +288,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             shards = shards or work / f"shards_{root.name}"
             shard(root, shards, progress=False)
-        result = loader_benchmark(root, shards, args.samples, args.split, args.subset,
-                                  DataCfg(image_size=args.image_size), args.margin, rounds=args.rounds)
-    print(json.dumps(result, indent=1))
-    return result
+        return loader_benchmark(root, shards, args.samples, args.split, args.subset,
+                                DataCfg(image_size=args.image_size), args.margin, rounds=args.rounds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Loader benchmark: shards vs per-file pycocotools + PIL, img/s "
                                                  "per CPU core, JSON.")
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    print(json.dumps(run(parser.parse_args(argv)), indent=1))
     return 0
 
 

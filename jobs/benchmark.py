@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import resource
 import sys
 import time
@@ -37,17 +36,7 @@ from capenext.cli import UsageError, run_main
 from capenext.config import MAX_KEYPOINTS, load_preset
 from capenext.losses import CapeNextLoss
 from capenext.models import available_backbones, build_model, parameter_counts
-
-
-def cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from jobs import bench_embed, bench_loader
 
 
 def synthetic_batch(batch_size: int, image_size: int, heatmap_size: int, embed_dim: int, device: torch.device,
@@ -159,7 +148,7 @@ def benchmark_model(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "model",
         "device": args.device,
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name(),
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else bench_loader.machine()["cpu"],
         "cpu_threads": torch.get_num_threads(),
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "torch": torch.__version__,
@@ -186,7 +175,7 @@ def benchmark_model(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmark",
                                      description="Benchmarks; each prints one JSON object.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{model,...}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{model,loader,embed}")
     m = sub.add_parser("model", help="train img/s of the full model vs the backbone alone",
                        description="Train img/s of the full model (CLIP image embedding precomputed and online) "
                                    "against the backbone alone, measured in the same run; prints JSON.")
@@ -203,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, default=None,
                    help="torch intra-op CPU threads (default: torch's choice); 1 is steadier on a shared machine")
     m.set_defaults(func=benchmark_model)
+    loader = sub.add_parser("loader", help="training loader from shards vs per-file pycocotools + PIL",
+                            description=bench_loader.__doc__)
+    bench_loader.add_arguments(loader)
+    loader.set_defaults(func=bench_loader.run)
+    embed = sub.add_parser("embed", help="embedding job img/s vs a bare CLIP forward",
+                           description=bench_embed.__doc__)
+    bench_embed.add_arguments(embed)
+    embed.set_defaults(func=bench_embed.run)
     return parser
 
 
