@@ -1,0 +1,298 @@
+"""Converting the published CapeNext / CapeX checkpoints (mmcv format) into ours: ``jobs.convert``.
+
+The official checkpoints are not available here, so each test builds one in their format from the
+inventories in ``tests/data/official_*_swinv2t.json`` (every key, shape and dtype of the reference's
+state_dict, read off the reference code, and the our-parameter each maps to with its transform), wraps it
+as an mmcv checkpoint (``{"meta", "state_dict", "optimizer"}``), converts it and checks where every
+tensor landed. The Swin buffers are filled with timm's recomputed values (when the inventory was made,
+the reference's were checked to be equal); the CLIP tensors are one repeated value each (distinct per
+tensor, one element of storage) to keep the files small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import OrderedDict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from capenext.checkpoint import load_model
+from capenext.cli import run_main
+from capenext.config import load_preset
+from capenext.convert import (
+    ConversionError, convert_state_dict, dropped_reason, official_key, our_key, swinv2_to_timm,
+)
+from capenext.models import build_model
+from jobs.convert import main as convert_main, read_official
+from tests.conftest import assert_one_line_error, run_cli
+
+DATA = Path(__file__).parent / "data"
+ABLATION = {"capenext": "full", "capex": "baseline"}
+META = {"mmcv_version": "1.7.0", "mmpose_version": "0.29.0+deadbee", "epoch": 200, "iter": 123456,
+        "time": "Mon Jan  6 12:00:00 2025",
+        "config": "data = dict(train=dict(ann_file='data/mp100/annotations/mp100_split1_train.json'))\n"
+                  "additional_module_cfg = dict(module_name='SimpleMultiModalModule')"}
+
+
+@pytest.fixture(scope="module")
+def inventories():
+    return {kind: json.loads((DATA / f"official_{kind}_swinv2t.json").read_text()) for kind in ABLATION}
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Our swinv2_t models, built once: capenext → ``full``, capex → ``baseline`` (random CLIP)."""
+    torch.set_num_threads(1)
+    out = {}
+    for kind, ablation in ABLATION.items():
+        cfg = load_preset("swinv2_t")
+        cfg.model.ablation, cfg.model.clip_checkpoint = ablation, "random"
+        out[kind] = build_model(cfg.model)
+    return out
+
+
+def official_state(inv: dict, model, *, clip: bool = True, cheap: bool = False, seed: int = 0) -> OrderedDict:
+    """A state_dict in the official format: random tensors (``cheap``: one repeated value each, distinct per
+    tensor), the Swin buffers with their true values, the CLIP only if ``clip``."""
+    g = torch.Generator().manual_seed(seed)
+    buffers = dict(model.named_buffers())
+    state = OrderedDict()
+    for i, row in enumerate(inv["keys"]):
+        name, shape, dtype = row["official"], row["shape"], getattr(torch, row["dtype"])
+        if name.startswith("text_backbone.") and not clip:
+            continue
+        if "timm_buffer" in row:
+            state[name] = buffers[row["timm_buffer"]].to(dtype).clone()
+        elif cheap or name.startswith("text_backbone."):
+            state[name] = torch.full((), float(i + 1), dtype=dtype).expand(shape)
+        else:
+            state[name] = torch.randn(shape, generator=g).to(dtype)
+    return state
+
+
+def save_mmcv(path: Path, state: dict, meta: dict | None = None) -> Path:
+    torch.save({"meta": dict(META if meta is None else meta), "state_dict": state,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5, "params": [0, 1]}]}}, path)
+    return path
+
+
+def convert(argv: list, capsys) -> SimpleNamespace:
+    """``python -m jobs.convert ARGV`` in this process: exit code, stdout, stderr."""
+    with pytest.raises(SystemExit) as exc:
+        run_main(convert_main, [str(a) for a in argv])
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=exc.value.code, stdout=captured.out, stderr=captured.err)
+
+
+def assert_landed(inv: dict, state: dict, model, *, clip: bool) -> int:
+    """Every inventory row's tensor sits at its our-key, transformed as the inventory says."""
+    ours = model.state_dict()
+    checked = 0
+    for row in inv["keys"]:
+        if row["ours"] is None or (row["official"].startswith("text_backbone.") and not clip):
+            continue
+        expected = state[row["official"]]
+        if row["transform"] == "squeeze(-1)":
+            expected = expected.squeeze(-1)
+        else:
+            assert row["transform"] == "copy", row
+        assert torch.equal(ours[row["ours"]], expected.float()), (row["official"], row["ours"])
+        checked += 1
+    return checked
+
+
+def test_inventory_covers_every_tensor_of_our_model_once(inventories, models):
+    for kind, inv in inventories.items():
+        target = models[kind].state_dict()
+        rows = [r for r in inv["keys"] if r["ours"] is not None]
+        assert len({r["ours"] for r in rows}) == len(rows)
+        assert {r["ours"] for r in rows} == set(target), kind
+        for r in rows:
+            shape = r["shape"][:-1] if r["transform"] == "squeeze(-1)" else r["shape"]
+            assert list(target[r["ours"]].shape) == shape, r
+        assert inv["count"] == len(inv["keys"])
+
+
+def test_mapping_rules_agree_with_the_inventory_both_ways(inventories):
+    for inv in inventories.values():
+        for row in inv["keys"]:
+            if row["ours"] is None:
+                assert dropped_reason(row["official"]), row
+                continue
+            assert dropped_reason(row["official"]) is None, row
+            assert our_key(row["official"]) == (row["ours"], row["transform"]), row
+            assert official_key(row["ours"]) == (row["official"], row["transform"]), row
+
+
+def test_capenext_checkpoint_converts_and_every_tensor_lands_where_the_inventory_says(inventories, models,
+                                                                                     tmp_path, capsys):
+    inv = inventories["capenext"]
+    state = official_state(inv, models["capenext"])
+    src = save_mmcv(tmp_path / "capenext_split1.pth", state)
+    out = tmp_path / "converted.pt"
+    proc = convert(["--official", src, "--kind", "capenext", "--out", out], capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert "--split 1" in proc.stdout  # the evaluate command, with the split read from the meta
+
+    model, cfg, meta = load_model(out)  # strict; the CLIP comes from the file's own, written beside
+    sidecar = tmp_path / "converted.clip.pt"
+    assert cfg.model.ablation == "full" and cfg.model.backbone == "swinv2_t"
+    assert cfg.model.clip_checkpoint == str(sidecar.resolve())
+    assert meta["kind"] == "capenext" and meta["source_split"] == 1
+    assert meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert meta["source_meta"]["epoch"] == 200
+    checked = assert_landed(inv, state, model, clip=True)
+    assert checked == len(model.state_dict())  # the CLIP included
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["capenext_split1.pth", "converted.clip.pt", "converted.pt"]
+
+
+def test_capex_checkpoint_without_clip_takes_clip_checkpoint_and_detects_its_kind(inventories, models, tmp_path,
+                                                                                  capsys):
+    inv = inventories["capex"]
+    state = official_state(inv, models["capex"], clip=False, seed=1)
+    meta = {**META, "config": META["config"].replace("split1", "split4").replace("SimpleMultiModalModule", "None")}
+    src = save_mmcv(tmp_path / "capex.pth", state, meta)
+    out = tmp_path / "sub" / "capex.pt"
+    proc = convert(["--official", src, "--clip-checkpoint", "random", "--out", out], capsys)
+    assert proc.returncode == 0, proc.stderr
+
+    model, cfg, meta = load_model(out)
+    assert cfg.model.ablation == "baseline" and cfg.model.clip_checkpoint == "random"
+    assert meta["kind"] == "capex" and meta["source_split"] == 4
+    checked = assert_landed(inv, state, model, clip=False)
+    assert checked == len([k for k in model.state_dict() if not k.startswith("clip.")])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["capex.pt"]  # no CLIP written
+
+
+def test_corrupted_file_is_one_line_and_writes_nothing(inventories, models, tmp_path, capsys):
+    good = save_mmcv(tmp_path / "good.pth", official_state(inventories["capex"], models["capex"], cheap=True))
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all\n" * 100)
+    for bad in (truncated, garbage):
+        proc = convert(["--official", bad, "--out", tmp_path / "out.pt"], capsys)
+        assert_one_line_error(proc, str(bad), "not a readable checkpoint")
+    assert not (tmp_path / "out.pt").exists()
+    # and as a user runs it
+    proc = run_cli("jobs.convert", "--official", str(garbage), "--out", str(tmp_path / "out.pt"))
+    assert_one_line_error(proc, "not a readable checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.pth", "good.pth", "truncated.pth"]
+
+
+def _swin_s(state: OrderedDict) -> OrderedDict:
+    """The same file with Swin V2-S's stage 2 (18 blocks instead of 6)."""
+    out = OrderedDict()
+    for k, v in state.items():
+        out[k] = v
+        m = re.match(r"backbone\.layers\.2\.blocks\.5\.(.*)", k)
+        if m:
+            for j in range(6, 18):
+                out[f"backbone.layers.2.blocks.{j}.{m[1]}"] = v
+    return out
+
+
+def _gte(state: OrderedDict) -> OrderedDict:
+    """CapeX as published: the GTE-base text encoder (768 wide) instead of CLIP."""
+    out = OrderedDict((k, v) for k, v in state.items() if not k.startswith("text_backbone."))
+    out["text_backbone.embeddings.word_embeddings.weight"] = torch.zeros(1).expand(30528, 768)
+    out["keypoint_head.text_proj.weight"] = torch.zeros(1).expand(256, 768)
+    return out
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("swinv2_s", ["Swin V2-S", "(2, 2, 18, 2)", "(2, 2, 6, 2)"]),
+    ("gte", ["keypoint_head.text_proj.weight", "joint_proj.weight", "GTE"]),
+    ("wrong_kind", ["--kind capenext", "capex checkpoint"]),
+    ("not_capex", ["not a CapeNext/CapeX", "conv1"]),
+])
+def test_file_of_another_architecture_is_one_line_and_writes_nothing(case, fragments, inventories, models, tmp_path,
+                                                                      capsys):
+    state = official_state(inventories["capex"], models["capex"], cheap=True)
+    argv = []
+    if case == "swinv2_s":
+        state = _swin_s(state)
+    elif case == "gte":
+        state = _gte(state)
+        argv = ["--clip-checkpoint", "random"]
+    elif case == "wrong_kind":
+        argv = ["--kind", "capenext"]
+    else:
+        state = OrderedDict([("conv1.weight", torch.zeros(64, 3, 7, 7)), ("fc.weight", torch.zeros(10, 64))])
+        argv = ["--clip-checkpoint", "random"]
+    src = save_mmcv(tmp_path / "other.pth", state)
+    proc = convert(["--official", src, "--out", tmp_path / "out.pt", *argv], capsys)
+    assert_one_line_error(proc, str(src), "nothing written", *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pth"]
+
+
+def test_missing_key_is_one_line_naming_both_keys_and_writes_nothing(inventories, models, tmp_path, capsys):
+    state = official_state(inventories["capenext"], models["capenext"], cheap=True)
+    del state["keypoint_head.text_proj.bias"]
+    src = save_mmcv(tmp_path / "missing.pth", state)
+    proc = convert(["--official", src, "--out", tmp_path / "out.pt"], capsys)
+    assert_one_line_error(proc, "'keypoint_head.text_proj.bias'", "'joint_proj.bias'", "missing", "nothing written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["missing.pth"]  # neither checkpoint nor CLIP
+
+
+def test_each_problem_is_one_line_naming_both_keys(inventories, models, tmp_path, capsys):
+    state = official_state(inventories["capenext"], models["capenext"], cheap=True)
+    state["keypoint_head.transformer.proposal_generator.query_proj.weight"] = torch.zeros(256, 255)
+    state["additional_module.extra_gate.weight"] = torch.zeros(1, 512)  # a name no rule knows
+    state["keypoint_head.transformer.decoder.layers.0.ffn1.conv.weight"] = torch.zeros(1536, 256, 3)
+    src = save_mmcv(tmp_path / "bad.pth", state)
+    proc = convert(["--official", src, "--out", tmp_path / "out.pt"], capsys)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    # the fusion module check names the unknown submodule first: an architecture problem, one line
+    assert len(lines) == 1 and "extra_gate" in lines[0]
+
+    del state["additional_module.extra_gate.weight"]
+    state["keypoint_head.kpt_branch.0.mlp.8.weight"] = torch.zeros(2, 256)  # a 5th Linear: no rule maps it
+    save_mmcv(src, state)
+    proc = convert(["--official", src, "--out", tmp_path / "out.pt"], capsys)
+    problems = [ln for ln in proc.stderr.splitlines() if ln.startswith("problem: ")]
+    assert len(problems) == 3 and proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr
+    assert any("'keypoint_head.transformer.proposal_generator.query_proj.weight'" in p
+               and "'proposal.query_proj.weight'" in p and "shape mismatch" in p for p in problems)
+    assert any("'keypoint_head.transformer.decoder.layers.0.ffn1.conv.weight'" in p
+               and "'decoder.layers.0.gcn.linear.weight'" in p and "squeeze(-1)" in p for p in problems)
+    assert any("'keypoint_head.kpt_branch.0.mlp.8.weight'" in p and "no rule" in p for p in problems)
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_swin_buffers_of_another_window_size_are_refused(inventories, models):
+    """Window 8 and 16 give the same parameter shapes; the recomputed buffers tell them apart."""
+    inv, model = inventories["capex"], models["capex"]
+    state = official_state(inv, model, clip=False, cheap=True)
+    microsoft = OrderedDict((k[len("backbone."):], v) for k, v in state.items() if k.startswith("backbone."))
+    timm_state, dropped, problems = swinv2_to_timm(microsoft, model.backbone.trunk)
+    assert not problems and set(timm_state) == set(model.backbone.trunk.state_dict())
+    assert "head.weight" in dropped and "layers.0.blocks.1.attn_mask" in dropped
+    assert "layers.1.downsample.reduction.weight" in timm_state  # Microsoft's stage-0 PatchMerging
+    key = "backbone.layers.0.blocks.0.attn.relative_coords_table"
+    state[key] = state[key] * 16 / 8  # as if normalised for another (pretrained) window size
+    with pytest.raises(ConversionError) as err:
+        convert_state_dict(state, model, "capex")
+    assert len(err.value.problems) == 1 and key in err.value.problems[0]
+
+
+def test_meta_with_numpy_values_is_read_weights_only_and_said(tmp_path):
+    np = pytest.importorskip("numpy")
+    path = tmp_path / "np.pth"
+    torch.save({"state_dict": {"a": torch.ones(2)}, "meta": {"best_score": np.float64(0.9)}}, path)
+    obj, notes = read_official(path)
+    assert float(obj["meta"]["best_score"]) == 0.9 and torch.equal(obj["state_dict"]["a"], torch.ones(2))
+    assert len(notes) == 1 and "numpy" in notes[0] and "weights_only=True" in notes[0]
+
+    path = tmp_path / "ns.pth"
+    torch.save({"state_dict": {"a": torch.ones(2)}, "meta": {"args": SimpleNamespace(lr=1)}}, path)
+    with pytest.raises(ValueError, match="--trust-pickle"):
+        read_official(path)
+    obj, notes = read_official(path, trust_pickle=True)
+    assert obj["meta"]["args"].lr == 1 and "weights_only=False" in notes[0]
