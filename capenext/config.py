@@ -47,6 +47,9 @@ class ModelCfg:
     clip_model: str = "ViT-B-32"  # open_clip model name, or "tiny"
     clip_checkpoint: str | None = None  # local file, or "random" for explicit random init
     clip_quick_gelu: bool = True  # QuickGELU, as OpenAI's CLIP weights (the reference's); False for LAION weights
+    # CLIP image input: "clip" (CLIP's own mean/std, ours) or "imagenet" (the reference: the
+    # ImageNet-normalised crop as is; converted official checkpoints were trained that way)
+    clip_image_norm: str = "clip"
     image_embedding: str = "precomputed"  # "precomputed" (input tensor) or "online" (inside forward)
     dim: int = 256  # transformer width d
     heads: int = 8

@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     kind = args.kind or ("capenext" if any(k.startswith("additional_module.") for k in state) else "capex")
     cfg = load_preset(args.backbone)
     cfg.model.ablation = KINDS[kind]
+    # as the reference trained them: CLIP's image embedding inside the forward, from the ImageNet-normalised crop
+    cfg.model.image_embedding = "online"
+    cfg.model.clip_image_norm = "imagenet"
     cfg.model.backbone_checkpoint = None
     cfg.model.clip_checkpoint = args.clip_checkpoint or "random"  # the file's own CLIP is loaded below
     model = build_model(cfg.model)

@@ -498,3 +498,22 @@ def test_benchmark_model_prints_ratios_against_the_backbone():
     assert result["goal_met"] == (ratios["full_precomputed"] >= 0.85)
     bad = run_cli("jobs.benchmark", "model", "--preset", "tiny", "--backbone", "resnet9000", "--device", "cpu")
     assert_one_line_error(bad, "resnet9000", "swinv2_t")
+
+
+def test_clip_image_norm_imagenet_feeds_the_crop_as_the_reference_does():
+    """``clip_image_norm="imagenet"`` (converted official checkpoints) gives CLIP the ImageNet-normalised crop
+    unchanged; the default re-normalises it with CLIP's own statistics, so the two differ."""
+    import torch.nn.functional as F
+
+    from capenext.models.clip import FrozenCLIP
+
+    ours, ref = FrozenCLIP("tiny", "random"), FrozenCLIP("tiny", "random", image_norm="imagenet")
+    crop = torch.randn(2, 3, 64, 64)
+    size = ref.image_size
+    with torch.no_grad():
+        raw = F.normalize(ref.model.encode_image(F.interpolate(crop, size=size, mode="bilinear",
+                                                               align_corners=False)).float(), dim=-1)
+    assert torch.allclose(ref.encode_image(crop), raw, atol=1e-6)
+    assert not torch.allclose(ours.encode_image(crop), raw, atol=1e-3)
+    with pytest.raises(ValueError, match="clip_image_norm"):
+        FrozenCLIP("tiny", "random", image_norm="other")

@@ -15,6 +15,8 @@ every encode runs under ``torch.no_grad``.
 Deviation from the reference (named): the reference feeds CLIP's image tower the augmented query
 crop *still ImageNet-normalised*, resized to 224. :meth:`FrozenCLIP.encode_image` undoes the ImageNet
 normalisation and applies CLIP's own mean/std before the (bilinear, align_corners=False) resize.
+``ModelCfg.clip_image_norm="imagenet"`` keeps the reference's input instead; ``jobs.convert`` sets it
+for the published checkpoints, which were trained that way.
 """
 
 from __future__ import annotations
@@ -94,8 +96,11 @@ class FrozenCLIP(nn.Module):
         image_size: side the crop is resized to for the image tower (224 for ViT-B-32).
     """
 
-    def __init__(self, model_name: str = "ViT-B-32", checkpoint: str | None = None, quick_gelu: bool = True):
+    def __init__(self, model_name: str = "ViT-B-32", checkpoint: str | None = None, quick_gelu: bool = True,
+                 image_norm: str = "clip"):
         super().__init__()
+        if image_norm not in ("clip", "imagenet"):
+            raise ValueError(f"ModelCfg.clip_image_norm={image_norm!r}; valid: ['clip', 'imagenet']")
         self.model = build_clip(model_name, checkpoint, quick_gelu)
         self.model_name = model_name
         self.tokenizer = open_clip.get_tokenizer(model_name)
@@ -109,6 +114,9 @@ class FrozenCLIP(nn.Module):
         # x_clip = (x_imagenet * s_in + m_in - m_clip) / s_clip = x_imagenet * scale + shift
         scale = torch.tensor(IMAGENET_STD) / std
         shift = (torch.tensor(IMAGENET_MEAN) - mean) / std
+        if image_norm == "imagenet":  # the reference's quirk: the ImageNet-normalised crop goes in as is
+            scale, shift = torch.ones(3), torch.zeros(3)
+        self.image_norm = image_norm
         self.register_buffer("_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_shift", shift.view(1, 3, 1, 1), persistent=False)
         self.train(False)
