@@ -40,7 +40,8 @@ from capenext.data.transforms import Crop, crop
 from capenext.engine import autocast, to_image_pixels
 from capenext.viz import to_rgb
 
-__all__ = ["Predictor", "window_mass", "load_image", "parse_bbox", "parse_skeleton", "check_names", "check_skeleton", "check_bbox"]
+__all__ = ["Predictor", "check_bbox", "check_names", "check_skeleton", "load_image", "parse_bbox", "parse_skeleton",
+           "window_mass"]
 
 ImageLike = str | Path | Image.Image | np.ndarray
 

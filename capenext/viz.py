@@ -15,6 +15,7 @@ Two pure functions (PIL and matplotlib's object API, no pyplot state, no Ray, no
 from __future__ import annotations
 
 import colorsys
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,15 +112,43 @@ def draw_keypoints(
         x, y = xy[j]
         draw.ellipse([x - r, y - r, x + r, y + r], fill=colors[j], outline=(0, 0, 0), width=max(1, width // 2))
     if names is not None:
+        stroke = max(1, width // 2 + 1)
+        placed: list[tuple[float, float, float, float]] = []
         for j in np.flatnonzero(show):
             label = str(names[j]) if scores is None else f"{names[j]} {float(scores[j]):.2f}"
-            x, y = xy[j]
-            tw = draw.textlength(label, font=font)
-            tx = x + radius + 2 if x + radius + 2 + tw <= im.size[0] else max(0.0, x - radius - 2 - tw)  # stay inside
-            ty = max(float(font.size) if hasattr(font, "size") else 12.0, y - radius - 2)
-            draw.text((tx, ty), label, fill=colors[j], font=font,
-                      stroke_width=max(1, width // 2 + 1), stroke_fill=(0, 0, 0), anchor="ls")
+            pos = _place_label(draw, label, font, stroke, xy[j], radius + 2, im.size, placed)
+            draw.text(pos, label, fill=colors[j], font=font, stroke_width=stroke, stroke_fill=(0, 0, 0))
     return im
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(0.0, w) * max(0.0, h)
+
+
+def _place_label(draw: ImageDraw.ImageDraw, label: str, font, stroke: int, point: np.ndarray, gap: float,
+                 size: tuple[int, int], placed: list) -> tuple[float, float]:
+    """Top-left corner for ``label`` beside ``point``: the first of right-above, right-below, left-above,
+    left-below (then above, below) that stays inside the image and clear of the labels already
+    ``placed``; else the one overlapping them least. Appends the chosen box to ``placed``."""
+    l, t, r, b = draw.textbbox((0, 0), label, font=font, stroke_width=stroke)
+    tw, th = r - l, b - t
+    x, y = float(point[0]), float(point[1])
+    candidates = [(x + gap, y - gap - th), (x + gap, y + gap), (x - gap - tw, y - gap - th), (x - gap - tw, y + gap),
+                  (x - tw / 2, y - 2 * gap - th), (x - tw / 2, y + 2 * gap)]
+    best, best_cost = None, None
+    for cx, cy in candidates:
+        cx = min(max(cx, 0.0), max(0.0, size[0] - tw))  # keep inside the picture
+        cy = min(max(cy, 0.0), max(0.0, size[1] - th))
+        box = (cx, cy, cx + tw, cy + th)
+        cost = sum(_overlap(box, other) for other in placed)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = box, cost
+        if cost == 0:
+            break
+    placed.append(best)
+    return best[0] - l, best[1] - t
 
 
 @dataclass
@@ -210,7 +239,11 @@ def prediction_grid(rows: Sequence[tuple[str, Sequence[Panel | None]]], column_t
 
     n_rows = max(1, len(rows))
     n_cols = max([1, len(column_titles)] + [len(p) for _, p in rows])
-    fig = Figure(figsize=(panel_inches * n_cols + 0.6, panel_inches * n_rows + 0.9))
+    width = max(panel_inches * n_cols + 0.6, 4.5)
+    lines = textwrap.wrap(title, max(20, int(width * 11))) if title else []
+    top, bottom = 0.25 + 0.2 * len(lines), 0.35  # inches for the title lines and the legend
+    height = (panel_inches + 0.3) * n_rows + top + bottom
+    fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r, (label, panels) in enumerate(rows):
@@ -229,10 +262,10 @@ def prediction_grid(rows: Sequence[tuple[str, Sequence[Panel | None]]], column_t
         axes[r][0].set_ylabel(label, fontsize=9)
     handles = [Line2D([], [], color=GT_COLOR, marker="o", ls="-", label="ground truth"),
                Line2D([], [], color=PRED_COLOR, marker="X", ls="-", label="prediction")]
-    fig.legend(handles=handles, loc="upper right", fontsize=8, frameon=False, ncol=2)
-    if title:
-        fig.suptitle(title, fontsize=10, x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.legend(handles=handles, loc="lower center", fontsize=8, frameon=False, ncol=2)
+    if lines:
+        fig.suptitle("\n".join(lines), fontsize=10, x=0.02, y=1 - 0.08 / height, ha="left", va="top")
+    fig.tight_layout(rect=(0, bottom / height, 0.99, 1 - top / height))
     return fig
 
 

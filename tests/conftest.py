@@ -49,6 +49,20 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def prepared(synthetic_root, ray_local, tmp_path_factory) -> Path:
+    """Shards (``prepared / "shards"``) and tiny random-CLIP embeddings (``prepared / "emb"``, crop 128)
+    of the synthetic set, made once per session; tests must not modify them."""
+    from pipelines.embed import embed
+    from pipelines.shard import shard
+
+    base = tmp_path_factory.mktemp("prepared")
+    shard(synthetic_root, base / "shards", progress=False)
+    embed(base / "shards", base / "emb", clip_model="tiny", clip_checkpoint="random", batch_size=64,
+          image_size=128, progress=False)
+    return base
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
     """``python -m <args>`` as a user runs it; returns the CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}

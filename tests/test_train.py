@@ -28,19 +28,6 @@ TINY = ["--backbone", "tiny", "--clip-model", "tiny", "--clip-checkpoint", "rand
         "--val-episodes", "2", "--test-episodes", "2", "--test-queries", "4", "--set", "model.dropout=0.0"]
 
 
-@pytest.fixture(scope="session")
-def prepared(synthetic_root, ray_local, tmp_path_factory):
-    """Shards and tiny random-CLIP embeddings of the synthetic set."""
-    from pipelines.embed import embed
-    from pipelines.shard import shard
-
-    base = tmp_path_factory.mktemp("prepared")
-    shard(synthetic_root, base / "shards", progress=False)
-    embed(base / "shards", base / "emb", clip_model="tiny", clip_checkpoint="random", batch_size=64,
-          image_size=128, progress=False)
-    return base
-
-
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A fresh cwd with its own MLflow SQLite store."""

@@ -1,0 +1,485 @@
+"""Test protocol and noisy-prompt robustness: ``python -m jobs.evaluate --checkpoint X --shards DIR``.
+
+Evaluates a trained checkpoint on a split's unseen test categories with the training run's own test
+protocol (per category ``data.test_episodes`` episodes × ``data.queries`` queries, episode seed
+``optim.seed + 2``, the same crops, batches and PCK code as ``jobs.train``), so ``--noise none``
+reproduces the training run's logged ``test/pck_*`` exactly. With noise (paper Tables 4 and 5; the noise
+is defined once in :mod:`capenext.noise` and seeded by ``--seed``):
+
+* ``class``: each query's class prompt becomes ``wrong_class(true name, every category name, seed)``;
+* ``typo``: each keypoint text gets typos at ``--noise-rate`` (default 0.1);
+* ``template``: keypoint texts are rewritten by each word map of ``--template-map`` (default: the paper's
+  five Table 5 maps), one result row per map.
+
+Embeddings: with ``--embeddings`` the precomputed tables of ``pipelines.embed`` are used (clean, and the
+noisy variants they hold: ``typo@R`` for the rates and seed they were made with, ``template:NAME`` for
+the same map); a variant the tables do not hold, and everything without ``--embeddings``, is encoded here
+with the model's own frozen CLIP, the same texts through the same encoder, so the results agree either
+way. Image embeddings of a ``precomputed`` model are then taken from the un-augmented test crop, as the
+embedding job takes them.
+
+Each result row is one MLflow run in the training run's experiment, tagged ``capenext.kind=evaluation``,
+``training_run_id`` (and ``training_run_name``), ``noise``, ``noise_variant``, ``split``, ``ablation``,
+``backbone`` (never ``capenext.run_name``, which names training runs), with metrics
+``test/pck_0.05`` … ``test/pck_0.25``, ``test/pck_mean`` and a picture of each test category's best and
+worst queries (``pictures/``). ``jobs.report`` turns these runs into Tables 4 and 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from capenext.cli import UsageError, run_main
+from capenext.config import THRESHOLDS, RunCfg
+from capenext.noise import NOISE_KINDS, load_template_maps, rewrite, typo, typo_variant, wrong_class
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+DEFAULT_TYPO_RATE = 0.1
+PICTURE_THRESHOLD = 0.2  # the threshold that ranks the best and worst queries in the pictures
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.evaluate",
+        description="Evaluate a trained CapeNext checkpoint on a split's unseen test categories with the "
+                    "training run's test protocol (PCK@0.05-0.25 and their mean), optionally with noisy "
+                    "prompts (paper Tables 4 and 5), and log each result row as an MLflow run linked to the "
+                    "training run.",
+        epilog="examples:\n"
+               "  python -m jobs.evaluate --checkpoint runs:/<run_id>/checkpoints/final.pt --shards shards "
+               "--embeddings emb\n"
+               "  python -m jobs.evaluate --checkpoint <run_id> --shards shards --embeddings emb --noise typo "
+               "--noise-rate 0.2\n"
+               "  python -m jobs.evaluate --checkpoint final.pt --split 1 --shards shards --noise template",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint file, runs:/<run_id>/checkpoints/final.pt (or best.pt), or a training "
+                        "run id (its checkpoints/final.pt), read from the MLflow tracking store")
+    p.add_argument("--split", type=int, default=None,
+                   help="MP-100 split 1-5 (default: the training run's split tag)")
+    p.add_argument("--shards", type=Path, required=True, help="shard folder (pipelines.shard)")
+    p.add_argument("--embeddings", type=Path, default=None,
+                   help="embedding folder (pipelines.embed) with the clean and noisy keypoint tables; without "
+                        "it every embedding is encoded here with the model's CLIP")
+    g = p.add_argument_group("noise (paper Tables 4 and 5)")
+    g.add_argument("--noise", choices=NOISE_KINDS, default="none",
+                   help="none; class: wrong class prompt; typo: keypoint-name typos at --noise-rate; "
+                        "template: keypoint names rewritten by word maps (default none)")
+    g.add_argument("--noise-rate", type=float, default=None,
+                   help=f"typo rate per letter, in [0, 1] (--noise typo; default {DEFAULT_TYPO_RATE})")
+    g.add_argument("--template-map", default=None,
+                   help="JSON word map {\"word\": \"replacement\"} or {\"name\": {...}, ...} (--noise template; "
+                        "default: each of the paper's Table 5 maps, one result row each)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0, as pipelines.embed)")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--episodes", type=int, default=None,
+                   help="episodes per test category (default: the training config's, 200)")
+    g.add_argument("--queries", type=int, default=None, help="queries per episode (default: the config's, 15)")
+    g.add_argument("--episode-seed", type=int, default=None,
+                   help="seed of the episodes (default: the training run's, optim.seed + 2)")
+    g.add_argument("--batch-size", type=int, default=None, help="queries per forward (default: the config's)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--clip-checkpoint", default=None,
+                   help="where the frozen CLIP's weights are on this machine (default: the config's path)")
+    g.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes (default 0)")
+    g = p.add_argument_group("output")
+    g.add_argument("--pictures", type=int, default=2,
+                   help="best and worst queries per category drawn for each row (default 2; 0: none)")
+    g.add_argument("--out", type=Path, default=Path("evaluation"),
+                   help="folder for the pictures (default ./evaluation)")
+    g.add_argument("--experiment", default="capenext",
+                   help="MLflow experiment when the training run is not in the tracking store (default capenext)")
+    g.add_argument("--no-mlflow", action="store_true", help="print the results only, log nothing")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+# --- checkpoint and training run ---------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """Where the checkpoint came from: the local file, and the training run id when known."""
+
+    path: Path
+    spec: str
+    run_id: str | None
+
+
+def resolve_checkpoint(spec: str, tracking_uri: str, download_to: Path) -> Source:
+    """A local file, ``runs:/<run_id>/<artifact path>``, or a bare run id (``checkpoints/final.pt``)."""
+    if Path(spec).is_file():
+        return Source(Path(spec), spec, None)
+    if RUN_ID.fullmatch(spec):
+        spec = f"runs:/{spec}/checkpoints/final.pt"
+    if not spec.startswith("runs:/"):
+        raise FileNotFoundError(f"checkpoint not found: {spec} (expected a file, runs:/<run_id>/checkpoints/"
+                                "final.pt, or an MLflow run id)")
+    run_id = spec[len("runs:/"):].split("/", 1)[0]
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one file: no bar in the log
+    import mlflow.artifacts
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(download_to),
+                                                    tracking_uri=tracking_uri)
+    except Exception as err:  # MlflowException, OSError ... one line either way
+        msg = " ".join(str(err).split())[:300]
+        raise FileNotFoundError(f"cannot fetch checkpoint {spec} from {tracking_uri}: {msg}") from None
+    return Source(Path(local), spec, run_id)
+
+
+def open_client(uri: str, create: bool):
+    """An MLflow client; ``None`` when ``create`` is false and the default SQLite store does not exist
+    (``--no-mlflow`` leaves no new ``mlflow.db`` behind)."""
+    if not create and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def find_run(client, run_id: str | None):
+    """The MLflow run, or ``None`` when there is no id or this store does not hold it."""
+    if client is None or not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except Exception:  # MlflowException (RESOURCE_DOES_NOT_EXIST) and friends
+        return None
+
+
+# --- noise variants ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One result row: the noise kind, its variant name (``clean``, ``class``, ``typo@0.1``,
+    ``template:paw-foreleg``), how it rewrites a keypoint text, and whether the class prompt is wrong."""
+
+    noise: str
+    name: str
+    text: Callable[[str], str]
+    wrong_class: bool = False
+    word_map: dict[str, str] | None = None
+    rate: float | None = None
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    if args.noise_rate is not None and args.noise != "typo":
+        raise UsageError(f"--noise-rate applies to --noise typo, not --noise {args.noise}")
+    if args.template_map is not None and args.noise != "template":
+        raise UsageError(f"--template-map applies to --noise template, not --noise {args.noise}")
+    seed = args.seed
+    if args.noise == "none":
+        return [Variant("none", "clean", lambda t: t)]
+    if args.noise == "class":
+        return [Variant("class", "class", lambda t: t, wrong_class=True)]
+    if args.noise == "typo":
+        rate = DEFAULT_TYPO_RATE if args.noise_rate is None else args.noise_rate
+        if not 0.0 <= rate <= 1.0:
+            raise UsageError(f"--noise-rate must lie in [0, 1], got {rate}")
+        return [Variant("typo", typo_variant(rate), lambda t: typo(t, rate, seed), rate=rate)]
+    maps = load_template_maps(args.template_map)
+    return [Variant("template", f"template:{name}", (lambda t, m=m: rewrite(t, m)), word_map=m)
+            for name, m in maps.items()]
+
+
+class Embeddings:
+    """Keypoint, class and image embeddings for a variant: from the tables when they hold it, else
+    encoded with the model's CLIP (the same texts, the same encoder)."""
+
+    def __init__(self, model, index, tables: Path | None, meta: dict[str, Any] | None, seed: int,
+                 image_table: bool):
+        from pipelines.embed import load_bank
+
+        self.model, self.index, self.tables, self.meta, self.seed = model, index, tables, meta or {}, seed
+        self.base = load_bank(tables, "clean", images=image_table) if tables is not None else None
+        self.class_ids = {c.name: c.id for c in index.categories.values()}
+
+    def in_tables(self, v: Variant) -> bool:
+        if self.tables is None:
+            return False
+        if v.noise in ("none", "class"):
+            return True
+        if v.noise == "typo":
+            rates = {typo_variant(r) for r in self.meta.get("typo_rates", [])}
+            return v.name in rates and self.meta.get("noise_seed") == self.seed
+        name = v.name.split(":", 1)[1]
+        return self.meta.get("template_maps", {}).get(name) == v.word_map
+
+    def keypoints(self, v: Variant, categories) -> tuple[dict[int, torch.Tensor], str]:
+        """category id → (K, C) keypoint embeddings of the variant; and where they came from."""
+        from pipelines.embed import load_bank
+
+        if self.in_tables(v):
+            table = self.base.keypoints if v.name in ("clean", "class") else load_bank(
+                self.tables, v.name, images=False).keypoints
+            return {c.id: table[c.id] for c in categories}, "tables"
+        texts = [(c.id, [v.text(t) for t in c.keypoints]) for c in categories]
+        flat = [t for _, ts in texts for t in ts]
+        emb = self.model.clip.encode_text(flat).cpu()  # (sum K, C)
+        out, i = {}, 0
+        for cid, ts in texts:
+            out[cid] = emb[i: i + len(ts)]
+            i += len(ts)
+        return out, "in-process"
+
+    def classes(self, names: dict[int, str]) -> dict[int, torch.Tensor]:
+        """category id → (C,) embedding of ``a photo of {names[id]}`` (the table's row of the category of
+        that name when there are tables)."""
+        out = {}
+        for cid, name in names.items():
+            known = self.class_ids.get(name)
+            if self.base is not None and known in self.base.classes:
+                out[cid] = self.base.classes[known]
+            else:
+                out[cid] = self.model.clip.encode_class([name])[0].cpu()
+        return out
+
+
+# --- the protocol -----------------------------------------------------------------------------------
+
+
+def run_protocol(model, cfg: RunCfg, index, subset, bank, online_images: bool, device: torch.device,
+                 episodes_n: int, queries: int, episode_seed: int, batch_size: int, loader_workers: int,
+                 desc: str, progress: bool) -> tuple[dict[str, float], list[dict]]:
+    """``jobs.train``'s test evaluation: returns (metrics, per-query records with ``visible`` (K,))."""
+    from tqdm import tqdm
+
+    from capenext.data import PairDataset, episodes
+    from capenext.engine import evaluate
+    from jobs.train import _collate
+
+    pairs = episodes(subset.by_category(), episodes_n, queries, episode_seed)
+    ds = PairDataset(subset, pairs, cfg.data, load_image=index.load_image)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=_collate, num_workers=loader_workers)
+    visible: list[torch.Tensor] = []
+    image_table = model.needs_image_embedding and not online_images and model.image_embedding == "precomputed"
+
+    def prepare(batch: dict) -> dict:
+        batch = bank.fill(batch, cfg.data.max_keypoints, image_table, model.needs_class_embedding)
+        if online_images and model.needs_image_embedding and model.image_embedding == "precomputed":
+            batch["img_emb"] = model.clip.encode_image(batch["img"].to(device)).cpu()  # (B, C), as pipelines.embed
+        visible.append(batch["visible"])
+        return batch
+
+    records: list[dict] = []
+    batches = tqdm(loader, desc=desc, unit="batch", disable=not progress, file=sys.stderr, leave=False)
+    metrics = evaluate(model, batches, device, prepare, cfg.data.image_size, thresholds=THRESHOLDS, keep=records)
+    for r, vis in zip(records, torch.cat(visible) if visible else []):
+        r["visible"] = vis
+    return metrics, records
+
+
+def picture(records: list[dict], subset, index, cfg: RunCfg, n: int, title: str, path: Path) -> Path:
+    """The best and worst ``n`` queries of each category, predictions against ground truth."""
+    from capenext.data.transforms import box_center_scale
+    from capenext.viz import Panel, best_and_worst, prediction_grid, save_figure
+
+    by_ann = {s.ann_id: s for s in subset.samples}
+    t = THRESHOLDS.index(PICTURE_THRESHOLD)
+    rows = []
+    for cid, (best, worst) in best_and_worst(records, n, t).items():
+        cat = subset.categories[cid]
+        panels: list[Panel | None] = []
+        for chosen in (best, worst):
+            for i in list(chosen) + [None] * (n - len(chosen)):
+                if i is None:
+                    panels.append(None)
+                    continue
+                r = records[i]
+                s = by_ann[r["ann_id"]]
+                k = cat.num_keypoints
+                center, side = box_center_scale(s.bbox, cfg.data.bbox_scale)
+                panels.append(Panel(
+                    image=index.load_image(s), pred=r["pred"][:k].numpy(), gt=s.keypoints[:k, :2],
+                    visible=r["visible"][:k].numpy(), skeleton=cat.skeleton,
+                    box=(center[0] - side / 2, center[1] - side / 2, side, side),
+                    title=f"#{r['ann_id']}  PCK@{PICTURE_THRESHOLD:g} {r['pck'][t]:.2f}"))
+        rows.append((cat.name, panels))
+    columns = [f"best {i + 1}" for i in range(n)] + [f"worst {i + 1}" for i in range(n)]
+    fig = prediction_grid(rows, columns, title=title)
+    return save_figure(fig, path)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+# --- MLflow ------------------------------------------------------------------------------------------
+
+
+def log_row(client, experiment_id: str, tags: dict[str, str], params: dict[str, Any], metrics: dict[str, float],
+            pictures: list[Path]) -> str:
+    """One evaluation run: tags, params, ``test/*`` metrics, pictures; returns its id."""
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(experiment_id, run_name=tags.get("mlflow.runName"), tags=tags)
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                         params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        for path in pictures:
+            client.log_artifact(run_id, str(path), "pictures")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+# --- driver ------------------------------------------------------------------------------------------
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    heads = [f"PCK@{t:g}" for t in THRESHOLDS] + ["mPCK"]
+    keys = [f"test/pck_{t:g}" for t in THRESHOLDS] + ["test/pck_mean"]
+    width = max([len("noise variant")] + [len(r["noise_variant"]) for r in rows]) + 2
+    lines = [f"{'noise variant':<{width}}" + "".join(f"{h:>9}" for h in heads) + "  embeddings"]
+    for r in rows:
+        lines.append(f"{r['noise_variant']:<{width}}" + "".join(f"{r[k]:>9.4f}" for k in keys)
+                     + f"  {r['embeddings']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from capenext.checkpoint import load_model
+    from capenext.data.mp100 import check_split
+    from capenext.data.shards import ShardIndex
+    from capenext.engine import EmbeddingBank
+    from jobs.train import ensure_experiment, needs_image_table, tracking_uri
+
+    args = parse_args(argv)
+    rows_spec = variants(args)  # usage errors before anything slow
+    for name in ("episodes", "queries", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.pictures < 0:
+        raise UsageError(f"--pictures must be 0 or more, got {args.pictures}")
+    uri = tracking_uri()
+    client = open_client(uri, create=not args.no_mlflow)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is visible")
+
+    with tempfile.TemporaryDirectory(prefix="capenext-eval-") as tmp:
+        source = resolve_checkpoint(args.checkpoint, uri, Path(tmp))
+        try:
+            model, cfg, meta = load_model(source.path, args.clip_checkpoint, device)  # weights_only=True
+        except KeyError as err:  # unregistered ablation / backbone / CLIP in the config
+            raise ValueError(f"{source.spec}: checkpoint of an unknown config ({err.args[0] if err.args else err})"
+                             ) from None
+    training_id = source.run_id or meta.get("run_id")
+    train_run = find_run(client, training_id)
+    train_tags = train_run.data.tags if train_run is not None else {}
+    split = args.split if args.split is not None else (int(train_tags["split"]) if "split" in train_tags else None)
+    if split is None:
+        raise UsageError(f"pass --split K: the checkpoint's training run ({training_id or 'unknown'}) is not in "
+                         f"{uri}, so its split is unknown")
+    check_split(split)
+    if "split" in train_tags and int(train_tags["split"]) != split:
+        print(f"note: the model was trained on split {train_tags['split']}; split {split}'s test categories "
+              "may be among its training categories", file=sys.stderr)
+
+    index = ShardIndex(args.shards)
+    subset = index.subset(split, "test")
+    if not subset.samples:
+        raise UsageError(f"split {split} has no test samples in {args.shards}")
+    meta_tables = None
+    image_table = needs_image_table(cfg)
+    if args.embeddings is not None:
+        from pipelines.embed import check_metadata, checkpoint_id
+
+        expected = {"clip_model": cfg.model.clip_model, "manifest_digest": index.digest,
+                    "clip_checkpoint_sha256": checkpoint_id(cfg.model.clip_checkpoint)}
+        if image_table:
+            expected["image_size"] = cfg.data.image_size
+        meta_tables = check_metadata(args.embeddings, expected)
+    emb = Embeddings(model, index, args.embeddings, meta_tables, args.seed, image_table)
+
+    episodes_n = args.episodes or cfg.data.test_episodes
+    queries = args.queries or cfg.data.queries
+    episode_seed = cfg.optim.seed + 2 if args.episode_seed is None else args.episode_seed
+    batch_size = args.batch_size or cfg.optim.batch_size
+    label = train_tags.get("capenext.run_name") or source.path.stem
+    categories = sorted(subset.categories.values(), key=lambda c: c.id)
+    all_names = [c.name for c in index.categories.values()]
+    print(f"evaluating {source.spec} ({cfg.model.ablation}, {cfg.model.backbone}) on split {split}: "
+          f"{len(categories)} test categories x {episodes_n} episodes x {queries} queries, episode seed "
+          f"{episode_seed}, noise {args.noise} (seed {args.seed})", file=sys.stderr, flush=True)
+
+    experiment_id = None
+    if client is not None and not args.no_mlflow:
+        experiment_id = train_run.info.experiment_id if train_run is not None else ensure_experiment(
+            client, args.experiment, uri)
+        if train_run is None:
+            print(f"note: training run {training_id or '(unknown)'} is not in {uri}; logging to experiment "
+                  f"{args.experiment!r}", file=sys.stderr)
+
+    results = []
+    for v in rows_spec:
+        t0 = time.time()
+        kp, source_kind = emb.keypoints(v, categories)
+        names = {c.id: c.name for c in categories}
+        if v.wrong_class:
+            names = {c.id: wrong_class(c.name, all_names, args.seed) for c in categories}
+            changed = [names[c.id] != c.name for c in categories]
+        else:
+            changed = [v.text(t) != t for c in categories for t in c.keypoints]
+        bank = EmbeddingBank(keypoints=kp, classes=emb.classes(names),
+                             images=emb.base.images if emb.base is not None else {})
+        online = image_table and emb.base is None
+        metrics, records = run_protocol(model, cfg, index, subset, bank, online, device, episodes_n, queries,
+                                        episode_seed, batch_size, args.loader_workers, v.name, not args.quiet)
+        row = {"noise": v.noise, "noise_variant": v.name, "embeddings": source_kind if not online else
+               f"{source_kind} (images in-process)",
+               **{f"test/{k}": val for k, val in metrics.items() if k != "count"},
+               "test/queries": metrics["count"], "noise/changed_fraction": float(np.mean(changed))}
+        pics = []
+        if args.pictures > 0 and records:
+            title = (f"{label} · split {split} · {v.name} · test PCK@0.2 {metrics['pck_0.2']:.3f} · best and "
+                     f"worst queries by PCK@{PICTURE_THRESHOLD:g}")
+            pics.append(picture(records, subset, index, cfg, args.pictures, title,
+                                args.out / _safe(label) / f"{_safe(v.name)}.png"))
+            row["picture"] = str(pics[0])
+        if experiment_id is not None:
+            tags = {"capenext.kind": "evaluation", "training_run_id": training_id or "", "noise": v.noise,
+                    "noise_variant": v.name, "split": str(split), "ablation": cfg.model.ablation,
+                    "backbone": cfg.model.backbone, "mlflow.runName": f"{label}-eval-{v.name}",
+                    "training_run_name": label}
+            params = {"checkpoint": source.spec, "noise": v.noise, "noise_variant": v.name,
+                      "noise_seed": args.seed, "noise_rate": v.rate if v.rate is not None else "",
+                      "template_map": json.dumps(v.word_map) if v.word_map else "", "episodes": episodes_n,
+                      "queries": queries, "episode_seed": episode_seed, "batch_size": batch_size,
+                      "embeddings": row["embeddings"], "split": split}
+            mkeys = [k for k in row if k.startswith(("test/", "noise/"))]
+            row["run_id"] = log_row(client, experiment_id, tags, params, {k: row[k] for k in mkeys}, pics)
+        results.append(row)
+        print(f"{v.name}: PCK@0.2 {row['test/pck_0.2']:.4f}, mPCK {row['test/pck_mean']:.4f} "
+              f"({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
+
+    print(table(results))
+    print(json.dumps({"checkpoint": source.spec, "training_run_id": training_id, "split": split, "rows": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
