@@ -197,7 +197,8 @@ def preflight(args: argparse.Namespace, cfg: RunCfg, run_name: str) -> dict[str,
                          f"{args.num_workers}: the global batch stays fixed across workers")
     latest = latest_checkpoint(args.storage_path.resolve(), run_name)
     if latest is not None:
-        old = read_checkpoint(latest / CHECKPOINT_FILE)["config"]
+        # through the dataclasses, so that a field added since (with its default) is no difference
+        old = to_dict(read_checkpoint(latest / CHECKPOINT_FILE)["run_config"])
         diff = config_differences(_comparable(old), _comparable(to_dict(cfg)))
         if diff:
             raise UsageError(f"run {run_name!r} has a checkpoint of another config in {latest} (differs in "

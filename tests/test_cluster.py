@@ -1,0 +1,181 @@
+"""cluster/: every YAML parses and holds what a GPU sweep needs; cluster/local.sh starts a Ray head and an
+MLflow server on 127.0.0.1 for real, prints the environment to export, and stops both (and only them)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from jobs import sweep
+from tests.conftest import REPO
+
+CLUSTER = REPO / "cluster"
+LOCAL_SH = CLUSTER / "local.sh"
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def test_every_yaml_parses_and_no_ray_ml_image():
+    files = sorted(CLUSTER.glob("*.yaml")) + sorted(CLUSTER.glob("*.yml"))
+    assert {f.name for f in files} >= {"ray-cluster.yaml", "rayjob.yaml"}
+    for f in files:
+        docs = list(yaml.safe_load_all(f.read_text()))
+        assert docs and all(isinstance(d, dict) for d in docs), f
+        images = [v for d in docs for k, v in _items(d) if k == "image"]
+        assert images and not any("ray-ml" in i for i in images), f"{f.name}: ray-ml images are no longer published"
+
+
+def _items(node):
+    """Every (key, value) pair of a nested YAML document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield k, v
+            yield from _items(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _items(v)
+
+
+def test_ray_up_config_has_gpu_workers_shared_storage_and_mlflow():
+    cfg = _load("ray-cluster.yaml")
+    assert {"cluster_name", "provider", "available_node_types", "head_node_type", "docker",
+            "head_start_ray_commands", "worker_start_ray_commands"} <= set(cfg)
+    image = cfg["docker"]["image"]
+    assert re.fullmatch(rf"rayproject/ray:{re.escape(ray.__version__)}(-py3\d+)?-gpu", image), image
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    assert types[cfg["head_node_type"]]["resources"].get("CPU") == 0  # no trial on the head
+    workers = [t for name, t in types.items() if name != cfg["head_node_type"]]
+    assert workers and all(t["min_workers"] >= 1 for t in workers)
+    assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers)  # AWS GPU families
+    assert cfg["max_workers"] >= sum(t["max_workers"] for t in workers)
+    # shared storage mounted on every host and inside every container
+    assert "-v /mnt/shared:/mnt/shared" in cfg["docker"]["run_options"]
+    assert any("/mnt/shared" in c and "mount" in c for c in cfg["initialization_commands"])
+    # one MLflow server on the head, its store on shared storage, its URI exported to the jobs
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "mlflow server" in head and "sqlite:////mnt/shared/" in head
+    assert re.search(r"export MLFLOW_TRACKING_URI=http://.+:5000 && ray start --head", head)
+    assert all("$RAY_HEAD_IP" in c for c in cfg["worker_start_ray_commands"] if c.startswith("ray start"))
+
+
+def test_rayjob_runs_the_sweep_on_a_gpu_worker_group_and_shuts_down():
+    job = _load("rayjob.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    # the entrypoint is a valid sweep command line, on shared storage
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:3] == ["python", "-m", "jobs.sweep"]
+    args = sweep.parse_args(argv[3:])
+    assert sweep.parse_splits(args.splits) == [1, 2, 3, 4, 5]
+    assert set(args.ablations.split(",")) == set(sweep.PAPER_ABLATIONS)
+    assert args.use_gpu
+    for path in (args.shards, args.embeddings, args.storage_path, Path(args.clip_checkpoint)):
+        assert str(path).startswith("/mnt/shared/"), path
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")
+    working_dir = runtime_env.get("working_dir")
+    assert working_dir is None or re.match(r"https://\S+\.zip$", working_dir)  # image or zip, never a laptop
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    head = cluster["headGroupSpec"]
+    pods = [head["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    gpu_groups = [g for g in cluster["workerGroupSpecs"]
+                  if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1]
+    assert gpu_groups and all(g["replicas"] >= 1 for g in gpu_groups)
+    assert args.max_concurrent <= sum(g["maxReplicas"] for g in gpu_groups)
+    images = {c["image"] for p in pods for c in p["containers"]}
+    assert len(images) == 1  # head and workers run the same code
+    for pod in pods:  # every pod mounts the shared volume at /mnt/shared
+        mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        assert mounts.get("/mnt/shared") in claims
+
+
+def _env_file(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^export (\w+)=(\S+)", text, flags=re.M))
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _sh(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(LOCAL_SH), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_local_script_starts_ray_and_mlflow_then_stops_both(tmp_path):
+    state = tmp_path / "local"
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("RAY_ADDRESS", None)
+    started = _sh("start", "--dir", str(state), "--num-cpus", "1", env=env)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        exports = _env_file(started.stdout)
+        assert set(exports) == {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH",
+                                "MLFLOW_TRACKING_URI"}
+        assert exports == _env_file((state / "env.sh").read_text())
+        assert "Ray head:" in started.stdout and "MLflow server:" in started.stdout
+        pids = {name: int((state / "state" / f"{name}.pid").read_text()) for name in ("ray", "mlflow")}
+        dashboard, uri = exports["RAY_API_SERVER_ADDRESS"], exports["MLFLOW_TRACKING_URI"]
+        assert dashboard.startswith("http://127.0.0.1:") and uri.startswith("http://127.0.0.1:")
+        token = Path(exports["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        request = urllib.request.Request(f"{dashboard}/api/version", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 200
+        # the server owns the SQLite store in the state dir: a run logged through it lands there
+        client = MlflowClient(uri)
+        exp = client.create_experiment("local-check")
+        run = client.create_run(exp)
+        client.log_metric(run.info.run_id, "x", 1.0)
+        direct = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+        assert direct.get_run(run.info.run_id).data.metrics == {"x": 1.0}
+        assert _sh("status", "--dir", str(state), env=env).returncode == 0
+        again = _sh("start", "--dir", str(state), env=env)
+        assert again.returncode == 2 and again.stderr.strip().startswith("error: ") and "already running" in \
+            again.stderr and len(again.stderr.strip().splitlines()) == 1
+    finally:
+        stopped = _sh("stop", "--dir", str(state), env=env, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    for name, pid in pids.items():
+        assert not _alive(pid), name
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)  # nothing left of either process group
+    for address in (dashboard, uri):
+        assert not _listening(int(address.rsplit(":", 1)[1]))
+    assert not (state / "env.sh").exists() and (state / "mlflow.db").is_file()  # the store stays
+    assert _sh("status", "--dir", str(state), env=env).returncode == 1
+
+
+def test_local_script_rejects_unknown_commands_and_options(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    for args, fragment in ((["restart"], "unknown command 'restart'"),
+                           (["start", "--dir", str(tmp_path), "--gpus", "1"], "unknown option '--gpus'"),
+                           (["stop", "--dir", str(tmp_path / "none")], "nothing started")):
+        proc = _sh(*args, env=env, timeout=30)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and fragment in proc.stderr

@@ -1,0 +1,244 @@
+"""The sweep for real: a Ray head started with ``ray start --head`` on localhost, then ``ray job submit`` of a
+tiny sweep (2 splits x 2 ablations, tiny configs, 2 steps), checked with ``MlflowClient``; then the same
+sweep re-submitted after one trial was "killed" and another's checkpoint was torn: finished trials are
+skipped, the killed one resumes in its MLflow run, the torn one fails with its reason, and the job fails.
+
+Isolation from the rest of the session (``ray_local`` runs an in-process Ray): the head gets its own ports and
+``--temp-dir`` (so no ``ray.init()`` finds it), ``RAY_ADDRESS`` is set only in the subprocesses' environment,
+and the head is stopped by ending the ``ray start --block`` process this module started - not ``ray stop``,
+which would end every Ray process on the machine, the session's own instance included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from capenext.cli import run_main
+from jobs import sweep
+from tests.conftest import REPO
+
+EXPERIMENT = "tinysweep"
+TRIALS = [f"{EXPERIMENT}-split{k}-{a}-tiny" for k in (1, 2) for a in ("full", "baseline")]
+TINY_SWEEP = ["--splits", "1-2", "--ablations", "full,baseline", "--backbones", "tiny", "--experiment", EXPERIMENT,
+              "--clip-model", "tiny", "--clip-checkpoint", "random", "--batch-size", "8", "--epochs", "1",
+              "--max-steps", "2", "--val-episodes", "1", "--test-episodes", "2", "--test-queries", "4",
+              "--set", "model.dropout=0.0", "--cpus-per-worker", "0.5"]  # 4 trials at once on 2 CPUs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """``ray start --head --block`` on localhost with 2 CPUs, its own ports, temp dir and auth token."""
+    base = tmp_path_factory.mktemp("ray_head")
+    token = base / "token"
+    token.write_text(secrets.token_hex(32))
+    temp_dir = tempfile.mkdtemp(prefix="cnrt.", dir="/tmp")  # short: Ray's socket paths are length-limited
+    ports = {opt: _free_port() for opt in ("port", "dashboard-port", "ray-client-server-port",
+                                           "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                           "runtime-env-agent-port", "metrics-export-port")}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # no Serve here: stop at once on SIGTERM
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
+           "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats"]
+    cmd += [x for opt, port in ports.items() for x in (f"--{opt}", str(port))]
+    log = open(base / "ray.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+    deadline = time.time() + 180
+    request = urllib.request.Request(f"{dashboard}/api/version",
+                                     headers={"Authorization": f"Bearer {token.read_text()}"})
+    while True:
+        assert proc.poll() is None, (base / "ray.log").read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(request, timeout=2):
+                break
+        except (urllib.error.URLError, OSError):
+            assert time.time() < deadline, "the Ray head did not come up: " + (base / "ray.log").read_text()[-3000:]
+            time.sleep(0.5)
+    client_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{ports['port']}"}  # for subprocesses only
+    yield {"dashboard": dashboard, "env": client_env, "proc": proc}
+    proc.send_signal(signal.SIGTERM)  # `ray start --block` shuts down every process it started
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sweep_data(synthetic_root, ray_head, tmp_path_factory):
+    """Shards and tiny random-CLIP embeddings, made on the head's cluster; absolute paths outside the repo."""
+    base = tmp_path_factory.mktemp("sweep_data")
+    code = "\n".join([
+        "import sys",
+        "from pathlib import Path",
+        "from pipelines.embed import embed",
+        "from pipelines.shard import shard",
+        "base = Path(sys.argv[2])",
+        "shard(Path(sys.argv[1]), base / 'shards', progress=False)",
+        "embed(base / 'shards', base / 'emb', clip_model='tiny', clip_checkpoint='random', batch_size=64,"
+        " image_size=128, progress=False)",
+    ])
+    proc = subprocess.run([sys.executable, "-c", code, str(synthetic_root), str(base)], env=ray_head["env"],
+                          cwd=base, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return base
+
+
+def _submit(ray_head, data: Path, store: Path, log: str) -> subprocess.CompletedProcess:
+    """``ray job submit --working-dir <repo> --runtime-env-json ... -- python -m jobs.sweep ...``; waits."""
+    runtime_env = {
+        "excludes": [".venv", ".git", "runs", "mlruns", "mlartifacts", "*.db", "quickstart_out", "report"],
+        "env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{store}", "HF_HUB_OFFLINE": "1"},
+    }
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head["dashboard"],
+           "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
+           sys.executable, "-m", "jobs.sweep", *TINY_SWEEP, "--shards", str(data / "shards"),
+           "--embeddings", str(data / "emb"), "--storage-path", str(data / "runs")]
+    proc = subprocess.run(cmd, env=ray_head["env"], cwd=data, capture_output=True, text=True, timeout=420)
+    (data / log).write_text(proc.stdout + proc.stderr)  # for a failing test's post-mortem
+    return proc
+
+
+def _children(client: MlflowClient) -> dict[str, object]:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return {r.data.tags["capenext.run_name"]: r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("capenext.kind") != "sweep"}
+
+
+def _parent(client: MlflowClient):
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    (parent,) = client.search_runs([exp.experiment_id], f"tags.`capenext.sweep` = '{EXPERIMENT}'")
+    return parent
+
+
+@pytest.fixture(scope="module")
+def first_sweep(ray_head, sweep_data):
+    store = sweep_data / "mlflow.db"
+    proc = _submit(ray_head, sweep_data, store, "first_sweep.log")
+    return proc, store
+
+
+def test_ray_job_submit_runs_every_trial_as_a_child_run(first_sweep, sweep_data):
+    proc, store = first_sweep
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "is a SQLite store" in out and "starts `mlflow server` on http://127.0.0.1:" in out
+    assert "4 finished, 0 skipped (finished before), 0 failed, of 4 trials" in out, out[-4000:]
+    assert "4 trials to run, 4 at a time" in out
+    client = MlflowClient(f"sqlite:///{store}")
+    parent = _parent(client)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/finished"] == 4
+    children = _children(client)
+    assert sorted(children) == sorted(TRIALS)
+    for name, run in children.items():
+        tags = run.data.tags
+        assert run.info.status == "FINISHED", name
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert (tags["split"], tags["ablation"], tags["backbone"]) == tuple(re.match(
+            rf"{EXPERIMENT}-split(\d)-(\w+)-(tiny)$", name).groups())
+        assert 0.0 <= run.data.metrics["test/pck_0.2"] <= 1.0 and "baseline/pck_0.2" in run.data.metrics
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0]
+        assert client.get_metric_history(run.info.run_id, "val/pck_0.2")
+        assert (sweep_data / "runs" / name).is_dir()  # checkpoints on the storage path, outside the working dir
+    # the sweep's MLflow server is gone with the sweep
+    port = int(re.search(r"server up on http://127\.0\.0\.1:(\d+)", out).group(1))
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_resubmitted_sweep_skips_finished_resumes_unfinished_and_reports_a_failed_trial(first_sweep, ray_head,
+                                                                                         sweep_data):
+    _, store = first_sweep
+    client = MlflowClient(f"sqlite:///{store}")
+    before = _children(client)
+    parent_id = _parent(client).info.run_id
+    killed, torn = f"{EXPERIMENT}-split1-full-tiny", f"{EXPERIMENT}-split2-baseline-tiny"
+    # a trial killed after its checkpoint (its MLflow run left RUNNING), and one whose checkpoint was torn
+    for name in (killed, torn):
+        client.update_run(before[name].info.run_id, status="RUNNING")
+    for model in (sweep_data / "runs" / torn).glob("checkpoint_*/model.pt"):
+        model.write_bytes(b"torn")
+
+    proc = _submit(ray_head, sweep_data, store, "resubmitted_sweep.log")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-6000:]
+    assert f"found again: a re-submitted sweep" in out and f"{killed} (split 1, full, tiny): resuming from" in out
+    assert "1 finished, 2 skipped (finished before), 1 failed, of 4 trials" in out, out[-4000:]
+    summary = {line.split()[0]: line for line in out.splitlines() if line.startswith(f"{EXPERIMENT}-split")}
+    assert summary[torn].split()[1] == "failed" and "not a readable checkpoint" in summary[torn]
+    assert summary[killed].split()[1] == "finished"
+    assert f"error: 1 of 4 trials failed: {torn}" in out
+
+    after = _children(client)
+    assert sorted(after) == sorted(TRIALS)  # no new runs: the resumed trial continued its own
+    assert after[killed].info.run_id == before[killed].info.run_id and after[killed].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(after[killed].info.run_id, "train/loss")] == [0]
+    assert after[torn].info.status == "FAILED"
+    for name in set(TRIALS) - {killed, torn}:
+        assert after[name].info.status == "FINISHED" and after[name].info.end_time == before[name].info.end_time
+    parent = _parent(client)
+    assert parent.info.run_id == parent_id and parent.info.status == "FAILED"
+
+
+def test_split_forms():
+    assert sweep.parse_splits("1-5") == [1, 2, 3, 4, 5]
+    assert sweep.parse_splits("1,3") == [1, 3]
+    assert sweep.parse_splits("1-2,5,2") == [1, 2, 5]
+
+
+@pytest.mark.parametrize("case", ["split", "range", "ablation", "backbone", "local", "job_storage", "job_store"])
+def test_bad_sweep_gives_one_line_before_anything_starts(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    workdir = tmp_path / "job_working_dir"
+    workdir.mkdir()
+    if case.startswith("job_"):  # the driver of a `ray job submit` job, in Ray's copy of the working dir
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+        monkeypatch.chdir(workdir)
+    if case == "job_store":
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default ./mlflow.db would be in the working dir
+    argv, fragment = {
+        "split": (["--splits", "1,6"], "unknown split 6 in --splits '1,6'; MP-100 has splits 1-5"),
+        "range": (["--splits", "3-1"], "runs backwards"),
+        "ablation": (["--ablations", "full,nope"], "unknown ablation 'nope' in --ablations; available: ["),
+        "backbone": (["--backbones", "resnet9000"], "unknown backbone 'resnet9000' in --backbones"),
+        "local": (["--local"], "--local"),
+        "job_storage": (["--storage-path", "runs"], "--storage-path {}/runs is inside the Ray job's working "
+                                                    "directory".format(workdir)),
+        "job_store": ([], f"the MLflow store {workdir}/mlflow.db is inside the Ray job's working directory"),
+    }[case]
+    with pytest.raises(SystemExit) as exc:
+        run_main(sweep.main, ["--shards", str(tmp_path), "--embeddings", str(tmp_path), "--backbones", "tiny",
+                              "--clip-checkpoint", "random", "--storage-path", str(tmp_path / "runs"), *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+    assert not list(tmp_path.rglob("mlflow.db")) and not list(tmp_path.rglob("runs"))
