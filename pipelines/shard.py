@@ -355,11 +355,13 @@ def write_shard(plan: ShardPlan, image_root: str, out: str, skip_bad: bool) -> d
             return {"entry": None, "bad": bad}
         entry = {"name": plan.name, "categories": [plan.category], "count": count,
                  "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
+        # the sidecar lands first: a tar on disk always has one (a run killed between the two renames
+        # leaves a sidecar whose tar is missing, which the next run rewrites)
+        side = {**entry, "inputs": plan.inputs, "skipped": [{**b, "shard": plan.name} for b in bad]}
+        _write_atomic(sidecar_path(out_dir, plan.name), json.dumps(side, sort_keys=True).encode())
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    side = {**entry, "inputs": plan.inputs, "skipped": [{**b, "shard": plan.name} for b in bad]}
-    _write_atomic(sidecar_path(out_dir, plan.name), json.dumps(side, sort_keys=True).encode())
     return {"entry": entry, "bad": bad}
 
 
