@@ -4,7 +4,7 @@ What ``ray job submit`` runs. Every (split, ablation, backbone[, seed]) is one *
 :mod:`jobs.train` (its own ``TorchTrainer``), launched from a Ray task. The trial task itself holds no CPU
 (``num_cpus=0``), so the Train workers it starts get the cluster's CPUs/GPUs; at most ``--max-concurrent``
 trials run at once (default: as many as the cluster's GPUs, or CPUs, hold with ``--num-workers`` ×
-``--cpus-per-worker`` each). ``Tuner(TorchTrainer(...))`` is deprecated and not used.
+``--cpus-per-worker`` each). Ray Tune wrapping a trainer is deprecated in Train V2 and not used.
 
 MLflow: one experiment (``--experiment``), one *parent* run per sweep (found again by its tag
 ``capenext.sweep=<experiment>``, so a re-submitted sweep reuses it) and one *child* run per trial

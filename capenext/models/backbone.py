@@ -49,16 +49,18 @@ def create_backbone(name: str, **overrides) -> "Backbone":
 
 def _checked_file(checkpoint: str | None) -> str | None:
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"ModelCfg.backbone_checkpoint={checkpoint!r}: no such file")
+        raise FileNotFoundError(f"ModelCfg.backbone_checkpoint={checkpoint!r}: no such file "
+                                "(--backbone-checkpoint takes a local weights file)")
     return checkpoint
 
 
 def _timm(name: str, checkpoint: str | None, **kwargs) -> nn.Module:
     """``timm.create_model`` with random init, or weights from a local file (never the hub)."""
     checkpoint = _checked_file(checkpoint)
-    if checkpoint is None:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint), **kwargs)
+    # weights come only from a local file, which timm reads through pretrained_cfg_overlay (applying its
+    # Microsoft/original-format filters); without one, random init. HF_HUB_OFFLINE=1 is set by every job.
+    overlay = {} if checkpoint is None else {"pretrained_cfg_overlay": dict(file=checkpoint)}
+    return timm.create_model(name, pretrained=checkpoint is not None, **overlay, **kwargs)
 
 
 class Backbone(nn.Module):
