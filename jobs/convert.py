@@ -18,7 +18,8 @@ open_clip layout) and the config names it.
 
 Loading: ``weights_only=True`` first. If the file's ``meta`` holds numpy values, it is loaded again
 with only numpy's scalar/dtype/array globals allowed (still weights_only; said on stdout). Anything
-else outside torch's allowlist needs ``--trust-pickle`` (full unpickling: only for files you trust).
+else outside torch's allowlist is refused with one line naming the objects: a checkpoint is never
+unpickled in full (that would run code from the file).
 """
 
 from __future__ import annotations
@@ -67,9 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where the official file's CLIP goes when --clip-checkpoint is not given "
                         "(default: OUT with suffix .clip.pt)")
     p.add_argument("--out", type=Path, required=True, help="our checkpoint to write (.pt)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="if the file cannot be read with weights_only=True, unpickle it fully (runs code from the "
-                        "file: only for files you trust)")
     return p.parse_args(argv)
 
 
@@ -99,7 +97,7 @@ def _one_line(err: BaseException, limit: int = 200) -> str:
     return " ".join(str(err).split())[:limit]
 
 
-def read_official(path: Path, trust_pickle: bool = False) -> tuple[Any, list[str]]:
+def read_official(path: Path) -> tuple[Any, list[str]]:
     """The unpickled file and notes on how it was read; one-line errors for missing or unreadable files."""
     import torch
 
@@ -135,15 +133,8 @@ def read_official(path: Path, trust_pickle: bool = False) -> tuple[Any, list[str
             except Exception as err:
                 raise ValueError(f"--official {path}: not a readable checkpoint ({type(err).__name__}: "
                                  f"{_one_line(err)})") from None
-    if not trust_pickle:
-        raise ValueError(f"--official {path}: cannot be read with weights_only=True, it needs {blocked[:5]}; "
-                         "if you trust the file, rerun with --trust-pickle (runs code from the file)")
-    notes.append(f"{path.name} read with weights_only=False (--trust-pickle): it needs {blocked[:5]}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False), notes
-    except Exception as err:
-        raise ValueError(f"--official {path}: not a readable checkpoint ({type(err).__name__}: {_one_line(err)})"
-                         ) from None
+    raise ValueError(f"--official {path}: cannot be read with weights_only=True, it holds {blocked[:5]}; "
+                     "re-save its state_dict and meta as plain tensors and strings")
 
 
 def split_checkpoint(obj: Any, path: Path) -> tuple[dict, dict, list[str]]:
@@ -212,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     from capenext.models import build_model
 
     print(f"reading {official} ...", flush=True)
-    obj, notes = read_official(official, args.trust_pickle)
+    obj, notes = read_official(official)
     state, meta, more = split_checkpoint(obj, official)
     for note in notes + more:
         print(f"note: {note}", flush=True)
