@@ -385,10 +385,11 @@ def train_loop(config: dict[str, Any]) -> None:
         return decode_image(index.read_bytes(sample), f"shard sample of annotation {sample.ann_id}")
 
     model = build_model(cfg.model).to(device)
-    bank = load_bank(job["embeddings"], images=needs_image_table(cfg))
+    image_table = needs_image_table(cfg)
+    bank = load_bank(job["embeddings"], images=image_table)
 
     def prepare(batch: dict) -> dict:
-        return bank.fill(batch, cfg.data.max_keypoints, needs_image_table(cfg), model.needs_class_embedding)
+        return bank.fill(batch, cfg.data.max_keypoints, image_table, model.needs_class_embedding)
 
     criterion = CapeNextLoss(cfg.optim.heatmap_weight)
     params = [p for p in model.parameters() if p.requires_grad]
