@@ -19,12 +19,21 @@ when the map is one sharp peak at the point, ``9 / (h w)`` for a flat map; low m
 out or peaks elsewhere (the keypoint may be hidden, outside the box, or not in the image at all). It is
 a ranking signal, not a calibrated probability of being correct.
 
+:meth:`Predictor.predict_many` runs several :class:`Query` s through one forward (what a server's request
+batching calls): every query is padded to the model's keypoint slots, as the data layer pads, so queries with
+different keypoint counts share a batch; each gets the points :meth:`Predictor.predict` gives it alone (up to
+float rounding).
+
 Weights load with ``weights_only=True`` (:func:`capenext.checkpoint.read_checkpoint`); it runs on CPU.
+:meth:`Predictor.save_pretrained` / :meth:`Predictor.from_pretrained` keep a model as a folder of
+``config.json`` (the config and meta) and ``model.safetensors`` (the trainable weights, no pickle at all).
 Every bad input raises ``ValueError`` (or ``FileNotFoundError``) with one line naming what is wrong.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,17 +42,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from capenext.checkpoint import load_model
+from capenext.checkpoint import FORMAT, load_model, load_weights, trainable_state_dict
+from capenext.config import from_dict, to_dict
 from capenext.data.dataset import adjacency
 from capenext.data.mp100 import text_of
 from capenext.data.transforms import Crop, crop
 from capenext.engine import autocast, to_image_pixels
 from capenext.viz import to_rgb
 
-__all__ = ["Predictor", "check_bbox", "check_names", "check_skeleton", "load_image", "parse_bbox", "parse_skeleton",
-           "window_mass"]
+__all__ = ["Predictor", "Query", "check_bbox", "check_names", "check_skeleton", "load_image", "parse_bbox",
+           "parse_skeleton", "window_mass"]
 
 ImageLike = str | Path | Image.Image | np.ndarray
+CONFIG_FILE = "config.json"  # save_pretrained's folder: config and meta ...
+WEIGHTS_FILE = "model.safetensors"  # ... and the trainable weights
 
 
 def load_image(image: ImageLike) -> np.ndarray:
@@ -158,6 +170,30 @@ def window_mass(sim: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return window[torch.arange(k), row, col].clamp(0, 1).cpu()
 
 
+@dataclass
+class Query:
+    """One prediction's inputs, as the arguments of :meth:`Predictor.predict` (see there)."""
+
+    image: ImageLike
+    names: Sequence[str]
+    class_name: str | None = None
+    skeleton: Sequence[Sequence[int]] | None = None
+    bbox: Sequence[float] | None = None
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with anything json cannot hold written as its ``str`` (checkpoint meta → config.json)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return str(value)
+
+
 class Predictor:
     """A trained checkpoint, ready to predict keypoints on any image from their names.
 
@@ -172,13 +208,77 @@ class Predictor:
         overrides where the frozen CLIP's weights are on this machine (default: the training config's)."""
         self.device = torch.device(device)
         try:
-            self.model, self.cfg, self.meta = load_model(checkpoint, clip_checkpoint, self.device)
+            model, cfg, meta = load_model(checkpoint, clip_checkpoint, self.device)
         except KeyError as err:  # an unregistered ablation, backbone or CLIP model in the config
             msg = err.args[0] if err.args else err
             raise ValueError(f"{checkpoint}: checkpoint of an unknown config ({msg})") from None
+        self._attach(model, cfg, meta)
+
+    def _attach(self, model: torch.nn.Module, cfg, meta: dict[str, Any]) -> None:
+        self.model, self.cfg, self.meta = model, cfg, meta
         self.slots = self.cfg.data.max_keypoints
         self.image_size = self.cfg.data.image_size
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``directory/config.json`` (format, config, meta) and ``directory/model.safetensors`` (the
+        weights without the frozen CLIP, as a checkpoint file holds them); returns the folder."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        # contiguous copies: safetensors refuses views and tensors that share memory
+        state = {k: v.contiguous().clone() for k, v in trainable_state_dict(self.model).items()}
+        save_file(state, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+        record = {"format": FORMAT, "config": to_dict(self.cfg), "meta": _json_safe(self.meta)}
+        (out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, clip_checkpoint: str | None = None,
+                        device: str | torch.device = "cpu") -> "Predictor":
+        """The predictor :meth:`save_pretrained` wrote to ``directory``; ``clip_checkpoint`` as in
+        :meth:`__init__`. Reading it runs no pickle; one-line errors for a missing or foreign folder."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from capenext.models import build_model
+
+        folder = Path(directory)
+        config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{folder}: no {path.name} (expected the {CONFIG_FILE} and "
+                                        f"{WEIGHTS_FILE} that Predictor.save_pretrained writes)")
+        try:
+            record = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{config_path}: not valid json ({err})") from None
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            raise ValueError(f"{config_path}: not a capenext model (expected format {FORMAT!r})")
+        try:
+            cfg = from_dict(record["config"])
+        except (KeyError, TypeError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise ValueError(f"{config_path}: checkpoint of an unknown config ({msg})") from None
+        try:
+            state = load_file(str(weights_path), device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{weights_path}: not readable safetensors ({' '.join(str(err).split())[:200]})") \
+                from None
+        if clip_checkpoint is not None:
+            cfg.model.clip_checkpoint = clip_checkpoint
+        cfg.model.backbone_checkpoint = None  # the weights carry the trained backbone
+        try:
+            model = build_model(cfg.model)
+        except KeyError as err:
+            msg = err.args[0] if err.args else err
+            raise ValueError(f"{config_path}: checkpoint of an unknown config ({msg})") from None
+        load_weights(model, state, str(weights_path))
+        self = cls.__new__(cls)
+        self.device = torch.device(device)
+        self._attach(model.to(self.device).eval(), cfg, dict(record.get("meta") or {}))
+        return self
 
     def _encode_text(self, texts: list[str]) -> torch.Tensor:
         key = tuple(texts)
@@ -188,15 +288,25 @@ class Predictor:
             self._text_cache[key] = self.model.clip.encode_text(texts)  # (K, C)
         return self._text_cache[key]
 
+    def _encode_class(self, name: str) -> torch.Tensor:
+        key = ("\0class", name)  # no keypoint text starts with NUL: the two kinds never collide
+        if key not in self._text_cache:
+            if len(self._text_cache) > 64:
+                self._text_cache.clear()
+            self._text_cache[key] = self.model.clip.encode_class([name])  # (1, C)
+        return self._text_cache[key]
+
     def crop(self, image: np.ndarray, bbox: tuple[float, float, float, float]) -> Crop:
         """The un-augmented test crop around ``bbox`` (what the backbone and the CLIP image tower see)."""
         return crop(image, bbox, self.image_size, self.cfg.data.bbox_scale)
 
     def batch(self, image: ImageLike, names: Sequence[str], class_name: str | None,
               skeleton: Sequence[Sequence[int]] | None = None,
-              bbox: Sequence[float] | None = None) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+              bbox: Sequence[float] | None = None, *,
+              image_embedding: bool = True) -> tuple[dict[str, torch.Tensor], np.ndarray]:
         """The model's input batch (B = 1, see :class:`~capenext.models.CapeNext`) and the (2, 3) inverse
-        crop; every argument is checked as in :meth:`predict`."""
+        crop; every argument is checked as in :meth:`predict`. ``image_embedding=False`` leaves a
+        precomputed-image-embedding model's ``img_emb`` for the caller to compute (over a whole batch)."""
         texts = check_names(names, self.slots)
         edges = check_skeleton(skeleton, len(texts))
         rgb = load_image(image)
@@ -215,8 +325,8 @@ class Predictor:
         batch = {"img": img, "kp_emb": kp_emb, "kp_mask": kp_mask,
                  "adj": torch.from_numpy(adjacency(tuple(edges), self.slots)).unsqueeze(0).to(dev)}  # (1, K, K)
         if self.model.needs_class_embedding:
-            batch["cls_emb"] = self.model.clip.encode_class([class_name])  # (1, C)
-        if self.model.needs_image_embedding and self.model.image_embedding == "precomputed":
+            batch["cls_emb"] = self._encode_class(class_name)  # (1, C)
+        if image_embedding and self.model.needs_image_embedding and self.model.image_embedding == "precomputed":
             batch["img_emb"] = self.model.clip.encode_image(img)  # (1, C), as pipelines.embed
         return batch, c.inverse
 
@@ -248,3 +358,38 @@ class Predictor:
         score = window_mass(out["sim"][0, :k].float(), pts01[0])  # (k,)
         return [{"name": str(n), "x": float(p[0]), "y": float(p[1]), "score": float(s)}
                 for n, p, s in zip(names, xy, score)]
+
+    @torch.no_grad()
+    def predict_many(self, queries: Sequence[Query]) -> list[list[dict[str, Any]]]:
+        """:meth:`predict` for several queries in one forward of the model (and of CLIP's image tower).
+
+        Every query is checked as in :meth:`predict` (a ``ValueError`` names the query's index); each is
+        padded to the model's ``slots`` keypoints, so keypoint counts may differ within the batch.
+        Returns one :meth:`predict` result per query, in order.
+        """
+        if not queries:
+            return []
+        inputs, inverses = [], []
+        for i, q in enumerate(queries):
+            try:
+                batch, inverse = self.batch(q.image, q.names, q.class_name, q.skeleton, q.bbox,
+                                            image_embedding=False)
+            except (ValueError, FileNotFoundError) as err:
+                raise type(err)(f"query {i}: {err}") from None
+            inputs.append(batch)
+            inverses.append(inverse)
+        batch = {key: torch.cat([b[key] for b in inputs]) for key in inputs[0]}  # (B, ...)
+        if self.model.needs_image_embedding and self.model.image_embedding == "precomputed":
+            batch["img_emb"] = self.model.clip.encode_image(batch["img"])  # (B, C), as pipelines.embed
+        with autocast(self.device):
+            out = self.model(batch)
+        inv = torch.from_numpy(np.stack(inverses).astype(np.float32)).to(self.device)  # (B, 2, 3)
+        pts01 = out["points"][-1].float()  # (B, K, 2) in [0, 1] crop coordinates
+        xy = to_image_pixels(pts01, inv, self.image_size).cpu()  # (B, K, 2) image pixels
+        results = []
+        for i, q in enumerate(queries):
+            k = int(batch["kp_mask"][i].sum())
+            score = window_mass(out["sim"][i, :k].float(), pts01[i, :k])  # (k,)
+            results.append([{"name": str(n), "x": float(p[0]), "y": float(p[1]), "score": float(s)}
+                            for n, p, s in zip(q.names, xy[i, :k], score)])
+        return results
