@@ -45,13 +45,23 @@ What makes it a fair CAPE benchmark, and able to show what text guidance buys:
   ``v=0`` and are stored as ``0, 0, 0`` (COCO convention); visible ones have
   ``v=2``. ``num_keypoints`` counts the visible ones.
 
-Image sides are 128..256 px (256..512 px with ``--full-size``). Generation is
-deterministic for a seed: the same arguments give byte-identical json and images
-(every category draws from its own ``numpy`` generator seeded with
-``(seed, category index)``, and JPEGs are written at quality 90). The default
-(20 categories x 30 images) takes a few seconds; ``--full-size`` (100 categories
-x 180 images) is meant for benchmarks. Files are written under a temporary name
-and moved into place, so re-running into the same folder overwrites cleanly.
+Image sides are 128..256 px (256..512 px with ``--full-size``). With
+``--mp100-sized`` the images have MP-100's camera-photo sizes instead: the long
+side in 600..1600 px, a camera aspect ratio (4:3, 3:2, 16:9 or 1:1, landscape or
+portrait) and JPEG quality 85..95. Objects, strokes and textures scale with the
+image, so an object's box is large next to the model's 256-px crop and a loader
+pays MP-100's decode and resize costs; layout and annotations are unchanged, and
+``--full-size --mp100-sized`` gives MP-100's scale (100 categories x 180 images).
+
+Generation is deterministic for a seed: the same arguments give byte-identical
+json and images (every category draws from its own ``numpy`` generator seeded
+with ``(seed, category index)``, and JPEGs are written at quality 90, or a drawn
+quality with ``--mp100-sized``). The default (20 categories x 30 images) takes a
+few seconds; ``--full-size`` (100 categories x 180 images) is meant for
+benchmarks. Files are written under a temporary name and moved into place, so
+re-running into the same folder overwrites cleanly. The templates, the
+polysemous names and the glyph shapes and fills are data, read from
+``synthetic_templates.json`` beside this module.
 """
 
 from __future__ import annotations
@@ -66,37 +76,32 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from capenext.cli import UsageError, run_main
 from capenext.data.mp100 import SPLITS, SUBSETS, annotation_path
 
 MIN_CATEGORIES = 10
-POLYSEMOUS = frozenset(
-    {
-        "neck",
-        "top",
-        "handle",
-        "left shoulder",
-        "right shoulder",
-        "left front leg",
-        "right front leg",
-        "left back leg",
-        "right back leg",
-    }
-)
+TEMPLATES_PATH = Path(__file__).with_name("synthetic_templates.json")
 
 _SIZES = {False: (128, 256), True: (256, 512)}
 _DEFAULT_COUNTS = {False: (20, 30), True: (100, 180)}
 _STREAM_NAMES = 1_000_001
 _STREAM_SPLITS = 1_000_002
 _JPEG_QUALITY = 90
+# --mp100-sized: long side, camera aspect ratios (long / short) and their odds, landscape odds,
+# JPEG qualities, and the short side at which strokes and texture periods have their default size
+_MP100_LONG_SIDE = (600, 1600)
+_CAMERA_ASPECTS = ((4 / 3, 0.4), (3 / 2, 0.3), (16 / 9, 0.2), (1.0, 0.1))
+_LANDSCAPE = 0.75
+_MP100_QUALITY = (85, 95)
+_UNIT_SIDE = 192
 
 
-# --------------------------------------------------------------------------- templates
+# --------------------------------------------------------------------------- templates and glyphs
 
 
 @dataclass(frozen=True)
@@ -137,260 +142,44 @@ class Template:
         return tuple(-1 if p.parent is None else index[p.parent] for p in self.parts)
 
 
-P = Part
-TEMPLATES: tuple[Template, ...] = (
-    Template(
-        "animal_face",
-        "face",
-        ("cat", "dog", "fox", "bear", "panda", "tiger", "rabbit", "monkey", "sheep", "lion",
-         "deer", "koala", "raccoon"),
-        (
-            P("nose", 0.0, 0.15),
-            P("left eye", -0.35, -0.2, "nose"),
-            P("right eye", 0.35, -0.2, "nose"),
-            P("mouth", 0.0, 0.45, "nose", joint=10),
-            P("left ear", -0.6, -0.75, "left eye", joint=20),
-            P("right ear", 0.6, -0.75, "right eye", joint=20),
-            P("forehead", 0.0, -0.5, "nose", optional=True),
-            P("chin", 0.0, 0.72, "mouth", optional=True),
-            P("left cheek", -0.6, 0.25, "nose", optional=True),
-            P("right cheek", 0.6, 0.25, "nose", optional=True),
-            P("left eyebrow", -0.35, -0.42, "left eye", optional=True),
-            P("right eyebrow", 0.35, -0.42, "right eye", optional=True),
-        ),
-        extra_edges=(("left eye", "right eye"),),
-        discs=(("nose", 0.7),),
-        limb=0.25,
-        max_rotation=30.0,
-    ),
-    Template(
-        "animal_body",
-        "body",
-        ("horse", "dog", "cat", "cow", "zebra", "giraffe", "deer", "goat", "sheep", "pig",
-         "bear", "wolf", "camel"),
-        (
-            P("spine", -0.1, -0.25),
-            P("neck", 0.45, -0.35, "spine", joint=10),
-            P("nose", 0.9, -0.45, "neck", joint=20),
-            P("left eye", 0.72, -0.58, "nose"),
-            P("left ear", 0.62, -0.78, "left eye", optional=True, joint=15),
-            P("tail", -0.75, -0.3, "spine", joint=25),
-            P("tail tip", -0.95, 0.05, "tail", optional=True, joint=30),
-            P("left front knee", 0.4, 0.35, "neck", joint=20),
-            P("left front leg", 0.42, 0.85, "left front knee", joint=25),
-            P("right front knee", 0.3, 0.35, "neck", optional=True, joint=20),
-            P("right front leg", 0.28, 0.85, "right front knee", joint=25),
-            P("left back knee", -0.5, 0.35, "spine", joint=20),
-            P("left back leg", -0.45, 0.85, "left back knee", joint=25),
-            P("right back knee", -0.6, 0.35, "spine", optional=True, joint=20),
-            P("right back leg", -0.62, 0.85, "right back knee", joint=25),
-        ),
-        polygons=(("spine", "neck", "left front knee", "left back knee"),),
-        discs=(("nose", 0.16),),
-        limb=0.14,
-        max_rotation=15.0,
-    ),
-    Template(
-        "hand",
-        "hand",
-        ("child", "adult", "gloved", "robot", "cartoon", "bony", "painted", "elderly", "chubby",
-         "slim", "tattooed", "pianist", "puppet"),
-        (
-            P("wrist", 0.0, 0.8),
-            P("thumb base", -0.35, 0.45, "wrist", joint=15),
-            P("thumb joint", -0.6, 0.2, "thumb base", optional=True, joint=20),
-            P("thumb tip", -0.75, -0.05, "thumb joint", joint=20),
-            P("index base", -0.25, -0.05, "wrist", joint=8),
-            P("index joint", -0.3, -0.45, "index base", optional=True, joint=20),
-            P("index tip", -0.33, -0.8, "index joint", joint=15),
-            P("middle base", 0.0, -0.1, "wrist", joint=5),
-            P("middle joint", 0.0, -0.52, "middle base", optional=True, joint=20),
-            P("middle tip", 0.0, -0.9, "middle joint", joint=15),
-            P("ring base", 0.22, -0.05, "wrist", joint=5),
-            P("ring joint", 0.26, -0.45, "ring base", optional=True, joint=20),
-            P("ring tip", 0.28, -0.8, "ring joint", joint=15),
-            P("little base", 0.42, 0.05, "wrist", joint=8),
-            P("little joint", 0.5, -0.25, "little base", optional=True, joint=20),
-            P("little tip", 0.55, -0.52, "little joint", joint=15),
-        ),
-        polygons=(("wrist", "thumb base", "index base", "middle base", "ring base", "little base"),),
-        limb=0.13,
-        max_rotation=45.0,
-    ),
-    Template(
-        "chair",
-        "chair",
-        ("office", "garden", "dining", "bar", "rocking", "folding", "arm", "high", "kitchen",
-         "camping", "school", "lounge", "throne"),
-        (
-            P("seat center", 0.0, 0.1),
-            P("left front corner", -0.5, 0.25, "seat center"),
-            P("right front corner", 0.5, 0.25, "seat center"),
-            P("left back corner", -0.4, -0.05, "seat center"),
-            P("right back corner", 0.4, -0.05, "seat center"),
-            P("left front leg", -0.5, 0.95, "left front corner", joint=4),
-            P("right front leg", 0.5, 0.95, "right front corner", joint=4),
-            P("left back leg", -0.4, 0.7, "left back corner", optional=True, joint=4),
-            P("right back leg", 0.4, 0.7, "right back corner", optional=True, joint=4),
-            P("back top left", -0.4, -0.85, "left back corner", joint=8),
-            P("back top right", 0.4, -0.85, "right back corner", joint=8),
-            P("top", 0.0, -0.95, "seat center", optional=True, joint=6),
-            P("left armrest", -0.62, -0.25, "left back corner", optional=True, joint=8),
-            P("right armrest", 0.62, -0.25, "right back corner", optional=True, joint=8),
-        ),
-        polygons=(
-            ("left front corner", "right front corner", "right back corner", "left back corner"),
-            ("left back corner", "back top left", "top", "back top right", "right back corner"),
-        ),
-        limb=0.08,
-        max_rotation=15.0,
-    ),
-    Template(
-        "table",
-        "table",
-        ("coffee", "dining", "side", "desk", "picnic", "kitchen", "bedside", "folding", "round",
-         "garden", "pool", "work", "console"),
-        (
-            P("top", 0.0, -0.15),
-            P("left front corner", -0.8, 0.0, "top"),
-            P("right front corner", 0.8, 0.0, "top"),
-            P("left back corner", -0.6, -0.3, "top"),
-            P("right back corner", 0.6, -0.3, "top"),
-            P("left front leg", -0.75, 0.8, "left front corner", joint=4),
-            P("right front leg", 0.75, 0.8, "right front corner", joint=4),
-            P("left back leg", -0.55, 0.5, "left back corner", optional=True, joint=4),
-            P("right back leg", 0.55, 0.5, "right back corner", optional=True, joint=4),
-            P("drawer", 0.0, 0.12, "top", optional=True),
-        ),
-        polygons=(("left front corner", "right front corner", "right back corner", "left back corner"),),
-        limb=0.07,
-        max_rotation=10.0,
-    ),
-    Template(
-        "bottle",
-        "bottle",
-        ("wine", "water", "milk", "beer", "perfume", "soda", "oil", "ketchup", "shampoo", "baby",
-         "ink", "vinegar", "spray"),
-        (
-            P("base", 0.0, 0.9),
-            P("left base", -0.35, 0.9, "base"),
-            P("right base", 0.35, 0.9, "base"),
-            P("left shoulder", -0.35, -0.2, "left base"),
-            P("right shoulder", 0.35, -0.2, "right base"),
-            P("neck", 0.0, -0.55, "base"),
-            P("top", 0.0, -0.92, "neck", joint=5),
-            P("handle", 0.62, 0.2, "right shoulder", optional=True),
-            P("label", 0.0, 0.35, "base", optional=True),
-        ),
-        extra_edges=(("left shoulder", "neck"), ("right shoulder", "neck")),
-        polygons=(("left base", "right base", "right shoulder", "neck", "left shoulder"),),
-        limb=0.18,
-        max_rotation=25.0,
-    ),
-    Template(
-        "car",
-        "car",
-        ("sports", "police", "racing", "family", "taxi", "toy", "electric", "vintage", "rally",
-         "city", "estate", "mini", "muscle"),
-        (
-            P("handle", 0.0, 0.0),
-            P("front wheel", 0.6, 0.4, "handle"),
-            P("rear wheel", -0.6, 0.4, "handle"),
-            P("front bumper", 0.95, 0.15, "handle"),
-            P("rear bumper", -0.95, 0.15, "handle"),
-            P("hood", 0.6, -0.15, "handle"),
-            P("roof front", 0.25, -0.5, "handle"),
-            P("roof rear", -0.4, -0.5, "handle"),
-            P("trunk", -0.75, -0.15, "handle"),
-            P("headlight", 0.88, 0.0, "front bumper", optional=True),
-            P("taillight", -0.9, 0.0, "rear bumper", optional=True),
-            P("top", -0.07, -0.56, "roof front", optional=True),
-            P("side mirror", 0.38, -0.22, "hood", optional=True),
-        ),
-        polygons=(
-            ("front bumper", "hood", "roof front", "roof rear", "trunk", "rear bumper",
-             "rear wheel", "front wheel"),
-        ),
-        discs=(("front wheel", 0.22), ("rear wheel", 0.22)),
-        limb=0.05,
-        max_rotation=10.0,
-    ),
-    Template(
-        "shirt",
-        "shirt",
-        ("polo", "dress", "flannel", "denim", "linen", "hawaiian", "rugby", "tank", "sport",
-         "work", "silk", "night", "camp"),
-        (
-            P("neck", 0.0, -0.8),
-            P("left shoulder", -0.45, -0.7, "neck"),
-            P("right shoulder", 0.45, -0.7, "neck"),
-            P("left sleeve", -0.88, -0.2, "left shoulder", joint=25),
-            P("right sleeve", 0.88, -0.2, "right shoulder", joint=25),
-            P("left armpit", -0.4, -0.35, "left shoulder"),
-            P("right armpit", 0.4, -0.35, "right shoulder"),
-            P("left hem", -0.42, 0.85, "left armpit", joint=4),
-            P("right hem", 0.42, 0.85, "right armpit", joint=4),
-            P("center hem", 0.0, 0.88, "neck", optional=True),
-            P("button", 0.0, -0.3, "neck", optional=True),
-            P("pocket", -0.22, -0.45, "left shoulder", optional=True),
-        ),
-        polygons=(
-            ("left shoulder", "right shoulder", "right armpit", "right hem", "center hem",
-             "left hem", "left armpit"),
-            ("left shoulder", "left sleeve", "left armpit"),
-            ("right shoulder", "right sleeve", "right armpit"),
-        ),
-        limb=0.16,
-        max_rotation=15.0,
-    ),
-)
-del P
+def _template(spec: dict) -> Template:
+    """A template from its json entry (lists become tuples, parts become ``Part``)."""
+    return Template(**{**spec, "modifiers": tuple(spec["modifiers"]),
+                       "parts": tuple(Part(**part) for part in spec["parts"]),
+                       "extra_edges": tuple(map(tuple, spec.get("extra_edges", ()))),
+                       "polygons": tuple(map(tuple, spec.get("polygons", ()))),
+                       "discs": tuple(map(tuple, spec.get("discs", ())))})
+
+
+def _shape(spec: dict) -> np.ndarray:
+    """A unit-radius glyph outline (closed polygon, y down) from its json spec.
+
+    ``points`` lists the corners; otherwise ``sides`` corners go round from ``start`` degrees
+    (or along ``arc``, from and to degrees) at the repeated ``radii``, then are scaled by
+    ``stretch`` and moved by ``offset``.
+    """
+    if "points" in spec:
+        return np.array(spec["points"], dtype=float)
+    n = spec["sides"]
+    if "arc" in spec:
+        angles = np.linspace(*np.radians(spec["arc"]), n)
+    else:
+        angles = np.radians(spec.get("start", 0)) + 2 * np.pi * np.arange(n) / n
+    r = np.resize(np.array(spec.get("radii", [1.0])), n)
+    unit = np.stack([r * np.cos(angles), r * np.sin(angles)], axis=1)
+    return unit * np.array(spec.get("stretch", [1.0, 1.0])) + np.array(spec.get("offset", [0.0, 0.0]))
+
+
+_DATA = json.loads(TEMPLATES_PATH.read_text())
+POLYSEMOUS = frozenset(_DATA["polysemous"])
+TEMPLATES = tuple(_template(spec) for spec in _DATA["templates"])
+_SHAPES = tuple(_shape(spec) for spec in _DATA["glyph_shapes"])
+_FILLS: list[dict] = _DATA["glyph_fills"]
 MAX_CATEGORIES = sum(len(t.modifiers) for t in TEMPLATES)
-
-
-# --------------------------------------------------------------------------- glyphs
-
-
-def _glyph_keys() -> tuple[tuple[str, str], ...]:
-    """Every distinct look: (name, "") for plain names, (name, supercategory) for polysemous ones."""
-    keys = {
-        (p.name, t.supercategory if p.name in POLYSEMOUS else "")
-        for t in TEMPLATES
-        for p in t.parts
-    }
-    return tuple(sorted(keys))
-
-
-def _shapes() -> tuple[np.ndarray, ...]:
-    """Unit-radius glyph outlines (closed polygons, y down)."""
-
-    def ngon(n: int, start: float, radii: tuple[float, ...] = (1.0,)) -> np.ndarray:
-        angles = np.radians(start) + 2 * np.pi * np.arange(n) / n
-        r = np.resize(np.array(radii), n)
-        return np.stack([r * np.cos(angles), r * np.sin(angles)], axis=1)
-
-    arc = np.linspace(np.pi, 2 * np.pi, 9)
-    return (
-        ngon(16, 0),  # circle
-        ngon(4, 45),  # square
-        ngon(3, -90),  # triangle
-        ngon(5, -90),  # pentagon
-        ngon(6, 0),  # hexagon
-        ngon(10, -90, (1.0, 0.45)),  # star
-        np.array([(-0.33, -1), (0.33, -1), (0.33, -0.33), (1, -0.33), (1, 0.33), (0.33, 0.33),
-                  (0.33, 1), (-0.33, 1), (-0.33, 0.33), (-1, 0.33), (-1, -0.33), (-0.33, -0.33)]),
-        np.stack([np.cos(arc), np.sin(arc) + 0.45], axis=1),  # half disc
-        np.array([(-1, -0.45), (1, -0.45), (1, 0.45), (-1, 0.45)]),  # bar
-        ngon(16, 0) * np.array([1.0, 0.5]),  # ellipse
-        np.array([(0, -1), (1, 0), (0.4, 0), (0.4, 1), (-0.4, 1), (-0.4, 0), (-1, 0)]),  # arrow
-        np.array([(-1, -1), (1, -1), (0.15, 0), (1, 1), (-1, 1), (-0.15, 0)]),  # hourglass
-    )
-
-
-GLYPH_KEYS = _glyph_keys()
+# every distinct look: (name, "") for plain names, (name, supercategory) for polysemous ones
+GLYPH_KEYS = tuple(sorted({(p.name, t.supercategory if p.name in POLYSEMOUS else "")
+                           for t in TEMPLATES for p in t.parts}))
 _GLYPH_INDEX = {key: i for i, key in enumerate(GLYPH_KEYS)}
-_SHAPES = _shapes()
-_PATTERNS = 8
 _BAR = np.array([(-0.9, -0.2), (0.9, -0.2), (0.9, 0.2), (-0.9, 0.2)])
 
 
@@ -407,31 +196,22 @@ def _rotation(angle: float) -> np.ndarray:
 
 def _draw_glyph(draw: ImageDraw.ImageDraw, glyph: int, center: np.ndarray, radius: float,
                 angle: float, fg: tuple[int, ...], bg: tuple[int, ...]) -> None:
-    """Draw glyph ``glyph`` (shape = glyph % 12, fill pattern = glyph // 12)."""
-    shape, pattern = _SHAPES[glyph % len(_SHAPES)], glyph // len(_SHAPES) % _PATTERNS
-    rot = _rotation(angle)
-    width = max(1, round(radius * 0.3))
+    """Draw glyph ``glyph``: shape ``glyph % shapes``, then fill ``glyph // shapes``.
+
+    A fill paints the outline's inside ``outer``, then shrunken copies of the outline
+    (``inner``: scale, colour) and bars across it (``bars``: degrees, colour), in order.
+    """
+    shape, fill = _SHAPES[glyph % len(_SHAPES)], _FILLS[glyph // len(_SHAPES) % len(_FILLS)]
+    colours, rot = {"fg": fg, "bg": bg}, _rotation(angle)
 
     def pts(unit: np.ndarray, scale: float = 1.0) -> list[tuple[float, float]]:
         return [tuple(p) for p in center + radius * scale * unit @ rot.T]
 
-    def bar(turn: float, colour: tuple[int, ...]) -> None:
-        draw.polygon(pts(_BAR @ _rotation(turn).T), fill=colour)
-
-    outer_fill = fg if pattern in (0, 2, 4, 5, 7) else bg
-    draw.polygon(pts(shape), fill=outer_fill, outline=fg, width=width)
-    if pattern == 2:
-        draw.polygon(pts(shape, 0.45), fill=bg)
-    elif pattern == 3:
-        draw.polygon(pts(shape, 0.35), fill=fg)
-    elif pattern == 4:
-        draw.polygon(pts(shape, 0.7), fill=bg)
-        draw.polygon(pts(shape, 0.4), fill=fg)
-    elif pattern in (5, 6):
-        bar(0.0, bg if pattern == 5 else fg)
-    elif pattern == 7:
-        bar(0.0, bg)
-        bar(math.pi / 2, bg)
+    draw.polygon(pts(shape), fill=colours[fill["outer"]], outline=fg, width=max(1, round(radius * 0.3)))
+    for scale, colour in fill.get("inner", []):
+        draw.polygon(pts(shape, scale), fill=colours[colour])
+    for degrees, colour in fill.get("bars", []):
+        draw.polygon(pts(_BAR @ _rotation(math.radians(degrees)).T), fill=colours[colour])
 
 
 # --------------------------------------------------------------------------- categories
@@ -550,8 +330,9 @@ def _colour(h: float, s: float, v: float) -> tuple[int, int, int]:
     return round(r * 255), round(g * 255), round(b * 255)
 
 
-def _background(rng: np.random.Generator, width: int, height: int, glyph_radius: float) -> Image.Image:
-    """A colour gradient with random clutter shapes and a few stray glyphs."""
+def _background(rng: np.random.Generator, width: int, height: int, glyph_radius: float,
+                unit: float = 1.0) -> Image.Image:
+    """A colour gradient with random clutter shapes and a few stray glyphs (strokes ``unit`` times wider)."""
     a, b = (np.array(_colour(rng.random(), rng.uniform(0, 0.5), rng.uniform(0.3, 1.0)))
             for _ in range(2))
     t = np.linspace(0.0, 1.0, height)[:, None, None]
@@ -570,7 +351,7 @@ def _background(rng: np.random.Generator, width: int, height: int, glyph_radius:
             draw.rectangle([x, y, x + w, y + h], fill=colour)
         else:
             draw.line([x, y, x + w * rng.choice([-1, 1]), y + h], fill=colour,
-                      width=int(rng.integers(1, 5)))
+                      width=max(1, round(int(rng.integers(1, 5)) * unit)))
     for _ in range(rng.integers(0, 3)):
         _draw_glyph(draw, int(rng.integers(len(GLYPH_KEYS))), rng.uniform((0, 0), (width, height)),
                     glyph_radius, rng.uniform(0, 2 * np.pi), _colour(rng.random(), 0.8, 0.2),
@@ -617,7 +398,8 @@ def _place(category: Category, rng: np.random.Generator, center: np.ndarray, sca
     return _Instance(category, points, scale, angle)
 
 
-def _draw_instance(image: Image.Image, instance: _Instance, rng: np.random.Generator) -> Image.Image:
+def _draw_instance(image: Image.Image, instance: _Instance, rng: np.random.Generator,
+                   unit: float = 1.0) -> Image.Image:
     """Draw the body (textured) and the glyphs of one instance; return its body mask."""
     category, points = instance.category, instance.points
     template, kept = category.template, set(category.kept)
@@ -640,7 +422,7 @@ def _draw_instance(image: Image.Image, instance: _Instance, rng: np.random.Gener
             shape.ellipse([x - width / 2, y - width / 2, x + width / 2, y + width / 2], fill=255)
     box = mask.getbbox()
     if box is not None:
-        image.paste(_texture(category, rng, box), box, mask.crop(box))
+        image.paste(_texture(category, rng, box, unit), box, mask.crop(box))
     draw = ImageDraw.Draw(image)
     fg = _colour(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.05, 0.3))
     bg = _colour(rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.85, 1.0))
@@ -650,15 +432,19 @@ def _draw_instance(image: Image.Image, instance: _Instance, rng: np.random.Gener
     return mask
 
 
-def _texture(category: Category, rng: np.random.Generator, box: tuple[int, int, int, int]) -> Image.Image:
-    """The body's colour and texture over ``box``: mostly near the category's hue."""
+def _texture(category: Category, rng: np.random.Generator, box: tuple[int, int, int, int],
+             unit: float = 1.0) -> Image.Image:
+    """The body's colour and texture over ``box``: mostly near the category's hue.
+
+    Texture periods are ``unit`` times their default length.
+    """
     hue = category.hue + rng.normal(0, 0.05) if rng.random() < 0.75 else rng.random()
     saturation, value = rng.uniform(0.35, 0.9), rng.uniform(0.35, 0.85)
     base = np.array(_colour(hue, saturation, value), dtype=np.float32)
     second = np.array(_colour(hue + rng.uniform(-0.15, 0.15), saturation, value * 0.6), dtype=np.float32)
     w, h = box[2] - box[0], box[3] - box[1]
     y, x = np.mgrid[box[1]:box[3], box[0]:box[2]].astype(np.float32)
-    kind, period = rng.choice(4, p=category.textures), rng.uniform(4, 12)
+    kind, period = rng.choice(4, p=category.textures), rng.uniform(4, 12) * unit
     if kind == 1:
         direction = rng.uniform(0, np.pi)
         pattern = (x * math.cos(direction) + y * math.sin(direction)) / period % 1 < 0.5
@@ -751,28 +537,43 @@ def _annotation(instance: _Instance, visible: np.ndarray, mask: Image.Image, ann
     }
 
 
+def _image_size(rng: np.random.Generator, full_size: bool, mp100_sized: bool) -> np.ndarray:
+    """(width, height): uniform sides, or with ``mp100_sized`` a camera photo's long side and aspect."""
+    if not mp100_sized:
+        low, high = _SIZES[full_size]
+        return rng.integers(low, high + 1, 2)
+    long_side = int(rng.integers(_MP100_LONG_SIDE[0], _MP100_LONG_SIDE[1] + 1))
+    aspects, odds = zip(*_CAMERA_ASPECTS)
+    short_side = round(long_side / aspects[rng.choice(len(aspects), p=odds)])
+    return np.array((long_side, short_side) if rng.random() < _LANDSCAPE else (short_side, long_side))
+
+
 def _render_category(category: Category, categories: list[Category], out: Path, seed: int,
-                     count: int, full_size: bool) -> Iterator[tuple[dict, list[dict]]]:
+                     count: int, full_size: bool,
+                     mp100_sized: bool = False) -> Iterator[tuple[dict, list[dict]]]:
     """Render and write the images of one category; yield each image record and its annotations."""
     rng = np.random.default_rng([seed, category.index, 1])
     block = 10 ** max(3, len(str(count)))
     folder = out / "images" / category.name
     folder.mkdir(parents=True, exist_ok=True)
-    low, high = _SIZES[full_size]
     for j in range(count):
         image_id = category.index * block + j + 1
-        size = rng.integers(low, high + 1, 2)
-        image = _background(rng, int(size[0]), int(size[1]), max(3.0, 0.03 * min(size)))
+        size = _image_size(rng, full_size, mp100_sized)
+        unit = min(size) / _UNIT_SIDE if mp100_sized else 1.0  # stroke and texture scale
+        image = _background(rng, int(size[0]), int(size[1]), max(3.0, 0.03 * min(size)), unit)
         if rng.random() < 0.3:
-            _draw_instance(image, _distractor(categories, rng, size), rng)
+            _draw_instance(image, _distractor(categories, rng, size), rng, unit)
         instances = _layout(category, rng, size, pair=rng.random() < 0.15)
-        masks = [_draw_instance(image, instance, rng) for instance in instances]
+        masks = [_draw_instance(image, instance, rng, unit) for instance in instances]
         draw = ImageDraw.Draw(image)
         visibility = [_in_frame(instance, size) for instance in instances]
         for instance, visible in zip(instances, visibility):
             _occlude(draw, instance, visible, rng)
+        quality = _JPEG_QUALITY
+        if mp100_sized:
+            quality = int(rng.integers(_MP100_QUALITY[0], _MP100_QUALITY[1] + 1))
         file_name = f"{category.name}/{image_id:06d}.jpg"
-        _write(out / "images" / file_name, lambda tmp: image.save(tmp, "JPEG", quality=_JPEG_QUALITY))
+        _write(out / "images" / file_name, lambda tmp: image.save(tmp, "JPEG", quality=quality))
         record = {"id": image_id, "file_name": file_name, "width": int(size[0]), "height": int(size[1])}
         yield record, [_annotation(inst, vis, mask, image_id * 10 + k + 1, image_id)
                        for k, (inst, vis, mask) in enumerate(zip(instances, visibility, masks))]
@@ -791,8 +592,19 @@ def _write(path: Path, save: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _validate(seed: int, categories: int, images_per_category: int) -> None:
-    """Raise ``ValueError('<what> (<where>)')`` on out-of-range arguments."""
+def generate(out: str | Path, seed: int = 0, categories: int | None = None,
+             images_per_category: int | None = None, full_size: bool = False,
+             progress: bool = True, mp100_sized: bool = False) -> dict:
+    """Write the synthetic MP-100 dataset under ``out`` and return a summary.
+
+    ``categories`` / ``images_per_category`` default to 20 / 30, or 100 / 180 with
+    ``full_size`` (which also doubles the image sides). ``mp100_sized`` draws MP-100-like
+    image sizes and JPEG qualities instead (see the module docstring). Raises
+    ``ValueError('<what> (<where>)')`` on out-of-range arguments.
+    """
+    default_categories, default_images = _DEFAULT_COUNTS[full_size]
+    categories = default_categories if categories is None else categories
+    images_per_category = default_images if images_per_category is None else images_per_category
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed} (--seed)")
     if not MIN_CATEGORIES <= categories <= MAX_CATEGORIES:
@@ -801,21 +613,6 @@ def _validate(seed: int, categories: int, images_per_category: int) -> None:
     if images_per_category < 2:
         raise ValueError(f"images per category must be >= 2, got {images_per_category} "
                          "(--images-per-category)")
-
-
-def generate(out: str | Path, seed: int = 0, categories: int | None = None,
-             images_per_category: int | None = None, full_size: bool = False,
-             progress: bool = True) -> dict:
-    """Write the synthetic MP-100 dataset under ``out`` and return a summary.
-
-    ``categories`` / ``images_per_category`` default to 20 / 30, or 100 / 180 with
-    ``full_size`` (which also doubles the image sides). Raises ``ValueError`` on
-    out-of-range arguments.
-    """
-    default_categories, default_images = _DEFAULT_COUNTS[full_size]
-    categories = default_categories if categories is None else categories
-    images_per_category = default_images if images_per_category is None else images_per_category
-    _validate(seed, categories, images_per_category)
     start, out = time.perf_counter(), Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     cats = _categories(seed, categories)
@@ -825,7 +622,7 @@ def generate(out: str | Path, seed: int = 0, categories: int | None = None,
               disable=not progress) as bar:
         for category in cats:
             for record, anns in _render_category(category, cats, out, seed, images_per_category,
-                                                 full_size):
+                                                 full_size, mp100_sized):
                 images[category.id].append(record)
                 annotations[category.id].extend(anns)
                 bar.update()
@@ -853,16 +650,8 @@ def generate(out: str | Path, seed: int = 0, categories: int | None = None,
 # --------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors."""
-
-    def error(self, message: str) -> NoReturn:
-        raise SystemExit(f"error: {message} (command line)")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
-    parser = _Parser(
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
         prog="python -m pipelines.synthetic",
         description="Generate a synthetic MP-100-layout CAPE benchmark (5 category-disjoint "
                     "splits, COCO keypoint json, JPEG images).",
@@ -876,18 +665,24 @@ def main(argv: list[str] | None = None) -> None:
                         help="images per category, >= 2 (default 30, or 180 with --full-size)")
     parser.add_argument("--full-size", action="store_true",
                         help="benchmark size: 100 categories x 180 images, 256..512 px sides")
+    parser.add_argument("--mp100-sized", action="store_true",
+                        help="MP-100-like camera photos: long side 600..1600 px, aspect 4:3, 3:2, 16:9 "
+                             "or 1:1, JPEG quality 85..95; objects scale with the image (combines "
+                             "with --full-size)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     try:
         summary = generate(args.out, seed=args.seed, categories=args.categories,
-                           images_per_category=args.images_per_category,
-                           full_size=args.full_size, progress=not args.quiet)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+                           images_per_category=args.images_per_category, full_size=args.full_size,
+                           progress=not args.quiet, mp100_sized=args.mp100_sized)
     except OSError as error:
-        raise SystemExit(f"error: {error.strerror or error} ({error.filename or args.out})") from None
+        raise UsageError(f"{error.strerror or error} ({error.filename or args.out})") from error
     print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

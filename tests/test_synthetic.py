@@ -150,18 +150,19 @@ def test_invisible_keypoints_and_multi_instance_images(dataset):
     assert all(len(by_image[i]) == 1 for i in pairs)
 
 
-def test_same_seed_is_byte_identical_and_rerun_overwrites(tmp_path):
-    def snapshot(root: Path) -> dict[str, bytes]:
-        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
+
+def test_same_seed_is_byte_identical_and_rerun_overwrites(tmp_path):
     small = {"categories": 10, "images_per_category": 3, "progress": False}
     syn.generate(tmp_path / "a", seed=1, **small)
-    first = snapshot(tmp_path / "a")
+    first = _snapshot(tmp_path / "a")
     syn.generate(tmp_path / "a", seed=1, **small)
-    assert snapshot(tmp_path / "a") == first
+    assert _snapshot(tmp_path / "a") == first
     assert not [name for name in first if ".tmp" in name]
     syn.generate(tmp_path / "b", seed=2, **small)
-    other = snapshot(tmp_path / "b")
+    other = _snapshot(tmp_path / "b")
     json_name = "annotations/mp100_split1_train.json"
     assert other[json_name] != first[json_name]
 
@@ -174,14 +175,80 @@ def test_generate_rejects_out_of_range_arguments(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_cli_help_and_one_line_errors(tmp_path):
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipelines.synthetic", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=60)
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.synthetic", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
 
-    shown = run("--help")
-    assert shown.returncode == 0 and "--full-size" in shown.stdout
-    bad = run("--out", str(tmp_path / "x"), "--categories", "3")
-    assert bad.returncode != 0
-    assert bad.stderr.strip().count("\n") == 0
-    assert bad.stderr.startswith("error: categories") and bad.stderr.strip().endswith("(--categories)")
+
+def test_cli_help_and_one_line_errors(tmp_path):
+    shown = _cli("--help")
+    assert shown.returncode == 0 and "--full-size" in shown.stdout and "--mp100-sized" in shown.stdout
+    too_few = _cli("--out", str(tmp_path / "x"), "--categories", "5")
+    assert too_few.returncode == 2
+    assert too_few.stderr.strip().count("\n") == 0
+    assert too_few.stderr.startswith("error: categories")
+    assert too_few.stderr.strip().endswith("(--categories)")
+    assert not (tmp_path / "x").exists()
+    not_a_number = _cli("--out", str(tmp_path / "x"), "--categories", "five")
+    assert not_a_number.returncode == 2 and "error:" in not_a_number.stderr
+
+
+def test_template_file_schema():
+    data = json.loads(syn.TEMPLATES_PATH.read_text())
+    assert set(data) == {"polysemous", "templates", "glyph_shapes", "glyph_fills"}
+    supers_of = defaultdict(set)
+    for t in data["templates"]:
+        assert {"supercategory", "head", "modifiers", "parts", "limb", "max_rotation"} <= set(t)
+        assert set(t) <= set(syn.Template.__dataclass_fields__)
+        assert t["supercategory"].endswith(t["head"])
+        assert len(set(t["modifiers"])) == len(t["modifiers"]) >= 5
+        names = [part["name"] for part in t["parts"]]
+        assert len(set(names)) == len(names)
+        assert t["parts"][0].get("parent") is None
+        for k, part in enumerate(t["parts"][1:], start=1):
+            assert set(part) <= set(syn.Part.__dataclass_fields__)
+            assert part["parent"] in names[:k], f"{t['supercategory']}: {part['name']} before its parent"
+            assert 0 <= part.get("joint", 0) <= 90
+        required = [part for part in t["parts"] if not part.get("optional")]
+        assert 6 <= len(required) and len(names) <= 16
+        for polygon in t.get("polygons", []):
+            assert len(polygon) >= 3 and set(polygon) <= set(names)
+        assert all(a in names and b in names and a != b for a, b in t.get("extra_edges", []))
+        assert all(name in names and radius > 0 for name, radius in t.get("discs", []))
+        for name in names:
+            supers_of[name].add(t["supercategory"])
+    assert all(len(supers_of[name]) >= 2 for name in data["polysemous"])
+    assert len(syn.GLYPH_KEYS) <= len(data["glyph_shapes"]) * len(data["glyph_fills"])
+    for shape in syn._SHAPES:
+        assert shape.ndim == 2 and shape.shape[1] == 2 and len(shape) >= 3
+        assert abs(shape).max() <= 1.5
+    for fill in data["glyph_fills"]:
+        colours = [fill["outer"]] + [c for _, c in fill.get("inner", []) + fill.get("bars", [])]
+        assert set(colours) <= {"fg", "bg"}
+
+
+def test_mp100_sized_images_are_camera_sized_with_valid_annotations(tmp_path):
+    tiny = {"categories": 10, "images_per_category": 2, "mp100_sized": True, "progress": False}
+    syn.generate(tmp_path / "a", **tiny)
+    syn.generate(tmp_path / "b", **tiny)
+    assert _snapshot(tmp_path / "a") == _snapshot(tmp_path / "b")
+    root = tmp_path / "a"
+    files = [json.loads(syn.annotation_path(root, 1, subset).read_text()) for subset in syn.SUBSETS]
+    images = {r["id"]: r for data in files for r in data["images"]}
+    annotations = [a for data in files for a in data["annotations"]]
+    assert len(images) == 20 and annotations
+    for record in images.values():
+        long_side, short_side = max(record["width"], record["height"]), min(record["width"], record["height"])
+        assert 600 <= long_side <= 1600 and 1.0 <= long_side / short_side <= 1.8
+        with Image.open(root / "images" / record["file_name"]) as image:
+            assert image.format == "JPEG" and image.size == (record["width"], record["height"])
+    assert len({(r["width"], r["height"]) for r in images.values()}) > 10
+    for ann in annotations:
+        image = images[ann["image_id"]]
+        triples = [ann["keypoints"][i:i + 3] for i in range(0, len(ann["keypoints"]), 3)]
+        assert all(0 <= x < image["width"] and 0 <= y < image["height"] for x, y, v in triples if v > 0)
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0
+        assert x + w <= image["width"] + 1e-6 and y + h <= image["height"] + 1e-6
+    long_sides = sorted(max(a["bbox"][2:]) for a in annotations)
+    assert long_sides[len(long_sides) // 2] > 256, "objects are small next to the 256-px model crop"
