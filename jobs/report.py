@@ -1,7 +1,7 @@
 """Paper-style tables and plots from MLflow: ``python -m jobs.report --experiment NAME``.
 
 Reads the training runs of an experiment (or the children of one sweep's parent run, ``--parent-run``)
-with ``MlflowClient.search_runs`` and writes, under ``--out``:
+with ``mlflow.search_runs`` (one pandas DataFrame) and writes, under ``--out``:
 
 * ``report.md``: every table in Markdown, and one CSV per table (same cells):
   - Table 1 (``table1.csv``): rows method/backbone (CapeX = ablation ``baseline``, CapeNext = ``full``),
@@ -9,87 +9,78 @@ with ``MlflowClient.search_runs`` and writes, under ``--out``:
   - Table 2 (``table2.csv``): the module ablations ``full``, ``no_hcmi``, ``no_dsfr``, ``no_lw``;
   - Table 3 (``table3.csv``): ``baseline`` → ``img_only`` (+img) → ``full`` (+img & cls), and ``cls_only``;
   - ``mpck.csv``: the mean of PCK@0.05-0.25 per split; ``pck_thresholds.csv``: PCK at every threshold,
-    averaged over the splits, next to the per-name mean-position baseline;
+    averaged over the splits, next to the per-name mean-position floor (metrics ``floor/pck_*``, read as
+    ``baseline/pck_*`` from runs logged under the older name);
   - Tables 4 and 5 (``table4.csv``, ``table5.csv``), when evaluation runs exist (``capenext.kind=evaluation``,
-    tags ``noise`` = class|typo|template, ``noise_variant``, ``training_run_id``): PCK@0.2 under noisy class
-    prompts, and under noisy keypoint prompts;
+    tags ``noise``, ``noise_variant``, ``training_run_id``): PCK@0.2 under noisy class prompts (noise
+    ``class``), and under every other noise variant logged, one column each (``typo@R``, ``template:NAME``,
+    ``reference:NAME`` for the official code's own texts, ``clean``, and any other by its name);
 * ``runs.csv``: one numeric row per finished run (the raw data behind the tables);
 * ``pck_vs_threshold.png``, ``per_split_bars.png``, ``curves.png`` (training loss and val PCK@0.2 per
-  epoch), drawn with matplotlib's Agg backend.
+  epoch), drawn by :mod:`jobs.report_plots`.
 
 A cell averages the runs of one (split, ablation, backbone) over their seeds: "mean ± std" when there
-are several, "—" when there are none. Avg is the mean of the splits present; marked † when fewer than
-five are. Only FINISHED runs enter the tables, so the report works while a sweep is still running (the
-curves also show running runs, dashed). ``--with-paper`` adds the published numbers of the CapeNext paper
-(Tables 1-5), each row labelled "paper (published)".
+are several, "—" when there are none; of several finished runs of one seed, the newest counts. Avg is the
+mean of the splits present; marked † when fewer than five are. Only FINISHED runs enter the tables, so
+the report works while a sweep is still running (the curves also show running runs, dashed).
+``--with-paper`` adds the published numbers of the CapeNext paper (``paper_results.json``, Tables 1-5),
+each row labelled "paper (published)".
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import math
 import os
-from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, NamedTuple
+
+import pandas as pd
 
 from capenext.cli import UsageError, run_main
-from capenext.config import THRESHOLDS
+from capenext.data.mp100 import SPLITS
+from capenext.metrics import FLOOR, LEGACY_FLOOR, THRESHOLDS, metric_keys, pck_key
+from jobs import report_plots as plots
+from jobs.tracking import find_run, open_client, require_store, tracking_uri
 
 DASH = "—"
-SPLITS = (1, 2, 3, 4, 5)
-MAIN = "test/pck_0.2"
-
-BACKBONE_NAMES = {"swinv2_t": "Swinv2-T", "hrnet_w32": "HRNet-w32", "vit_b16": "ViT-Base-16",
-                  "dinov2_vits": "DINOv2-ViT-S", "tiny": "tiny (tests)"}
-BACKBONE_ORDER = ("hrnet_w32", "vit_b16", "dinov2_vits", "swinv2_t")  # the paper's Table 1 order
-METHODS = {"baseline": "CapeX", "full": "CapeNext"}  # Table 1: which ablation is which method
-TABLE2_ROWS = (("full", "CapeNext"), ("no_hcmi", "CapeNext w/o HCMI"), ("no_dsfr", "CapeNext w/o DSFR"),
-               ("no_lw", "CapeNext w/o LW"))
-TABLE3_ROWS = (("baseline", "Baseline"), ("img_only", "+img emb"), ("cls_only", "+cls emb"),
-               ("full", "+img & cls emb"))
-TABLE4_ROWS = (("no_lw", "Ours w/o LW"), ("full", "Ours w/ LW"))
-TABLE5_ROWS = (("baseline", "CapeX"), ("full", "CapeNext"))
-TEMPLATE_ORDER = ("paw-foreleg", "elbow-forearm", "eye-eyeball", "paw-foot", "shoulder-upper_arm")
-ABLATION_ORDER = ("full", "no_hcmi", "no_dsfr", "no_lw", "baseline", "img_only", "cls_only")
-
-# --- the paper's published numbers (CapeNext paper, Tables 1-5; PCK@0.2 in %, 1-shot MP-100) -----------
-# Table 1: (method, image backbone, CLIP backbone) -> Split1..Split5, Avg
-PAPER_TABLE1: list[tuple[str, str, str, tuple[float, ...]]] = [
-    ("POMNet", "ResNet-50", "-", (84.23, 78.25, 78.17, 78.68, 79.17, 79.70)),
-    ("CapeFormer", "ResNet-50", "-", (89.45, 84.88, 83.59, 83.53, 85.09, 85.31)),
-    ("ESCAPE", "ResNet-50", "-", (86.89, 82.55, 81.25, 81.72, 81.32, 82.74)),
-    ("MetaPoint+", "ResNet-50", "-", (90.43, 85.59, 84.52, 84.34, 85.96, 86.17)),
-    ("X-Pose", "ResNet-50", "ViT-Base-32", (89.07, 85.05, 85.26, 85.52, 85.79, 86.14)),
-    ("SDPNet", "HRNet-32", "-", (91.54, 86.72, 85.49, 85.77, 87.26, 87.36)),
-    ("GraphCape", "Swinv2-T", "-", (91.19, 87.81, 85.68, 85.87, 85.61, 87.23)),
-    ("CapeX", "HRNet-w32", "ViT-Base-32", (89.1, 85.0, 81.9, 84.4, 85.4, 85.2)),
-    ("CapeX", "ViT-Base-16", "ViT-Base-32", (90.75, 82.87, 83.18, 85.95, 85.49, 85.65)),
-    ("CapeX", "DINOv2-ViT-S", "ViT-Base-32", (90.6, 83.74, 83.67, 86.87, 85.93, 86.18)),
-    ("CapeX", "Swinv2-T", "ViT-Base-32", (91.9, 86.97, 84.41, 86.13, 88.64, 87.61)),
-    ("CapeNext", "HRNet-w32", "ViT-Base-32", (90.2, 86.0, 82.9, 85.4, 87.1, 86.3)),
-    ("CapeNext", "ViT-Base-16", "ViT-Base-32", (90.84, 86.73, 86.5, 82.44, 87.91, 86.88)),
-    ("CapeNext", "DINOv2-ViT-S", "ViT-Base-32", (92.12, 87.75, 83.76, 87.16, 88.95, 87.95)),
-    ("CapeNext", "Swinv2-T", "ViT-Base-32", (92.44, 87.31, 85.44, 86.47, 90.17, 88.37)),
-]
-# Tables 2-4 (Swinv2-T): ablation -> Split1..Split5, Avg
-PAPER_TABLE2 = {"full": (92.44, 87.31, 85.44, 86.47, 90.17, 88.37),
-                "no_hcmi": (91.43, 83.4, 84.97, 87.27, 86.98, 86.81),
-                "no_dsfr": (89.04, 82.72, 82.94, 82.97, 83.58, 84.25),
-                "no_lw": (92.59, 86.8, 85.03, 86.52, 90.5, 88.28)}
-PAPER_TABLE3 = {"baseline": (91.9, 86.97, 84.41, 86.13, 88.64, 87.61),
-                "img_only": (92.77, 87.36, 84.55, 86.31, 89.76, 88.15),
-                "full": (92.44, 87.31, 85.44, 86.47, 90.17, 88.37)}
-PAPER_TABLE4 = {"no_lw": (92.23, 86.18, 84.64, 84.96, 89.91, 87.58),
-                "full": (91.94, 86.94, 85.48, 86.12, 90.27, 88.15)}
-# Table 5: method -> noisy keypoint prompt -> PCK@0.2 (the paper does not state its typo rate)
-PAPER_TABLE5 = {"baseline": {"typo": 64.10, "paw-foreleg": 86.77, "elbow-forearm": 87.37, "eye-eyeball": 87.60,
-                             "paw-foot": 87.38, "shoulder-upper_arm": 86.81},
-                "full": {"typo": 66.35, "paw-foreleg": 87.30, "elbow-forearm": 88.05, "eye-eyeball": 88.19,
-                         "paw-foot": 88.06, "shoulder-upper_arm": 87.58}}
 PUBLISHED = "paper (published)"
+FLOOR_LABEL = "mean-position floor"
+MAIN = f"test/{pck_key(0.2)}"
+MPCK = metric_keys("test", thresholds=())[0]  # test/pck_mean
+CURVE_KEYS = ("train/loss", f"val/{pck_key(0.2)}")
+
+PAPER = json.loads(resources.files("jobs").joinpath("paper_results.json").read_text(encoding="utf-8"))
+PAPER_TABLE1 = [(r[0], r[1], r[2], tuple(r[3:])) for r in PAPER["table1"]["rows"]]  # method, backbone, CLIP
+TEMPLATE_ORDER = tuple(PAPER["template_order"])
+BACKBONE_NAMES = {**PAPER["backbones"], "tiny": "tiny (tests)"}  # the paper's names, in its Table 1 order
+METHODS = tuple(PAPER["methods"].items())  # Table 1: (ablation, method)
+CLASS_NOISE = "class"  # Table 4's noise kind; every other kind is a column of Table 5
+SPLIT_COLUMNS = [f"Split{k}" for k in SPLITS] + ["Avg"]
+PARTIAL_NOTE = "† mean over the splits present (fewer than five)."
+LABEL_COLUMNS = {"Method", "Backbone", "Source", "Setting", "Ablation"}  # left-aligned in Markdown
+CELL = ["split", "ablation", "backbone", "seed"]  # one training run per cell counts
+
+
+def paper_rows(table: str) -> list[tuple[str, str, Any]]:
+    """(ablation, row label, published values or None) of one of the paper's Tables 2-5."""
+    return [(r["ablation"], r["label"], r["published"]) for r in PAPER[table]["rows"]]
+
+
+def ablation_order() -> list[str]:
+    """The paper's seven ablations in its order, then every other registered one."""
+    from capenext.models import available_ablations  # the model registry (imports timm): only when used
+
+    paper = list(PAPER["ablation_order"])
+    return paper + [a for a in available_ablations() if a not in paper]
+
+
+def backbone_name(backbone: str) -> str:
+    return BACKBONE_NAMES.get(backbone, backbone)
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -109,8 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--with-paper", action="store_true",
                    help="put the paper's published numbers beside ours, labelled 'paper (published)'")
     p.add_argument("--backbone", default=None,
-                   help="backbone of Tables 2-5 and the bar plot (default swinv2_t if it has runs, else the "
-                        "backbone with the most runs)")
+                   help="backbone of Tables 2-5 and the bar plot (default swinv2_t if it has finished runs, "
+                        "else the backbone with the most finished runs)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store or server (default MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     return p.parse_args(argv)
@@ -120,637 +111,458 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @dataclass
-class RunInfo:
-    """One training run, as the report needs it."""
-
-    run_id: str
-    name: str
-    split: int
-    ablation: str
-    backbone: str
-    seed: str
-    status: str
-    end_time: int
-    metrics: dict[str, float]
-
-
-@dataclass
-class EvalInfo:
-    """One evaluation run (jobs.evaluate), mapped to the training run it evaluated."""
-
-    run_id: str
-    noise: str
-    variant: str
-    split: int
-    ablation: str
-    backbone: str
-    seed: str  # "<training seed>:<noise seed>"
-    pck: float
-
-
-@dataclass
 class Data:
-    finished: list[RunInfo]
-    unfinished: list[RunInfo]
-    evals: list[EvalInfo] = field(default_factory=list)
+    """The runs as DataFrames. ``finished``/``unfinished``: training runs, columns ``run_id``, ``name``,
+    ``split``, ``ablation``, ``backbone``, ``seed``, ``status``, ``end_time`` and one per metric;
+    ``evals``: evaluation runs, columns ``run_id``, ``start_time``, ``noise``, ``variant``, the cell of the
+    training run they evaluated, ``seed`` (``<training seed>:<noise seed>``) and ``pck`` (PCK@0.2)."""
+
+    finished: pd.DataFrame
+    unfinished: pd.DataFrame
+    evals: pd.DataFrame
+    replaced: int = 0  # finished runs that a newer finished run of the same cell replaced
 
 
-def resolve_uri(arg: str | None) -> str:
-    from jobs.train import tracking_uri
+@contextmanager
+def _tracking(uri: str):
+    """``mlflow.search_runs`` reads the process-wide tracking URI: set it for the search, then put it back."""
+    import mlflow
 
-    uri = arg or tracking_uri()
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
-        if not db.is_file():
-            raise UsageError(f"no MLflow store at {db.resolve()} (tracking URI {uri}): set MLFLOW_TRACKING_URI or "
-                             "--tracking-uri to the store or server the runs were logged to")
-    return uri
-
-
-def _search(client, experiment_id: str, query: str) -> list:
-    out, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
-
-
-def _int(text: Any) -> int | None:
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
     try:
-        return int(str(text))
-    except (TypeError, ValueError):
-        return None
+        yield mlflow
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets it again
 
 
-def _run_info(run) -> RunInfo | None:
-    tags = run.data.tags
-    split = _int(tags.get("split"))
-    if split is None or "ablation" not in tags or "backbone" not in tags:
-        return None
-    return RunInfo(run.info.run_id, tags.get("capenext.run_name") or run.info.run_name or run.info.run_id,
-                   split, tags["ablation"], tags["backbone"], tags.get("seed", "?"), run.info.status,
-                   run.info.end_time or 0, dict(run.data.metrics))
+def search(uri: str, experiment_id: str, query: str) -> pd.DataFrame:
+    with _tracking(uri) as mlflow:
+        return mlflow.search_runs(experiment_ids=[experiment_id], filter_string=query, output_format="pandas")
 
 
-def _eval_pck(metrics: dict[str, float]) -> float | None:
-    for key in ("test/pck_0.2", "eval/pck_0.2", "pck_0.2"):
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A column, or one of missing values when no run has it (MLflow leaves such columns out)."""
+    if name in frame:
+        return frame[name].where(frame[name] != "")
+    return pd.Series(None, index=frame.index, dtype=object)
+
+
+def _cells(tags: pd.DataFrame) -> pd.DataFrame:
+    """``split`` (int), ``ablation``, ``backbone``, ``seed`` from the ``tags.*`` columns; rows that lack a
+    whole-number split, an ablation or a backbone are dropped."""
+    split = pd.to_numeric(_column(tags, "tags.split"), errors="coerce")
+    out = pd.DataFrame({"split": split, "ablation": _column(tags, "tags.ablation"),
+                        "backbone": _column(tags, "tags.backbone"),
+                        "seed": _column(tags, "tags.seed").fillna("?")}, index=tags.index)
+    out = out[(split % 1 == 0) & out.ablation.notna() & out.backbone.notna()]
+    return out.astype({"split": int, "ablation": str, "backbone": str, "seed": str})
+
+
+def _metrics(raw: pd.DataFrame) -> pd.DataFrame:
+    """The ``metrics.*`` columns without their prefix; the floor's legacy ``baseline/`` metrics become
+    ``floor/`` ones (a run that has both keeps its ``floor/`` value)."""
+    m = raw[[c for c in raw if c.startswith("metrics.")]].rename(columns=lambda c: c[len("metrics."):])
+    for legacy in [c for c in m if c.startswith(f"{LEGACY_FLOOR}/")]:
+        key = f"{FLOOR}/{legacy[len(LEGACY_FLOOR) + 1:]}"
+        m[key] = m[key].fillna(m[legacy]) if key in m else m[legacy]
+        m = m.drop(columns=legacy)
+    return m
+
+
+def training_frame(raw: pd.DataFrame) -> pd.DataFrame:
+    """One row per training run of a ``search_runs`` frame (sweep parents and evaluations left out)."""
+    kind = _column(raw, "tags.capenext.kind")
+    raw = raw[~kind.isin(["sweep", "evaluation"])]
+    cells = _cells(raw)
+    raw = raw.loc[cells.index]
+    name = _column(raw, "tags.capenext.run_name").fillna(_column(raw, "tags.mlflow.runName")).fillna(raw.run_id)
+    head = pd.DataFrame({"run_id": raw.run_id, "name": name}, index=raw.index)
+    return pd.concat([head, cells, raw[["status", "end_time"]], _metrics(raw)], axis=1)
+
+
+def _run_frame(run) -> pd.DataFrame:
+    """One ``MlflowClient`` run in ``search_runs``'s layout."""
+    return pd.DataFrame([{"run_id": run.info.run_id, **{f"tags.{k}": v for k, v in run.data.tags.items()}}])
+
+
+def evaluation_frame(client, raw: pd.DataFrame, trained: pd.DataFrame, parent: str | None) -> pd.DataFrame:
+    """The finished evaluation runs, each with the cell of the training run it evaluated: one of
+    ``trained``; outside them, none with ``parent`` (it evaluates a run outside the sweep), else the
+    training run read from the store, else the evaluation run's own tags."""
+    columns = ["run_id", "start_time", "noise", "variant", "split", "ablation", "backbone", "seed", "pck"]
+    raw = raw[raw.status == "FINISHED"]
+    if raw.empty:
+        return pd.DataFrame(columns=columns)
+    metrics = _metrics(raw)
+    pck = pd.Series(float("nan"), index=raw.index)
+    for key in ["test/pck_0.2", "eval/pck_0.2", "pck_0.2"] + [k for k in metrics if k.endswith("pck_0.2")]:
         if key in metrics:
-            return metrics[key]
-    found = [v for k, v in metrics.items() if k.endswith("pck_0.2")]
-    return found[0] if found else None
+            pck = pck.fillna(metrics[key])
+    noise = _column(raw, "tags.noise").fillna("")
+    ev = pd.DataFrame({"run_id": raw.run_id, "start_time": raw.start_time, "noise": noise,
+                       "variant": _column(raw, "tags.noise_variant").fillna(noise), "pck": pck,
+                       "training_run_id": _column(raw, "tags.training_run_id").fillna(""),
+                       "noise_seed": _column(raw, "params.seed").fillna(_column(raw, "params.noise_seed"))
+                       .fillna(raw.run_id)})
+    ev = ev[(ev.variant != "") & ev.pck.notna()]
+    known = trained.set_index("run_id")[["split", "ablation", "backbone", "seed"]]
+    if parent is None:  # training runs of other experiments, then the evaluation run's own tags
+        outside = [find_run(client, i) for i in set(ev.training_run_id) - set(known.index) - {""}]
+        fetched = [_run_frame(r) for r in outside if r is not None]
+        if fetched:
+            runs = pd.concat(fetched, ignore_index=True)
+            known = pd.concat([known, _cells(runs).set_index(runs.run_id)])
+        own = _cells(raw.set_index(raw.run_id))
+        cell = known.reindex(ev.training_run_id).set_axis(ev.index).fillna(own.reindex(ev.run_id).set_axis(ev.index))
+    else:
+        cell = known.reindex(ev.training_run_id).set_axis(ev.index)
+    ev = pd.concat([ev, cell], axis=1).dropna(subset=["split", "ablation"])
+    ev = ev.astype({"split": int}).assign(seed=lambda f: f.seed.astype(str) + ":" + f.noise_seed.astype(str))
+    return ev.sort_values("start_time", kind="stable")[columns].reset_index(drop=True)
 
 
-def load(client, experiment: str, parent: str | None) -> Data:
+def load(client, uri: str, experiment: str, parent: str | None) -> Data:
     """The experiment's training runs (children of ``parent`` if given) and its evaluation runs."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
         raise UsageError(f"experiment {experiment!r} not found in the MLflow store; experiments: {names}")
-    if parent is not None:
-        try:
-            client.get_run(parent)
-        except Exception:
-            raise UsageError(f"--parent-run {parent}: no such run in the MLflow store") from None
+    if parent is not None and find_run(client, parent) is None:
+        raise UsageError(f"--parent-run {parent}: no such run in the MLflow store")
     query = f"tags.`mlflow.parentRunId` = '{parent}'" if parent else ""
-    runs = _search(client, exp.experiment_id, query)
-    finished, unfinished, by_id = [], [], {}
-    for run in runs:
-        kind = run.data.tags.get("capenext.kind")
-        if kind in ("sweep", "evaluation"):
-            continue
-        info = _run_info(run)
-        if info is None:
-            continue
-        by_id[info.run_id] = info
-        (finished if info.status == "FINISHED" else unfinished).append(info)
+    runs = training_frame(search(uri, exp.experiment_id, query))
+    done = runs.status == "FINISHED"
     # the newest finished run per (split, ablation, backbone, seed): a re-run replaces an older one
-    latest: dict[tuple, RunInfo] = {}
-    for r in sorted(finished, key=lambda r: r.end_time):
-        latest[(r.split, r.ablation, r.backbone, r.seed)] = r
-    data = Data(sorted(latest.values(), key=lambda r: (r.backbone, r.ablation, r.split, r.seed)), unfinished)
-
-    evals = _search(client, exp.experiment_id, "tags.`capenext.kind` = 'evaluation'")
-    for run in sorted(evals, key=lambda r: r.info.start_time or 0):  # the newest of repeated evaluations wins
-        if run.info.status != "FINISHED":
-            continue
-        tags = run.data.tags
-        trained = by_id.get(tags.get("training_run_id", ""))
-        if trained is None and parent is not None:
-            continue  # evaluates a run outside this sweep
-        if trained is None and tags.get("training_run_id"):
-            try:
-                trained = _run_info(client.get_run(tags["training_run_id"]))
-            except Exception:
-                trained = None
-        source = trained or _run_info(run)
-        pck = _eval_pck(run.data.metrics)
-        noise = tags.get("noise", "")
-        if source is None or pck is None or noise not in ("class", "typo", "template"):
-            continue
-        variant = tags.get("noise_variant", noise)
-        # one value per (training seed, noise seed): a repeated evaluation replaces, another seed adds
-        noise_seed = run.data.params.get("seed") or run.data.params.get("noise_seed") or run.info.run_id
-        data.evals.append(EvalInfo(run.info.run_id, noise, variant, source.split, source.ablation,
-                                   source.backbone, f"{source.seed}:{noise_seed}", pck))
-    return data
+    finished = (runs[done].sort_values("end_time", kind="stable", na_position="first")
+                .drop_duplicates(CELL, keep="last").sort_values(["backbone", "ablation", "split", "seed"]))
+    evals = evaluation_frame(client, search(uri, exp.experiment_id, "tags.`capenext.kind` = 'evaluation'"),
+                             runs, parent)
+    return Data(finished.reset_index(drop=True), runs[~done].reset_index(drop=True), evals,
+                int(done.sum()) - len(finished))
 
 
 # --- cells: mean ± std over seeds -------------------------------------------------------------------
 
 
-@dataclass
-class Cell:
-    """Values (in %) of one table cell, one per seed; and per-seed values for averaging across splits."""
+class Stat(NamedTuple):
+    """A cell in %: the mean and the sample std over seeds (NaN: one value)."""
 
-    by_seed: dict[str, float]
-
-    @property
-    def values(self) -> list[float]:
-        return list(self.by_seed.values())
-
-    @property
-    def mean(self) -> float:
-        return sum(self.values) / len(self.values)
-
-    @property
-    def std(self) -> float:
-        v = self.values
-        if len(v) < 2:
-            return 0.0
-        m = self.mean
-        return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    mean: float
+    std: float
 
 
-def fmt(cell: Cell | None, mark: str = "") -> str:
+def fmt(stat: Stat | None, mark: str = "") -> str:
     """``45.12``, ``45.12 ± 1.03`` (several seeds), or ``—``."""
-    if cell is None or not cell.values:
+    if stat is None:
         return DASH
-    text = f"{cell.mean:.2f}" if len(cell.values) == 1 else f"{cell.mean:.2f} ± {cell.std:.2f}"
+    text = f"{stat.mean:.2f}" if math.isnan(stat.std) else f"{stat.mean:.2f} ± {stat.std:.2f}"
     return text + mark
 
 
-def collect(runs: Iterable[RunInfo], metric: str) -> dict[tuple[str, str, int], Cell]:
-    """(ablation, backbone, split) → Cell of ``metric`` × 100 over seeds."""
-    cells: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
-    for r in runs:
-        if metric in r.metrics:
-            cells[(r.ablation, r.backbone, r.split)][r.seed] = 100.0 * r.metrics[metric]
-    return {k: Cell(v) for k, v in cells.items()}
+def values(frame: pd.DataFrame, metric: str, ablation: str, backbone: str) -> pd.DataFrame:
+    """``split``, ``seed``, ``value`` (``metric`` × 100) of one (ablation, backbone)'s runs in MP-100's splits."""
+    if metric not in frame:
+        return pd.DataFrame(columns=["split", "seed", "value"])
+    sel = frame[(frame.ablation == ablation) & (frame.backbone == backbone) & frame.split.isin(SPLITS)]
+    sel = sel.dropna(subset=[metric])
+    return pd.DataFrame({"split": sel.split, "seed": sel.seed, "value": 100.0 * sel[metric]})
 
 
-def average(cells: list[Cell | None]) -> tuple[Cell | None, int]:
-    """The mean over the cells present, and how many there are. Its std is over the seeds that every
-    present cell has (each seed's own average), so it shows seed noise, not split difficulty."""
-    present = [c for c in cells if c is not None and c.values]
-    if not present:
-        return None, 0
-    common = set.intersection(*(set(c.by_seed) for c in present))
+def split_stats(vals: pd.DataFrame) -> tuple[list[Stat | None], Stat | None, int]:
+    """Split1..Split5 cells over seeds, their average and how many splits it covers. The average's std is
+    over the seeds that every present split has (each seed's own mean over the splits), so it shows seed
+    noise, not split difficulty; with fewer than two such seeds it has none."""
+    if vals.empty:
+        return [None] * len(SPLITS), None, 0
+    by_split = vals.groupby("split")["value"].agg(["mean", "std"])
+    cells = [Stat(*by_split.loc[k]) if k in by_split.index else None for k in SPLITS]
+    common = vals.pivot_table(index="seed", columns="split", values="value", aggfunc="last").dropna()
     if len(common) >= 2:
-        return Cell({s: sum(c.by_seed[s] for c in present) / len(present) for s in sorted(common)}), len(present)
-    return Cell({"mean": sum(c.mean for c in present) / len(present)}), len(present)
+        per_seed = common.mean(axis=1)
+        return cells, Stat(per_seed.mean(), per_seed.std()), len(by_split)
+    return cells, Stat(by_split["mean"].mean(), math.nan), len(by_split)
+
+
+def split_row(frame: pd.DataFrame, metric: str, ablation: str, backbone: str) -> tuple[list[str], bool]:
+    """Split1..Split5 and Avg cells of one row; whether Avg covers fewer than five splits."""
+    cells, avg, n = split_stats(values(frame, metric, ablation, backbone))
+    partial = 0 < n < len(SPLITS)
+    return [fmt(c) for c in cells] + [fmt(avg, "†" if partial else "")], partial
+
+
+def published(vals) -> list[str]:
+    return [f"{v:.2f}" for v in vals] if vals else [DASH] * (len(SPLITS) + 1)
+
+
+def combos(data: Data) -> list[tuple[str, str]]:
+    """The (ablation, backbone) pairs with finished runs, by backbone, then in the ablation order."""
+    order = {a: i for i, a in enumerate(ablation_order())}
+    have = set(zip(data.finished.ablation, data.finished.backbone))
+    return sorted(have, key=lambda ab: (ab[1], order.get(ab[0], len(order)), ab[0]))
 
 
 # --- tables -----------------------------------------------------------------------------------------
-
-
-LABEL_COLUMNS = {"Method", "Backbone", "Source", "Setting", "Ablation"}  # left-aligned in Markdown
 
 
 @dataclass
 class Table:
     name: str  # file stem
     title: str
-    columns: list[str]
-    rows: list[list[str]]
+    frame: pd.DataFrame  # the cells, as text
     notes: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |",
-                 "|" + "|".join("---" if c in LABEL_COLUMNS else "---:" for c in self.columns) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        cols = list(self.frame.columns)
+        lines = [f"### {self.title}", "", "| " + " | ".join(cols) + " |",
+                 "|" + "|".join("---" if c in LABEL_COLUMNS else "---:" for c in cols) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.frame.itertuples(index=False)]
         for note in self.notes:  # one paragraph each
             lines += ["", f"_{note}_"]
         return "\n".join(lines) + "\n"
 
     def write_csv(self, folder: Path) -> Path:
         path = folder / f"{self.name}.csv"
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(self.columns)
-            w.writerows(self.rows)
+        self.frame.to_csv(path, index=False, lineterminator="\r\n", encoding="utf-8")
         return path
 
 
-def split_row(cells: dict, ablation: str, backbone: str) -> tuple[list[str], bool]:
-    """Split1..Split5 and Avg cells of one row; whether Avg covers fewer than five splits."""
-    row = [cells.get((ablation, backbone, k)) for k in SPLITS]
-    avg, n = average(row)
-    partial = 0 < n < len(SPLITS)
-    return [fmt(c) for c in row] + [fmt(avg, "†" if partial else "")], partial
-
-
-def published(values: tuple[float, ...] | None) -> list[str]:
-    return [f"{v:.2f}" for v in values] if values else [DASH] * (len(SPLITS) + 1)
-
-
-PARTIAL_NOTE = "† mean over the splits present (fewer than five)."
-SPLIT_COLUMNS = [f"Split{k}" for k in SPLITS] + ["Avg"]
+def _table(name: str, title: str, columns: list[str], rows: list[list[str]], notes: list[str]) -> Table:
+    return Table(name, title, pd.DataFrame(rows, columns=columns, dtype=str), notes)
 
 
 def table1(data: Data, with_paper: bool, main: str) -> Table:
-    cells = collect(data.finished, MAIN)
-    have = {(r.ablation, r.backbone) for r in data.finished}
-    backbones = [b for b in BACKBONE_ORDER if any((a, b) in have for a in METHODS)]
-    backbones += sorted({b for a, b in have if a in METHODS and b not in backbones})
-    backbones = backbones or [main]
-    source = ["Source"] if with_paper else []
-    rows, partial = [], False
-    shown_paper = set()
-    for ablation, method in (("baseline", "CapeX"), ("full", "CapeNext")):
-        for b in backbones:
-            label = BACKBONE_NAMES.get(b, b)
-            values, part = split_row(cells, ablation, b)
+    have = set(zip(data.finished.ablation, data.finished.backbone))
+    methods = [a for a, _ in METHODS]
+    backbones = [b for b in PAPER["backbones"] if any((a, b) in have for a in methods)]
+    backbones += sorted({b for a, b in have if a in methods and b not in backbones})
+    rows, partial, shown = [], False, set()
+    for ablation, method in METHODS:
+        for b in backbones or [main]:
+            label = backbone_name(b)
+            cells, part = split_row(data.finished, MAIN, ablation, b)
             partial |= part
-            rows.append([method, label] + (["ours"] if with_paper else []) + values)
-            if with_paper:
-                match = [v for m, bb, _, v in PAPER_TABLE1 if m == method and bb == label]
-                if match:
-                    rows.append([method, label, PUBLISHED] + published(match[0]))
-                    shown_paper.add((method, label))
+            rows.append([method, label] + (["ours"] if with_paper else []) + cells)
+            match = [v for m, bb, _, v in PAPER_TABLE1 if m == method and bb == label]
+            if with_paper and match:
+                rows.append([method, label, PUBLISHED] + published(match[0]))
+                shown.add((method, label))
     if with_paper:
-        for m, bb, _, v in PAPER_TABLE1:
-            if (m, bb) not in shown_paper:
-                rows.append([m, bb, PUBLISHED] + published(v))
-    notes = [PARTIAL_NOTE] if partial else []
-    return Table("table1", "Table 1: PCK@0.2 (%) on the MP-100 test categories, by method and backbone",
-                 ["Method", "Backbone"] + source + SPLIT_COLUMNS, rows, notes)
+        rows += [[m, bb, PUBLISHED] + published(v) for m, bb, _, v in PAPER_TABLE1 if (m, bb) not in shown]
+    return _table("table1", PAPER["table1"]["title"],
+                  ["Method", "Backbone"] + (["Source"] if with_paper else []) + SPLIT_COLUMNS, rows,
+                  [PARTIAL_NOTE] if partial else [])
 
 
-def ablation_table(name: str, title: str, data: Data, spec, paper: dict, with_paper: bool, main: str,
-                   metric: str = MAIN) -> Table:
-    cells = collect(data.finished, metric)
-    rows, partial = [], False
-    for ablation, label in spec:
-        values, part = split_row(cells, ablation, main)
+def setting_table(name: str, title: str, frame: pd.DataFrame, metric: str, with_paper: bool, main: str,
+                  suffix: str = "") -> Table:
+    """The rows of the paper's table ``name`` (label + ``suffix``) on the main backbone, each followed by
+    the published row."""
+    rows, partial, spec = [], False, paper_rows(name)
+    for ablation, label, paper in spec:
+        cells, part = split_row(frame, metric, ablation, main)
         partial |= part
-        rows.append([label] + (["ours"] if with_paper else []) + values)
+        rows.append([label + suffix] + (["ours"] if with_paper else []) + cells)
         if with_paper:
-            rows.append([label, PUBLISHED] + published(paper.get(ablation)))
+            rows.append([label + suffix, PUBLISHED] + published(paper))
     notes = [PARTIAL_NOTE] if partial else []
-    if with_paper and any(a not in paper for a, _ in spec):
+    if with_paper and any(paper is None for *_, paper in spec):
         notes.append(f"{DASH} in a published row: the paper reports no such setting.")
-    return Table(name, f"{title} (PCK@0.2 %, backbone {BACKBONE_NAMES.get(main, main)})",
-                 ["Setting"] + (["Source"] if with_paper else []) + SPLIT_COLUMNS, rows, notes)
-
-
-def _combos(data: Data) -> list[tuple[str, str]]:
-    have = {(r.ablation, r.backbone) for r in data.finished}
-    order = {a: i for i, a in enumerate(ABLATION_ORDER)}
-    return sorted(have, key=lambda ab: (ab[1], order.get(ab[0], 99), ab[0]))
+    return _table(name, title, ["Setting"] + (["Source"] if with_paper else []) + SPLIT_COLUMNS, rows, notes)
 
 
 def mpck_table(data: Data) -> Table:
-    cells = collect(data.finished, "test/pck_mean")
     rows, partial = [], False
-    for ablation, backbone in _combos(data):
-        values, part = split_row(cells, ablation, backbone)
+    for ablation, backbone in combos(data):
+        cells, part = split_row(data.finished, MPCK, ablation, backbone)
         partial |= part
-        rows.append([ablation, BACKBONE_NAMES.get(backbone, backbone)] + values)
-    if not rows:
-        rows.append([DASH, DASH] + [DASH] * len(SPLIT_COLUMNS))
-    return Table("mpck", "mPCK (%): the mean of PCK@0.05, 0.1, 0.15, 0.2 and 0.25, per split",
-                 ["Ablation", "Backbone"] + SPLIT_COLUMNS, rows, [PARTIAL_NOTE] if partial else [])
+        rows.append([ablation, backbone_name(backbone)] + cells)
+    return _table("mpck", "mPCK (%): the mean of PCK@0.05, 0.1, 0.15, 0.2 and 0.25, per split",
+                  ["Ablation", "Backbone"] + SPLIT_COLUMNS, rows or [[DASH, DASH] + [DASH] * len(SPLIT_COLUMNS)],
+                  [PARTIAL_NOTE] if partial else [])
 
 
-def threshold_rows(data: Data) -> list[tuple[str, str, list[Cell | None], int]]:
-    """(label, backbone, cells at each threshold + mean averaged over splits, number of splits)."""
-    keys = [f"pck_{t:g}" for t in THRESHOLDS] + ["pck_mean"]
+def threshold_rows(data: Data) -> list[tuple[str, str, list[Stat | None], int]]:
+    """(ablation, backbone, cells at each threshold and mPCK averaged over splits, number of splits); the
+    mean-position floor last, with backbone ``""``."""
     out = []
-    for ablation, backbone in _combos(data):
+    for ablation, backbone in combos(data):
+        stats = [split_stats(values(data.finished, key, ablation, backbone))[1:] for key in metric_keys("test")]
+        out.append((ablation, backbone, [s for s, _ in stats], stats[-1][1]))
+    if not data.finished.empty:  # logged by every run on its test episodes: the mean over a split's runs
         cells, n = [], 0
-        for key in keys:
-            per_split = collect(data.finished, f"test/{key}")
-            avg, n = average([per_split.get((ablation, backbone, k)) for k in SPLITS])
-            cells.append(avg)
-        out.append((ablation, backbone, cells, n))
-    if data.finished:  # the per-name mean-position baseline, logged by every run on its test episodes
-        cells = []
-        for key in keys:
-            per_split: dict[int, dict[str, float]] = defaultdict(dict)
-            for r in data.finished:
-                if f"baseline/{key}" in r.metrics:
-                    per_split[r.split][r.run_id] = 100.0 * r.metrics[f"baseline/{key}"]
-            split_means = [Cell({"m": sum(v.values()) / len(v)}) for v in per_split.values() if v]
-            avg, n = average(split_means)
-            cells.append(avg)
-        out.append(("mean-position baseline", "", cells, n))
+        for key in metric_keys(FLOOR):
+            per_split = data.finished.groupby("split")[key].mean().dropna() if key in data.finished else []
+            n = len(per_split)
+            cells.append(Stat(100.0 * per_split.mean(), math.nan) if n else None)
+        out.append((FLOOR_LABEL, "", cells, n))
     return out
 
 
 def threshold_table(data: Data) -> Table:
-    rows = []
-    for label, backbone, cells, n in threshold_rows(data):
-        rows.append([label, BACKBONE_NAMES.get(backbone, backbone) if backbone else DASH]
-                    + [fmt(c) for c in cells] + [str(n)])
-    if not rows:
-        rows.append([DASH, DASH] + [DASH] * (len(THRESHOLDS) + 1) + ["0"])
-    return Table("pck_thresholds", "PCK (%) at each threshold, mean over the splits present",
-                 ["Ablation", "Backbone"] + [f"PCK@{t:g}" for t in THRESHOLDS] + ["mPCK", "Splits"], rows,
-                 ["The mean-position baseline predicts each keypoint name at its mean training position "
-                  "(no image): the floor a model must beat."])
+    rows = [[label, backbone_name(backbone) if backbone else DASH] + [fmt(c) for c in cells] + [str(n)]
+            for label, backbone, cells, n in threshold_rows(data)]
+    return _table("pck_thresholds", "PCK (%) at each threshold, mean over the splits present",
+                  ["Ablation", "Backbone"] + [f"PCK@{t:g}" for t in THRESHOLDS] + ["mPCK", "Splits"],
+                  rows or [[DASH, DASH] + [DASH] * (len(THRESHOLDS) + 1) + ["0"]],
+                  [f"The {FLOOR_LABEL} predicts each keypoint name at its mean training position "
+                   "(no image): the floor a model must beat."])
 
 
-def _eval_cells(evals: Iterable[EvalInfo]) -> dict[tuple[str, str, int], Cell]:
-    cells: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
-    for e in evals:
-        cells[(e.ablation, e.backbone, e.split)][e.seed] = 100.0 * e.pck
-    return {k: Cell(v) for k, v in cells.items()}
+def latest_evals(evals: pd.DataFrame) -> pd.DataFrame:
+    """One value per (variant, cell, training seed, noise seed): a repeated evaluation replaces the older."""
+    return evals.drop_duplicates(["noise", "variant", "split", "ablation", "backbone", "seed"], keep="last")
 
 
 def table4(data: Data, with_paper: bool, main: str) -> Table | None:
-    evals = [e for e in data.evals if e.noise == "class"]
-    if not evals:
+    """Class-prompt noise; with several class variants, one block of rows each, labelled by the variant."""
+    evals = latest_evals(data.evals[data.evals.noise == CLASS_NOISE])
+    variants = sorted(set(evals.variant))
+    blocks = [setting_table("table4", f"{PAPER['table4']['title']}, backbone {backbone_name(main)}",
+                            evals[evals.variant == v], "pck", with_paper, main,
+                            "" if len(variants) == 1 else f" ({v})") for v in variants]
+    if not blocks:
         return None
-    cells = _eval_cells(evals)
-    rows, partial = [], False
-    for ablation, label in TABLE4_ROWS:
-        values, part = split_row(cells, ablation, main)
-        partial |= part
-        rows.append([label] + (["ours"] if with_paper else []) + values)
-        if with_paper:
-            rows.append([label, PUBLISHED] + published(PAPER_TABLE4.get(ablation)))
-    return Table("table4", f"Table 4: PCK@0.2 (%) with noisy class prompts (a wrong category's name), backbone "
-                           f"{BACKBONE_NAMES.get(main, main)}",
-                 ["Setting"] + (["Source"] if with_paper else []) + SPLIT_COLUMNS, rows,
+    partial = any(PARTIAL_NOTE in t.notes for t in blocks)
+    return Table("table4", blocks[0].title, pd.concat([t.frame for t in blocks], ignore_index=True),
                  [PARTIAL_NOTE] if partial else [])
 
 
-def _variant_key(noise: str, variant: str) -> str:
-    """``template:paw-foreleg`` → ``paw-foreleg``; ``typo@0.1`` stays; a bare ``typo`` stays."""
-    return variant.split(":", 1)[1] if variant.startswith("template:") else variant
-
-
-def _variant_label(key: str) -> str:
-    if key.startswith("typo"):
-        return "keypoint typo" + (f" (rate {key.split('@', 1)[1]})" if "@" in key else "")
-    a, _, b = key.partition("-")
-    return f"{a.replace('_', ' ')}→{b.replace('_', ' ')}" if b else key
+def describe(variant: str) -> tuple[tuple, str, str]:
+    """A noise variant's place among the columns (clean, typo rates, the paper's templates, the reference
+    texts, then any other by name), its label, and the paper's Table 5 column it compares with."""
+    kind, _, name = variant.partition(":")
+    rank = TEMPLATE_ORDER.index(name) if name in TEMPLATE_ORDER else len(TEMPLATE_ORDER)
+    if variant == "clean":
+        return (0, 0, variant), "clean prompts", variant
+    if variant == "typo" or variant.startswith("typo@"):
+        rate = f" (rate {variant.split('@', 1)[1]})" if "@" in variant else ""
+        return (1, 0, variant), f"keypoint typo{rate}", "typo"
+    if kind == "template" and name:
+        a, _, b = name.partition("-")
+        return (2, rank, variant), f"{a.replace('_', ' ')}→{b.replace('_', ' ')}" if b else name, name
+    if kind == "reference" and name:
+        return (3, rank, variant), f"reference texts: {name}", name
+    return (4, 0, variant), variant, variant
 
 
 def table5(data: Data, with_paper: bool, main: str) -> Table | None:
-    evals = [e for e in data.evals if e.noise in ("typo", "template") and e.backbone == main]
-    if not evals:
+    """Every other noise variant of the main backbone, one column each: PCK@0.2 averaged over the splits."""
+    evals = latest_evals(data.evals[(data.evals.noise != CLASS_NOISE) & (data.evals.backbone == main)])
+    if evals.empty:
         return None
-    keys = sorted({_variant_key(e.noise, e.variant) for e in evals},
-                  key=lambda k: (0, k) if k.startswith("typo") else
-                  (1, TEMPLATE_ORDER.index(k) if k in TEMPLATE_ORDER else 99, k))
+    variants = sorted(set(evals.variant), key=lambda v: describe(v)[0])
     rows, partial = [], False
-    for ablation, label in TABLE5_ROWS:
+    for ablation, label, paper in paper_rows("table5"):
         row = []
-        for key in keys:
-            sel = [e for e in evals if _variant_key(e.noise, e.variant) == key and e.ablation == ablation]
-            cells = _eval_cells(sel)
-            avg, n = average([cells.get((ablation, main, k)) for k in SPLITS])
+        for v in variants:
+            _, avg, n = split_stats(values(evals[evals.variant == v], "pck", ablation, main))
             partial |= 0 < n < len(SPLITS)
             row.append(fmt(avg, "†" if 0 < n < len(SPLITS) else ""))
         rows.append([label] + (["ours"] if with_paper else []) + row)
         if with_paper:
-            paper = PAPER_TABLE5.get(ablation, {})
-            published_keys = ["typo" if k.startswith("typo") else k for k in keys]
-            rows.append([label, PUBLISHED] + [f"{paper[k]:.2f}" if k in paper else DASH for k in published_keys])
+            keys = [describe(v)[2] for v in variants]
+            rows.append([label, PUBLISHED] + [f"{paper[k]:.2f}" if k in (paper or {}) else DASH for k in keys])
     notes = ["Each cell is the mean over the splits evaluated. " + PARTIAL_NOTE if partial else
-             "Each cell is the mean over the five splits."]
-    if with_paper:
-        notes.append("The paper does not state its typo rate.")
-    return Table("table5",
-                 f"Table 5: PCK@0.2 (%) with noisy keypoint prompts, backbone {BACKBONE_NAMES.get(main, main)}",
-                 ["Method"] + (["Source"] if with_paper else []) + [_variant_label(k) for k in keys], rows, notes)
+             "Each cell is the mean over the five splits."] + ([PAPER["table5"]["note"]] if with_paper else [])
+    return _table("table5", f"{PAPER['table5']['title']}, backbone {backbone_name(main)}",
+                  ["Method"] + (["Source"] if with_paper else []) + [describe(v)[1] for v in variants], rows, notes)
 
 
 def runs_csv(data: Data, folder: Path) -> Path:
     """Every finished run, one numeric row: the raw data of the tables."""
-    keys = sorted({k for r in data.finished for k in r.metrics if k.startswith(("test/", "baseline/", "val/"))})
+    keys = sorted(k for k in data.finished if k.startswith(("test/", f"{FLOOR}/", "val/")))
+    frame = data.finished.rename(columns={"name": "run_name"})
     path = folder / "runs.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["run_id", "run_name", "split", "ablation", "backbone", "seed"] + keys)
-        for r in data.finished:
-            w.writerow([r.run_id, r.name, r.split, r.ablation, r.backbone, r.seed]
-                       + [r.metrics.get(k, "") for k in keys])
+    frame[["run_id", "run_name", "split", "ablation", "backbone", "seed"] + keys].to_csv(
+        path, index=False, lineterminator="\r\n", encoding="utf-8")
     return path
 
 
 # --- plots ------------------------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _means(stats: list[Stat | None]) -> tuple[list[float], list[float]]:
+    return ([s.mean if s else math.nan for s in stats], [s.std if s else math.nan for s in stats])
 
 
-def _color(i: int):
-    return _plt().get_cmap("tab10")(i % 10)
+def _splits(n: int) -> str:
+    return f"{n} split{'s' * (n != 1)}"
 
 
-def _ablation_color(ablation: str):
-    """One colour per ablation, the same in every plot."""
-    if ablation in ABLATION_ORDER:
-        return _color(ABLATION_ORDER.index(ablation))
-    return _color(len(ABLATION_ORDER) + sum(map(ord, ablation)) % 3)
-
-
-def _backbone_marker(backbone: str, backbones: list[str]) -> str:
-    return "os^Dv<>p"[backbones.index(backbone) % 8] if backbone in backbones else "o"
-
-
-def plot_thresholds(data: Data, path: Path) -> Path:
-    """PCK against threshold, one line per (ablation, backbone), the mean-position baseline dashed."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = list(THRESHOLDS)
-    rows = threshold_rows(data)
-    backbones = sorted({b for _, b, _, _ in rows if b})
-    for label, backbone, cells, n in rows:
-        ys = [c.mean if c is not None else math.nan for c in cells[: len(xs)]]
-        err = [c.std if c is not None else 0.0 for c in cells[: len(xs)]]
-        if backbone:
-            ax.errorbar(xs, ys, yerr=err if any(err) else None, marker=_backbone_marker(backbone, backbones),
-                        capsize=3, color=_ablation_color(label),
-                        label=f"{label} ({BACKBONE_NAMES.get(backbone, backbone)}, {n} split{'s' * (n != 1)})")
-        else:
-            ax.plot(xs, ys, "--", color="0.4", marker="x", label=f"{label} ({n} split{'s' * (n != 1)})")
-    if not rows:
-        ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("PCK threshold (fraction of the bounding-box size)")
-    ax.set_ylabel("test PCK (%)")
-    ax.set_xticks(xs)
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.set_title("Test PCK against threshold (mean over splits)")
-    if rows:
-        ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_split_bars(data: Data, path: Path, main: str, with_paper: bool) -> Path:
-    """PCK@0.2 per split (and Avg), one bar per ablation of the main backbone; published values as ×."""
-    plt = _plt()
-    cells = collect(data.finished, MAIN)
-    order = {a: i for i, a in enumerate(ABLATION_ORDER)}
-    ablations = sorted({a for a, b, _ in cells if b == main}, key=lambda a: (order.get(a, 99), a))
-    groups = [f"Split{k}" for k in SPLITS] + ["Avg"]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / max(1, len(ablations))
-    paper_all = {**PAPER_TABLE3, **PAPER_TABLE2}
-    marked = False
-    for i, a in enumerate(ablations):
-        row = [cells.get((a, main, k)) for k in SPLITS]
-        avg, _ = average(row)
-        row.append(avg)
-        xs = [g + (i - (len(ablations) - 1) / 2) * width for g in range(len(groups))]
-        ys = [c.mean if c is not None else 0.0 for c in row]
-        err = [c.std if c is not None else 0.0 for c in row]
-        ax.bar(xs, ys, width * 0.95, yerr=err if any(err) else None, capsize=2, color=_ablation_color(a),
-               label=a)
-        for x, c in zip(xs, row):
-            if c is None:
-                ax.text(x, 1, DASH, ha="center", va="bottom", fontsize=8, color="0.3")
-        if with_paper and a in paper_all:
-            ax.plot(xs, paper_all[a], "kx", markersize=6, label=None if marked else PUBLISHED)
-            marked = True
-    if not ablations:
-        ax.text(0.5, 0.5, f"no finished runs with backbone {main} yet", ha="center", va="center",
-                transform=ax.transAxes)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups)
-    ax.set_ylabel("test PCK@0.2 (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"PCK@0.2 per split and ablation (backbone {BACKBONE_NAMES.get(main, main)})")
-    if ablations:  # outside the axes: the published markers sit near the top
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_curves(client, data: Data, path: Path) -> Path:
-    """Training loss and val PCK@0.2 per epoch; one column per split, one colour per ablation (a marker per
-    backbone); runs not finished (running, failed) dashed."""
-    plt = _plt()
-    runs = data.finished + data.unfinished
-    splits = sorted({r.split for r in runs}) or [1]
-    fig, axes = plt.subplots(2, len(splits), figsize=(4.2 * len(splits), 6.5), squeeze=False, sharex="col")
-    combos = sorted({(r.ablation, r.backbone) for r in runs},
-                    key=lambda ab: (ab[1], ABLATION_ORDER.index(ab[0]) if ab[0] in ABLATION_ORDER else 99))
-    backbones = sorted({b for _, b in combos})
-    colour = {ab: _ablation_color(ab[0]) for ab in combos}
-    labelled = set()
-    last_epoch = dict.fromkeys(splits, 1)
-    for r in runs:
-        col = splits.index(r.split)
-        for row, key in enumerate(("train/loss", "val/pck_0.2")):
-            hist = sorted((m.step, m.value) for m in client.get_metric_history(r.run_id, key))
-            if not hist:
-                continue
-            xs = [s + 1 for s, _ in hist]
-            last_epoch[r.split] = max(last_epoch[r.split], xs[-1])
-            ys = [v * (100.0 if key.startswith("val/") else 1.0) for _, v in hist]
-            label = f"{r.ablation} ({BACKBONE_NAMES.get(r.backbone, r.backbone)})"
-            style = "-" if r.status == "FINISHED" else "--"
-            axes[row][col].plot(xs, ys, style, marker=_backbone_marker(r.backbone, backbones), markersize=3,
-                                color=colour[(r.ablation, r.backbone)],
-                                label=None if label in labelled else label)
-            labelled.add(label)
-    for col, k in enumerate(splits):
-        axes[0][col].set_title(f"split {k}")
-        axes[1][col].set_xlim(0.5, last_epoch[k] + 0.5)
-        axes[1][col].set_xticks(range(1, last_epoch[k] + 1, max(1, math.ceil(last_epoch[k] / 10))))
-        axes[1][col].set_xlabel("epoch")
-        for row in range(2):
-            axes[row][col].grid(alpha=0.3)
-    axes[0][0].set_ylabel("train loss")
-    axes[1][0].set_ylabel("val PCK@0.2 (%)")
-    fig.suptitle("Training loss and validation PCK@0.2 per epoch (dashed: runs not finished: running or failed)",
-                 fontsize=11)
-    if labelled:
-        fig.legend(loc="lower center", ncol=min(4, len(labelled)), fontsize=8)
-        fig.tight_layout(rect=(0, 0.08, 1, 1))
-    else:
-        axes[0][0].text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=axes[0][0].transAxes)
-        fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def draw_plots(client, data: Data, out: Path, main: str, with_paper: bool) -> list[Path]:
+    order = ablation_order()
+    lines = [plots.Line(f"{a} ({backbone_name(b)}, {_splits(n)})" if b else f"{a} ({_splits(n)})",
+                        a if b else "", b, *_means(stats)) for a, b, stats, n in threshold_rows(data)]
+    paper_all = {a: v for t in ("table3", "table2") for a, _, v in paper_rows(t) if v}
+    bars = []
+    for a, b in combos(data):
+        cells, avg, n = split_stats(values(data.finished, MAIN, a, b))
+        if b == main and n:
+            bars.append(plots.Bars(a, *_means(cells + [avg]), paper_all.get(a, ()) if with_paper else ()))
+    curves = []
+    for r in pd.concat([data.finished, data.unfinished], ignore_index=True).itertuples(index=False):
+        loss, val = ([(m.step, m.value) for m in client.get_metric_history(r.run_id, k)] for k in CURVE_KEYS)
+        curves.append(plots.Curve(r.split, r.ablation, r.backbone, f"{r.ablation} ({backbone_name(r.backbone)})",
+                                  r.status == "FINISHED", loss, val))
+    return [plots.plot_thresholds(out / "pck_vs_threshold.png", THRESHOLDS, lines, order),
+            plots.plot_split_bars(out / "per_split_bars.png", SPLIT_COLUMNS, bars, order, main, backbone_name(main),
+                                  PUBLISHED),
+            plots.plot_curves(out / "curves.png", curves, order)]
 
 
 # --- main -------------------------------------------------------------------------------------------
 
 
 def main_backbone(data: Data, wanted: str | None) -> str:
+    """``wanted``, else swinv2_t if it has finished runs (or nothing has), else the backbone with the most
+    finished runs: a stale RUNNING run does not count."""
     if wanted:
         return wanted
-    counts: dict[str, int] = defaultdict(int)
-    for r in data.finished + data.unfinished:
-        counts[r.backbone] += 1
-    if not counts or "swinv2_t" in counts:
+    counts = data.finished.backbone.value_counts()
+    if counts.empty or "swinv2_t" in counts.index:
         return "swinv2_t"
-    return max(sorted(counts), key=lambda b: counts[b])
+    return max(sorted(counts.index), key=lambda b: counts[b])
 
 
 def build_tables(data: Data, with_paper: bool, main: str) -> list[Table]:
     tables = [
         table1(data, with_paper, main),
-        ablation_table("table2", "Table 2: ablation of the module design", data, TABLE2_ROWS, PAPER_TABLE2,
-                       with_paper, main),
-        ablation_table("table3", "Table 3: multimodal input, baseline → +img → +img & cls", data, TABLE3_ROWS,
-                       PAPER_TABLE3, with_paper, main),
+        *(setting_table(t, f"{PAPER[t]['title']} (PCK@0.2 %, backbone {backbone_name(main)})", data.finished,
+                        MAIN, with_paper, main) for t in ("table2", "table3")),
         mpck_table(data),
         threshold_table(data),
     ]
-    tables += [t for t in (table4(data, with_paper, main), table5(data, with_paper, main)) if t is not None]
-    return tables
+    return tables + [t for t in (table4(data, with_paper, main), table5(data, with_paper, main)) if t is not None]
 
 
 def report(args: argparse.Namespace) -> dict[str, Any]:
-    from mlflow.tracking import MlflowClient
-
-    uri = resolve_uri(args.tracking_uri)
-    client = MlflowClient(uri)
+    uri = require_store(tracking_uri(args.tracking_uri))
+    client = open_client(uri)
     print(f"reading experiment {args.experiment!r} from {uri}"
           f"{'' if args.parent_run is None else f' (children of {args.parent_run})'}", flush=True)
-    data = load(client, args.experiment, args.parent_run)
+    data = load(client, uri, args.experiment, args.parent_run)
     main = main_backbone(data, args.backbone)
-    print(f"{len(data.finished)} finished training runs, {len(data.unfinished)} not finished (left out of the "
-          f"tables), {len(data.evals)} evaluation runs; Tables 2-5 use backbone {main}", flush=True)
+    replaced = (f" ({data.replaced} older run{'s' * (data.replaced != 1)} of the same cell ignored)"
+                if data.replaced else "")
+    print(f"{len(data.finished)} finished training runs{replaced}, {len(data.unfinished)} not finished (left out "
+          f"of the tables), {len(data.evals)} evaluation runs; Tables 2-5 use backbone {main}", flush=True)
     out = args.out or Path("report") / args.experiment
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(data, args.with_paper, main)
     head = [f"# Report: experiment `{args.experiment}`", "",
             f"{len(data.finished)} finished training runs"
-            + (f" of sweep parent run `{args.parent_run}`" if args.parent_run else "")
+            + (f" of sweep parent run `{args.parent_run}`" if args.parent_run else "") + replaced
             + f"; {len(data.unfinished)} not finished yet (not in the tables). Cells are test PCK in %, "
               f"mean ± std over seeds where there are several; {DASH} where no run has finished.", ""]
     if args.with_paper:
         head += [f"Rows labelled _{PUBLISHED}_ are the numbers the CapeNext paper reports (real MP-100, "
                  "pretrained backbones and CLIP ViT-B/32); they are not produced by this code.", ""]
     md = "\n".join(head) + "\n" + "\n".join(t.markdown() for t in tables)
-    plots = [plot_thresholds(data, out / "pck_vs_threshold.png"),
-             plot_split_bars(data, out / "per_split_bars.png", main, args.with_paper),
-             plot_curves(client, data, out / "curves.png")]
-    md += "\n### Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
+    figures = draw_plots(client, data, out, main, args.with_paper)
+    md += "\n### Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
     (out / "report.md").write_text(md, encoding="utf-8")
-    files = [out / "report.md"] + [t.write_csv(out) for t in tables] + [runs_csv(data, out)] + plots
+    files = [out / "report.md"] + [t.write_csv(out) for t in tables] + [runs_csv(data, out)] + figures
     print(md)
     print("wrote " + ", ".join(str(f) for f in files), flush=True)
     return {"out": out, "tables": tables, "files": files, "data": data}

@@ -26,7 +26,7 @@ def _log_training(client: MlflowClient, exp: str, parent: str | None, split: int
     if parent:
         tags["mlflow.parentRunId"] = parent
     run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
-    shift = 0.1 * report.ABLATION_ORDER.index(ablation)  # curves that tell the ablations apart in the plot
+    shift = 0.1 * report.ablation_order().index(ablation)  # curves that tell the ablations apart in the plot
     metrics = [Metric("train/loss", 3.0 - 0.5 * e - 0.1 * seed + shift, 0, e) for e in range(3)]
     metrics += [Metric("val/pck_0.2", 0.1 * (e + 1) + shift / 4, 0, e) for e in range(3)]
     if status == "FINISHED":
@@ -152,8 +152,8 @@ def test_with_paper_puts_published_rows_beside_ours(sweep_report):
 def test_unfinished_and_outside_runs_stay_out_of_the_tables(sweep_report, store, tmp_path, capsys):
     out, result = sweep_report
     data = result["data"]
-    assert len(data.unfinished) == 1 and data.unfinished[0].status == "RUNNING"
-    assert all(r.ablation != "no_dsfr" for r in data.finished)
+    assert len(data.unfinished) == 1 and data.unfinished.status.iloc[0] == "RUNNING"
+    assert "no_dsfr" not in set(data.finished.ablation)
     assert len(data.finished) == 10 + 3 + 1 + 2
     runs = _read_csv(out / "runs.csv")
     assert len(runs) == 1 + 16 and "test/pck_0.2" in runs[0]
@@ -176,7 +176,7 @@ def test_mpck_and_threshold_tables(sweep_report):
                       "Splits"]
     base = next(r for r in thr if r[0] == "baseline")
     assert base[2:] == ["25.00", "30.00", "35.00", "40.00", "45.00", "35.00", "3"]
-    floor = next(r for r in thr if r[0] == "mean-position baseline")
+    floor = next(r for r in thr if r[0] == "mean-position floor")
     assert floor[2:7] == ["30.00"] * 5
 
 
