@@ -8,10 +8,12 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from pipelines import synthetic as syn
+from pipelines.synthetic_render import draw_scene
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,7 +221,7 @@ def test_template_file_schema():
             supers_of[name].add(t["supercategory"])
     assert all(len(supers_of[name]) >= 2 for name in data["polysemous"])
     assert len(syn.GLYPH_KEYS) <= len(data["glyph_shapes"]) * len(data["glyph_fills"])
-    for shape in syn._SHAPES:
+    for shape in syn.GLYPHS.shapes:
         assert shape.ndim == 2 and shape.shape[1] == 2 and len(shape) >= 3
         assert abs(shape).max() <= 1.5
     for fill in data["glyph_fills"]:
@@ -252,3 +254,18 @@ def test_mp100_sized_images_are_camera_sized_with_valid_annotations(tmp_path):
         assert x + w <= image["width"] + 1e-6 and y + h <= image["height"] + 1e-6
     long_sides = sorted(max(a["bbox"][2:]) for a in annotations)
     assert long_sides[len(long_sides) // 2] > 256, "objects are small next to the 256-px model crop"
+
+
+def test_draw_scene_is_deterministic_and_describes_each_instance():
+    categories = syn._categories(seed=0, count=10)
+    size = np.array([200, 150])
+    scenes = [draw_scene(categories[0], categories, np.random.default_rng(7), size, syn.GLYPHS)
+              for _ in range(2)]
+    assert scenes[0].image.tobytes() == scenes[1].image.tobytes()
+    for scene in scenes:
+        assert scene.image.size == (200, 150)
+        assert len(scene.instances) == len(scene.visible) == len(scene.masks) >= 1
+        for instance, visible, mask in zip(scene.instances, scene.visible, scene.masks):
+            assert instance.category is categories[0] and mask.size == scene.image.size
+            shown = instance.points[list(instance.category.kept)][visible]
+            assert np.all((shown >= 0) & (shown < size))
