@@ -1,11 +1,15 @@
 """jobs.report on a real MLflow store: runs logged with ``MlflowClient`` as the training and evaluation jobs
-log them (tags split/ablation/backbone/seed, ``test/pck_*``, ``baseline/pck_*``, per-epoch curves), then the
-tables' shapes and cells, the "—" and "mean ± std" cells, CSV, the published numbers, and the PNG files."""
+log them (tags split/ablation/backbone/seed, ``test/pck_*``, ``floor/pck_*`` or the legacy ``baseline/pck_*``,
+per-epoch curves), then the tables' shapes and cells, the "—" and "mean ± std" cells, CSV, the published
+numbers, noise variants, re-runs of a cell, the default backbone, and the PNG files."""
 
 from __future__ import annotations
 
+import ast
 import csv
 import math
+import os
+from pathlib import Path
 
 import pytest
 from mlflow.entities import Metric
@@ -18,8 +22,10 @@ THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25)
 
 
 def _log_training(client: MlflowClient, exp: str, parent: str | None, split: int, ablation: str, seed: int,
-                  pck: float, status: str = "FINISHED", backbone: str = "tiny") -> str:
-    """One training run as jobs.train logs it; PCK@t = pck + (t - 0.2), the baseline a flat 0.3."""
+                  pck: float, status: str = "FINISHED", backbone: str = "tiny", floor: float = 0.3,
+                  floor_prefix: str = "floor", end_time: int | None = None) -> str:
+    """One training run as jobs.train logs it; PCK@t = pck + (t - 0.2), the mean-position floor a flat
+    ``floor`` under ``floor_prefix`` (``baseline``: as runs logged before the prefix was renamed)."""
     name = f"rep-split{split}-{ablation}-{backbone}-seed{seed}"
     tags = {"split": str(split), "ablation": ablation, "backbone": backbone, "seed": str(seed),
             "capenext.run_name": name, "mlflow.runName": name}
@@ -33,11 +39,11 @@ def _log_training(client: MlflowClient, exp: str, parent: str | None, split: int
         values = {t: pck + (t - 0.2) for t in THRESHOLDS}
         metrics += [Metric(f"test/pck_{t:g}", v, 0, 3) for t, v in values.items()]
         metrics += [Metric("test/pck_mean", sum(values.values()) / 5, 0, 3)]
-        metrics += [Metric(f"baseline/pck_{t:g}", 0.3, 0, 3) for t in THRESHOLDS]
-        metrics += [Metric("baseline/pck_mean", 0.3, 0, 3)]
+        metrics += [Metric(f"{floor_prefix}/pck_{t:g}", floor, 0, 3) for t in THRESHOLDS]
+        metrics += [Metric(f"{floor_prefix}/pck_mean", floor, 0, 3)]
     client.log_batch(run_id, metrics=metrics)
     if status == "FINISHED":
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "FINISHED", end_time=end_time)
     return run_id
 
 
@@ -231,3 +237,80 @@ def test_bad_input_gives_one_line(store, tmp_path, capsys, case):
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+
+
+@pytest.fixture(scope="module")
+def edge_report(tmp_path_factory):
+    """An experiment 'edge': full on tiny, split 1 run twice (the newer run at 0.60 replaces the older at
+    0.50, both logging floor/ at 0.3), split 2 once with the legacy baseline/ floor at 0.5; a stale RUNNING
+    swinv2_t run; evaluations of the newer split-1 run under an unknown noise kind, the reference texts and
+    class noise."""
+    root = tmp_path_factory.mktemp("edge_store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("edge", artifact_location=(root / "mlartifacts").as_uri())
+    _log_training(client, exp, None, 1, "full", 0, 0.50, end_time=1_000)
+    newer = _log_training(client, exp, None, 1, "full", 0, 0.60, end_time=2_000)
+    _log_training(client, exp, None, 2, "full", 0, 0.70, floor=0.5, floor_prefix="baseline")
+    _log_training(client, exp, None, 1, "full", 0, 0.99, status="RUNNING", backbone="swinv2_t")
+    _log_evaluation(client, exp, newer, "blur", "blur:3", 0.25)
+    _log_evaluation(client, exp, newer, "reference", "reference:paw-foreleg", 0.55)
+    _log_evaluation(client, exp, newer, "class", "class", 0.58)
+    out = root / "out"
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    with pytest.raises(SystemExit) as exc:
+        run_main(report.main, ["--experiment", "edge", "--out", str(out), "--tracking-uri", uri, "--with-paper"])
+    assert exc.value.code == 0
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before  # the search leaves the process's URI alone
+    return out
+
+
+def test_floor_is_read_from_floor_and_legacy_baseline_metrics(edge_report, capsys):
+    thr = _read_csv(edge_report / "pck_thresholds.csv")
+    floor = next(r for r in thr if r[0] == "mean-position floor")
+    assert floor[2:] == ["40.00"] * 6 + ["2"]  # split 1 from floor/ (30), split 2 from baseline/ (50)
+    runs = _read_csv(edge_report / "runs.csv")
+    assert "floor/pck_0.2" in runs[0] and not any(c.startswith("baseline/") for c in runs[0])
+    col = runs[0].index("floor/pck_0.2")
+    assert sorted(float(r[col]) for r in runs[1:]) == [0.3, 0.5]
+
+
+def test_every_noise_kind_gets_a_column_unknown_ones_by_name(edge_report):
+    t5 = _read_csv(edge_report / "table5.csv")
+    assert t5[0] == ["Method", "Source", "reference texts: paw-foreleg", "blur:3"]
+    rows = {(r[0], r[1]): r[2:] for r in t5[1:]}
+    assert rows[("CapeNext", "ours")] == ["55.00†", "25.00†"]
+    assert rows[("CapeNext", "paper (published)")] == ["87.30", "—"]  # the reference texts are the paper's
+    t4 = {(r[0], r[1]): r[2:] for r in _read_csv(edge_report / "table4.csv")[1:]}
+    assert t4[("Ours w/ LW", "ours")][0] == "58.00"
+    assert "| CapeNext | ours | 55.00† | 25.00† |" in (edge_report / "report.md").read_text()
+
+
+def test_a_newer_run_of_the_same_cell_replaces_the_older_and_is_counted(edge_report):
+    rows = {(r[0], r[1], r[2]): r[3:] for r in _read_csv(edge_report / "table1.csv")[1:]}
+    assert rows[("CapeNext", "tiny (tests)", "ours")][:3] == ["60.00", "70.00", "—"]
+    md = (edge_report / "report.md").read_text()
+    assert "2 finished training runs (1 older run of the same cell ignored); 1 not finished yet" in md
+
+
+def test_default_backbone_ignores_runs_not_finished(edge_report):
+    # the stale RUNNING run is swinv2_t; the finished ones are tiny, so Tables 2-5 use tiny
+    table2 = (edge_report / "report.md").read_text().split("### Table 2", 1)[1].splitlines()[0]
+    assert "backbone tiny (tests)" in table2
+    assert _read_csv(edge_report / "table2.csv")[1][:4] == ["CapeNext", "ours", "60.00", "70.00"]
+
+
+def test_ablation_order_is_the_papers_then_other_registered_ones(monkeypatch):
+    import capenext.models
+
+    paper = ["full", "no_hcmi", "no_dsfr", "no_lw", "baseline", "img_only", "cls_only"]
+    monkeypatch.setattr(capenext.models, "available_ablations", lambda: sorted(paper + ["zz_new"]))
+    assert report.ablation_order() == paper + ["zz_new"]
+
+
+def test_report_uses_the_shared_layer_not_other_jobs():
+    for name in ("report.py", "report_plots.py"):
+        tree = ast.parse((Path(report.__file__).parent / name).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & {"jobs.train", "jobs.sweep", "jobs.evaluate"}, (name, imported)
