@@ -282,7 +282,7 @@ class Table:
 
     def write_csv(self, folder: Path) -> Path:
         path = folder / f"{self.name}.csv"
-        self.frame.to_csv(path, index=False, lineterminator="\r\n", encoding="utf-8")
+        self.frame.to_csv(path, index=False, lineterminator="\r\n")  # line ends as the csv module writes
         return path
 
 

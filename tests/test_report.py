@@ -25,7 +25,7 @@ def _log_training(client: MlflowClient, exp: str, parent: str | None, split: int
                   pck: float, status: str = "FINISHED", backbone: str = "tiny", floor: float = 0.3,
                   floor_prefix: str = "floor", end_time: int | None = None) -> str:
     """One training run as jobs.train logs it; PCK@t = pck + (t - 0.2), the mean-position floor a flat
-    ``floor`` under ``floor_prefix`` (``baseline``: as runs logged before the prefix was renamed)."""
+    ``floor`` under ``floor_prefix`` (``baseline``: the legacy prefix the report still reads)."""
     name = f"rep-split{split}-{ablation}-{backbone}-seed{seed}"
     tags = {"split": str(split), "ablation": ablation, "backbone": backbone, "seed": str(seed),
             "capenext.run_name": name, "mlflow.runName": name}
