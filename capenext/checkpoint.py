@@ -72,8 +72,23 @@ def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -
     return out
 
 
+# state-dict keys renamed since checkpoints were first written: old prefix → new prefix
+LEGACY_PREFIXES = {"dsfr.proj.": "projection.proj."}  # no_dsfr's projections were held under "dsfr"
+
+
+def _renamed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for old, new in LEGACY_PREFIXES.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+        out[key] = value
+    return out
+
+
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Strict load of everything but the frozen CLIP; one line naming the first problems."""
+    state = _renamed(state)
     target = getattr(model, "module", model)
     result = target.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIX)]

@@ -22,6 +22,11 @@ class UsageError(Exception):
     """A problem with the command line or the environment that the user can fix."""
 
 
+def offline() -> None:
+    """No hub download, ever: what every entry point (and every Ray worker's entry function) sets first."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
@@ -34,7 +39,7 @@ def _one_line(err: BaseException) -> str:
 
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
     """Call ``main(argv)``; user errors become one line on stderr and exit code 2."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never try a hub download
+    offline()
     try:
         code = main(argv)
     except (UsageError, *USER_ERRORS) as err:

@@ -146,6 +146,34 @@ def override(cfg: RunCfg, dotted: dict[str, str]) -> RunCfg:
     return cfg
 
 
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """``["optim.lr=2e-5", "model.ablation = no_hcmi"]`` → ``{"optim.lr": "2e-5", ...}``; one line for an
+    item without ``=``."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        if not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def default_preset(backbone: str | None) -> str:
+    """The preset a run starts from when none is named: ``tiny`` for the tiny backbone, else ``swinv2_t``."""
+    return "tiny" if backbone == "tiny" else "swinv2_t"
+
+
+def resolve(preset: str | None, named: dict[str, Any], sets: list[str]) -> RunCfg:
+    """Preset (default by :func:`default_preset` of ``named["model.backbone"]``), then the named options
+    that are not ``None``, then the ``--set`` items: the run's full config."""
+    cfg = load_preset(preset or default_preset(named.get("model.backbone")))
+    dotted = {k: str(v) for k, v in named.items() if v is not None}
+    dotted.update(parse_sets(sets))
+    return override(cfg, dotted)
+
+
 def to_dict(cfg: RunCfg) -> dict[str, Any]:
     return asdict(cfg)
 

@@ -2,7 +2,7 @@
 
 Plain functions in the DETR manner (``engine.py``): :func:`train_one_epoch` and :func:`evaluate` take a
 model, a criterion and an iterable of batches (dicts from :func:`capenext.data.make_item`, collated),
-and know nothing of Ray or MLflow. Frozen CLIP text embeddings come from an :class:`EmbeddingBank`
+and know nothing of Ray or MLflow. Frozen CLIP text embeddings come from an :class:`~capenext.data.embeddings.EmbeddingBank`
 (precomputed by ``pipelines.embed``, or encoded once in-process), so a batch carries category ids, not
 strings.
 """
@@ -11,50 +11,23 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from capenext.config import THRESHOLDS
-from capenext.metrics import pck_per_sample
+from capenext.config import THRESHOLDS, OptimCfg
+from capenext.metrics import PCKAccumulator
 
 
-@dataclass
-class EmbeddingBank:
-    """Frozen CLIP embeddings looked up by id: keypoint texts and class prompt by category, images by
-    annotation id. Every vector is L2-normalised; ``keypoints[c]`` is (K_c, C)."""
-
-    keypoints: dict[int, torch.Tensor]
-    classes: dict[int, torch.Tensor] = field(default_factory=dict)
-    images: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def fill(self, batch: dict[str, torch.Tensor], slots: int, image_embedding: bool, class_embedding: bool,
-             ) -> dict[str, torch.Tensor]:
-        """Add ``kp_emb`` (B, slots, C), zero where the support keypoint is invisible or padded, and,
-        when asked, ``cls_emb`` / ``img_emb`` (B, C)."""
-        cats = batch["category_id"].tolist()
-        first = self.keypoints[cats[0]]
-        kp = torch.zeros(len(cats), slots, first.shape[-1], dtype=first.dtype)
-        for i, c in enumerate(cats):
-            table = self.keypoints[c]
-            kp[i, : len(table)] = table
-        batch["kp_emb"] = kp * batch["kp_mask"].unsqueeze(-1).to(kp.dtype)  # (B, slots, C)
-        if class_embedding:
-            batch["cls_emb"] = torch.stack([self.classes[c] for c in cats])  # (B, C)
-        if image_embedding:
-            try:
-                batch["img_emb"] = torch.stack([self.images[a] for a in batch["ann_id"].tolist()])
-            except KeyError as err:
-                raise KeyError(f"no precomputed image embedding for annotation {err.args[0]}") from None
-        return batch
-
-
-def pck_key(thr: float) -> str:
-    """Metric name of PCK at ``thr``: ``pck_0.2`` (DESIGN.md writes ``pck@0.2``; MLflow forbids ``@``)."""
-    return f"pck_{thr:g}"
+def lr_factor(step: int, epoch: int, optim: OptimCfg) -> float:
+    """The reference's schedule as a factor of ``optim.lr``: linear warm-up from ``warmup_ratio`` over
+    ``warmup_iters`` steps, then ÷10 at each ``lr_steps`` fraction of the epochs."""
+    warm = 1.0
+    if step < optim.warmup_iters:
+        warm = optim.warmup_ratio + (1 - optim.warmup_ratio) * step / optim.warmup_iters
+    decay = 0.1 ** sum(epoch >= int(round(f * optim.epochs)) for f in optim.lr_steps)
+    return warm * decay
 
 
 def to_image_pixels(points: torch.Tensor, inverse: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -68,7 +41,7 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on GPU (as the training issue asks); full precision on CPU for determinism."""
+    """bf16 autocast on GPU; full precision on CPU for determinism."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
@@ -141,27 +114,18 @@ def evaluate(
     per query (ids, predictions, per-sample PCK per threshold) for pictures of the best and worst samples.
     """
     model.eval()
-    sums = torch.zeros(len(thresholds) + 1, dtype=torch.float64)
+    acc = PCKAccumulator(thresholds)
     for batch in batches:
         batch = _to(prepare(batch), device)
         with autocast(device):
             out = model(batch)
         pred = to_image_pixels(out["points"][-1].float(), batch["inverse"], image_size)
-        per_sample = pck_per_sample(pred, batch["gt_xy"], batch["visible"], batch["norm"], thresholds)  # (B, T)
-        sums[:-1] += per_sample.sum(0).cpu()
-        sums[-1] += len(pred)
+        per_sample = acc.update(pred, batch["gt_xy"], batch["visible"], batch["norm"])  # (B, T)
         if keep is not None:
             for b in range(len(pred)):
                 keep.append({
                     "ann_id": int(batch["ann_id"][b]), "category_id": int(batch["category_id"][b]),
                     "pred": pred[b].cpu(), "pck": per_sample[b].tolist(),
                 })
-    if dist.is_available() and dist.is_initialized():
-        sums = sums.to(device)
-        dist.all_reduce(sums)
-        sums = sums.cpu()
-    count = max(float(sums[-1]), 1.0)
-    result = {pck_key(thr): float(sums[i]) / count for i, thr in enumerate(thresholds)}
-    result["pck_mean"] = sum(result.values()) / len(thresholds)
-    result["count"] = float(sums[-1])
-    return result
+    acc.all_reduce(device)
+    return acc.result()

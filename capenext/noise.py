@@ -13,6 +13,12 @@ evaluation job:
 
 Every function takes its randomness from a generator seeded by ``(seed, salt)``, where the salt is a
 stable digest of the text or category, so the same prompt gets the same noise whatever else is drawn.
+
+The kinds are a registry (:func:`register_noise`, :func:`noise_kinds`, :func:`get_noise`): each
+:class:`NoiseKind` says what it changes, which options it takes and how it turns them into the
+:class:`Variant` rows an evaluation reports (``clean``, ``class``, ``typo@0.1``,
+``template:paw-foreleg``), and whether a set of embedding tables already holds a variant. ``jobs.evaluate``
+and ``jobs.report`` read the registry, so a kind registered here reaches both.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import hashlib
 import json
 import re
 import string
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 TEMPLATE_MAPS_FILE = Path(__file__).parent / "data" / "template_maps.json"
-NOISE_KINDS = ("none", "class", "typo", "template")
+DEFAULT_TYPO_RATE = 0.1
 LETTERS = string.ascii_lowercase
 
 
@@ -120,3 +128,92 @@ def keypoint_variants(
 
 def typo_variant(rate: float) -> str:
     return f"typo@{rate:g}"
+
+
+# --- the registry of noise kinds -------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One result row of a noisy evaluation: its kind, its name (``clean``, ``class``, ``typo@0.1``,
+    ``template:paw-foreleg``), how it rewrites a keypoint text, and whether the class prompt is wrong."""
+
+    noise: str
+    name: str
+    text: Callable[[str], str]
+    wrong_class: bool = False
+    word_map: dict[str, str] | None = None
+    rate: float | None = None
+
+
+@dataclass(frozen=True)
+class NoiseKind:
+    """A kind of prompt noise.
+
+    Attributes:
+        name: what ``--noise`` takes.
+        changes: ``"class"`` (the class prompt) or ``"keypoints"`` (the keypoint texts), or ``"nothing"``.
+        help: one line for ``--help``.
+        options: the option names it takes (``rate``, ``template_map``); another kind's option is refused.
+        variants: options (``rate``, ``template_map``, ``seed``) → the result rows.
+        in_tables: (variant, the tables' metadata, seed) → whether the tables hold its keypoint texts.
+    """
+
+    name: str
+    changes: str
+    help: str
+    variants: Callable[..., list[Variant]]
+    in_tables: Callable[[Variant, dict[str, Any], int], bool]
+    options: tuple[str, ...] = field(default=())
+
+
+_NOISE: dict[str, NoiseKind] = {}
+
+
+def register_noise(kind: NoiseKind) -> NoiseKind:
+    if kind.name in _NOISE:
+        raise ValueError(f"noise kind {kind.name!r} is registered already")
+    _NOISE[kind.name] = kind
+    return kind
+
+
+def noise_kinds() -> list[str]:
+    """The registered kinds, in registration order (``none`` first)."""
+    return list(_NOISE)
+
+
+def get_noise(name: str) -> NoiseKind:
+    if name not in _NOISE:
+        raise KeyError(f"unknown noise kind {name!r}; available: {noise_kinds()}")
+    return _NOISE[name]
+
+
+def _typo_rows(rate: float | None = None, seed: int = 0, **_: Any) -> list[Variant]:
+    rate = DEFAULT_TYPO_RATE if rate is None else rate
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"--noise-rate must lie in [0, 1], got {rate}")
+    return [Variant("typo", typo_variant(rate), lambda t: typo(t, rate, seed), rate=rate)]
+
+
+def _template_rows(template_map: str | None = None, **_: Any) -> list[Variant]:
+    return [Variant("template", f"template:{name}", (lambda t, m=m: rewrite(t, m)), word_map=m)
+            for name, m in load_template_maps(template_map).items()]
+
+
+register_noise(NoiseKind(
+    "none", "nothing", "the clean prompts", lambda **_: [Variant("none", "clean", lambda t: t)],
+    lambda v, meta, seed: True))
+register_noise(NoiseKind(
+    "class", "class", "each query's class prompt becomes another category's name",
+    lambda **_: [Variant("class", "class", lambda t: t, wrong_class=True)],
+    lambda v, meta, seed: True))
+register_noise(NoiseKind(
+    "typo", "keypoints", f"typos in the keypoint texts at --noise-rate (default {DEFAULT_TYPO_RATE})", _typo_rows,
+    lambda v, meta, seed: (v.name in {typo_variant(r) for r in meta.get("typo_rates", [])}
+                           and meta.get("noise_seed") == seed),
+    options=("rate",)))
+register_noise(NoiseKind(
+    "template", "keypoints", "keypoint texts rewritten by word maps (default: the paper's Table 5 maps)",
+    _template_rows,
+    lambda v, meta, seed: meta.get("template_maps", {}).get(v.name.split(":", 1)[1]) == v.word_map,
+    options=("template_map",)))

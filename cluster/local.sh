@@ -43,6 +43,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 PYTHON="${PYTHON:-python3}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ "$cmd" == start ]]; then mkdir -p "$DIR"; fi
 [[ -d "$DIR" ]] || die "nothing started in $DIR (no such directory); start with: cluster/local.sh start --dir $DIR"
 DIR="$(cd "$DIR" && pwd)"
@@ -124,7 +125,8 @@ case "$cmd" in
       pid="$(pid_of $name)"
       if alive "$pid"; then die "$name already running from $DIR (pid $pid); stop it first: cluster/local.sh stop --dir $DIR"; fi
     done
-    "$PYTHON" -c "import ray, mlflow" 2>/dev/null || die "$PYTHON cannot import ray and mlflow; set PYTHON=/path/to/venv/bin/python"
+    (cd "$REPO" && "$PYTHON" -c "import ray, mlflow, jobs.tracking") 2>/dev/null \
+      || die "$PYTHON cannot import ray, mlflow and jobs.tracking; set PYTHON=/path/to/venv/bin/python"
     RAY_BIN="$(dirname "$(command -v "$PYTHON")")/ray"
     [[ -x "$RAY_BIN" ]] || RAY_BIN="$(command -v ray)" || die "no 'ray' executable beside $PYTHON or on PATH"
     [[ -f "$TOKEN" ]] || { (umask 077; "$PYTHON" -c "import secrets; print(secrets.token_hex(32))" > "$TOKEN"); }
@@ -146,10 +148,9 @@ case "$cmd" in
       setsid "$RAY_BIN" "${ray_args[@]}" \
       > "$DIR/logs/ray.log" 2>&1 < /dev/null &
     echo $! > "$STATE/ray.pid"
-    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$PYTHON" -m mlflow server \
-      --backend-store-uri "sqlite:///$DIR/mlflow.db" --default-artifact-root "file://$DIR/mlartifacts" \
-      --artifacts-destination "$DIR/mlartifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 2 \
-      > "$DIR/logs/mlflow.log" 2>&1 < /dev/null &
+    # the project's one MLflow launcher (jobs.tracking): the store, artifacts beside it, 127.0.0.1
+    (cd "$REPO" && exec setsid "$PYTHON" -m jobs.tracking server --db "$DIR/mlflow.db" --host 127.0.0.1 \
+      --port "$MLFLOW_PORT" --workers 2 > "$DIR/logs/mlflow.log" 2>&1 < /dev/null) &
     echo $! > "$STATE/mlflow.pid"
 
     if ! wait_http "http://127.0.0.1:$DASH_PORT/api/version" "$TOKEN" "$(pid_of ray)" 180; then

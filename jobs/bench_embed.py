@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=Path, default=None,
                         help="shard folder (default: the synthetic set, generated and sharded into a temp dir)")
     parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model (default ViT-B-32)")
-    parser.add_argument("--clip-checkpoint", default="random",
-                        help="local CLIP weights or 'random' (speed does not depend on the weights)")
+    parser.add_argument("--clip-checkpoint", required=True,
+                        help="local CLIP weights, or 'random' (speed does not depend on the weights; required, so "
+                             "that a random CLIP is never used without saying so, as in pipelines.embed)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per CLIP forward (default 64)")
     parser.add_argument("--image-size", type=int, default=256, help="training crop side (default 256)")
 
@@ -33,11 +34,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from capenext.data.shards import ShardIndex
-    from capenext.models.clip import FrozenCLIP
-    from jobs.bench_loader import machine
-    from pipelines.embed import image_table
-    from pipelines.shard import init_ray, shard
+    from capenext.config import resolve
+    from jobs.common import init_ray, machine
+    from pipelines.embed import clip_of, image_table
+    from pipelines.shard import shard
 
+    cfg = resolve(None, {"model.clip_model": args.clip_model, "model.clip_checkpoint": args.clip_checkpoint,
+                         "data.image_size": args.image_size}, [])
     with contextlib.ExitStack() as stack:
         shards = args.shards
         if shards is None:
@@ -56,12 +59,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device = torch.device("cuda" if use_gpu else "cpu")
 
         t0 = time.perf_counter()
-        table = image_table(index, args.clip_model, args.clip_checkpoint, args.image_size, 1.25, args.batch_size,
-                            actors, use_gpu)
+        table = image_table(index, cfg, args.batch_size, actors, use_gpu)
         job_s = time.perf_counter() - t0
         assert table.num_rows == n
 
-        clip = FrozenCLIP(args.clip_model, args.clip_checkpoint).to(device)
+        clip = clip_of(cfg).to(device)
         threads = torch.get_num_threads()
         if not use_gpu:  # the same CPU budget as the actors: one thread each (OMP_NUM_THREADS in Ray workers)
             torch.set_num_threads(actors * int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -23,9 +23,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -39,17 +36,9 @@ from capenext.data.episodes import training_pairs
 from capenext.data.mp100 import Category, Sample, annotation_path, clean_bbox, load_split
 from capenext.data.shards import ShardIndex
 from capenext.data.transforms import decode_image
+from jobs.common import machine
 
-GOAL = 2.0  # the issue's target: shards at least 2x the per-file loader
-
-
-def machine() -> dict[str, Any]:
-    """CPU model (``lscpu``'s "Model name") and core count."""
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(Exception):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    return {"cpu": model, "cores": os.cpu_count()}
+GOAL = 2.0  # the target: shards at least 2x the per-file loader
 
 
 # ---------------------------------------------------------------- the per-file baseline

@@ -37,6 +37,7 @@ from capenext.config import MAX_KEYPOINTS, load_preset
 from capenext.losses import CapeNextLoss
 from capenext.models import available_backbones, build_model, parameter_counts
 from jobs import bench_embed, bench_loader
+from jobs.common import machine
 
 
 def synthetic_batch(batch_size: int, image_size: int, heatmap_size: int, embed_dim: int, device: torch.device,
@@ -148,7 +149,7 @@ def benchmark_model(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "model",
         "device": args.device,
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else bench_loader.machine()["cpu"],
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else machine()["cpu"],
         "cpu_threads": torch.get_num_threads(),
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "torch": torch.__version__,

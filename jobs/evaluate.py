@@ -29,24 +29,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from capenext.cli import UsageError, run_main
-from capenext.config import THRESHOLDS, RunCfg
-from capenext.noise import NOISE_KINDS, load_template_maps, rewrite, typo, typo_variant, wrong_class
+from capenext.config import RunCfg
+from capenext.metrics import THRESHOLDS, episode_seed, metric_keys
+from capenext.noise import DEFAULT_TYPO_RATE, Variant, get_noise, noise_kinds, wrong_class
+from jobs.common import collate, resolve_checkpoint
+from jobs.runs import needs_image_table
+from jobs.tracking import ensure_experiment, find_run, open_client, tracking_uri
 
-RUN_ID = re.compile(r"[0-9a-f]{32}")
-DEFAULT_TYPO_RATE = 0.1
 PICTURE_THRESHOLD = 0.2  # the threshold that ranks the best and worst queries in the pictures
 
 
@@ -78,9 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="embedding folder (pipelines.embed) with the clean and noisy keypoint tables; without "
                         "it every embedding is encoded here with the model's CLIP")
     g = p.add_argument_group("noise (paper Tables 4 and 5)")
-    g.add_argument("--noise", choices=NOISE_KINDS, default="none",
-                   help="none; class: wrong class prompt; typo: keypoint-name typos at --noise-rate; "
-                        "template: keypoint names rewritten by word maps (default none)")
+    g.add_argument("--noise", choices=noise_kinds(), default="none",
+                   help="; ".join(f"{k}: {get_noise(k).help}" for k in noise_kinds()) + " (default none)")
     g.add_argument("--noise-rate", type=float, default=None,
                    help=f"typo rate per letter, in [0, 1] (--noise typo; default {DEFAULT_TYPO_RATE})")
     g.add_argument("--template-map", default=None,
@@ -94,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--episode-seed", type=int, default=None,
                    help="seed of the episodes (default: the training run's, optim.seed + 2)")
     g.add_argument("--batch-size", type=int, default=None, help="queries per forward (default: the config's)")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda (default cpu)")
     g.add_argument("--clip-checkpoint", default=None,
                    help="where the frozen CLIP's weights are on this machine (default: the config's path)")
     g.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes (default 0)")
@@ -110,94 +109,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# --- checkpoint and training run ---------------------------------------------------------------------
-
-
-@dataclass
-class Source:
-    """Where the checkpoint came from: the local file, and the training run id when known."""
-
-    path: Path
-    spec: str
-    run_id: str | None
-
-
-def resolve_checkpoint(spec: str, tracking_uri: str, download_to: Path) -> Source:
-    """A local file, ``runs:/<run_id>/<artifact path>``, or a bare run id (``checkpoints/final.pt``)."""
-    if Path(spec).is_file():
-        return Source(Path(spec), spec, None)
-    if RUN_ID.fullmatch(spec):
-        spec = f"runs:/{spec}/checkpoints/final.pt"
-    if not spec.startswith("runs:/"):
-        raise FileNotFoundError(f"checkpoint not found: {spec} (expected a file, runs:/<run_id>/checkpoints/"
-                                "final.pt, or an MLflow run id)")
-    run_id = spec[len("runs:/"):].split("/", 1)[0]
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one file: no bar in the log
-    import mlflow.artifacts
-
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(download_to),
-                                                    tracking_uri=tracking_uri)
-    except Exception as err:  # MlflowException, OSError ... one line either way
-        msg = " ".join(str(err).split())[:300]
-        raise FileNotFoundError(f"cannot fetch checkpoint {spec} from {tracking_uri}: {msg}") from None
-    return Source(Path(local), spec, run_id)
-
-
-def open_client(uri: str, create: bool):
-    """An MLflow client; ``None`` when ``create`` is false and the default SQLite store does not exist
-    (``--no-mlflow`` leaves no new ``mlflow.db`` behind)."""
-    if not create and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        return None
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(uri)
-
-
-def find_run(client, run_id: str | None):
-    """The MLflow run, or ``None`` when there is no id or this store does not hold it."""
-    if client is None or not run_id:
-        return None
-    try:
-        return client.get_run(run_id)
-    except Exception:  # MlflowException (RESOURCE_DOES_NOT_EXIST) and friends
-        return None
-
-
 # --- noise variants ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Variant:
-    """One result row: the noise kind, its variant name (``clean``, ``class``, ``typo@0.1``,
-    ``template:paw-foreleg``), how it rewrites a keypoint text, and whether the class prompt is wrong."""
-
-    noise: str
-    name: str
-    text: Callable[[str], str]
-    wrong_class: bool = False
-    word_map: dict[str, str] | None = None
-    rate: float | None = None
-
-
 def variants(args: argparse.Namespace) -> list[Variant]:
-    if args.noise_rate is not None and args.noise != "typo":
-        raise UsageError(f"--noise-rate applies to --noise typo, not --noise {args.noise}")
-    if args.template_map is not None and args.noise != "template":
-        raise UsageError(f"--template-map applies to --noise template, not --noise {args.noise}")
-    seed = args.seed
-    if args.noise == "none":
-        return [Variant("none", "clean", lambda t: t)]
-    if args.noise == "class":
-        return [Variant("class", "class", lambda t: t, wrong_class=True)]
-    if args.noise == "typo":
-        rate = DEFAULT_TYPO_RATE if args.noise_rate is None else args.noise_rate
-        if not 0.0 <= rate <= 1.0:
-            raise UsageError(f"--noise-rate must lie in [0, 1], got {rate}")
-        return [Variant("typo", typo_variant(rate), lambda t: typo(t, rate, seed), rate=rate)]
-    maps = load_template_maps(args.template_map)
-    return [Variant("template", f"template:{name}", (lambda t, m=m: rewrite(t, m)), word_map=m)
-            for name, m in maps.items()]
+    """The result rows of ``--noise`` with its options; another kind's option is one line."""
+    kind = get_noise(args.noise)
+    given = {"rate": args.noise_rate, "template_map": args.template_map}
+    flags = {"rate": "--noise-rate", "template_map": "--template-map"}
+    for option, value in given.items():
+        if value is not None and option not in kind.options:
+            users = [k for k in noise_kinds() if option in get_noise(k).options]
+            raise UsageError(f"{flags[option]} applies to --noise {', '.join(users)}, not --noise {args.noise}")
+    try:
+        return kind.variants(rate=args.noise_rate, template_map=args.template_map, seed=args.seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 class Embeddings:
@@ -206,29 +133,21 @@ class Embeddings:
 
     def __init__(self, model, index, tables: Path | None, meta: dict[str, Any] | None, seed: int,
                  image_table: bool):
-        from pipelines.embed import load_bank
+        from capenext.data.embeddings import load_bank
 
         self.model, self.index, self.tables, self.meta, self.seed = model, index, tables, meta or {}, seed
         self.base = load_bank(tables, "clean", images=image_table) if tables is not None else None
         self.class_ids = {c.name: c.id for c in index.categories.values()}
 
     def in_tables(self, v: Variant) -> bool:
-        if self.tables is None:
-            return False
-        if v.noise in ("none", "class"):
-            return True
-        if v.noise == "typo":
-            rates = {typo_variant(r) for r in self.meta.get("typo_rates", [])}
-            return v.name in rates and self.meta.get("noise_seed") == self.seed
-        name = v.name.split(":", 1)[1]
-        return self.meta.get("template_maps", {}).get(name) == v.word_map
+        return self.tables is not None and get_noise(v.noise).in_tables(v, self.meta, self.seed)
 
     def keypoints(self, v: Variant, categories) -> tuple[dict[int, torch.Tensor], str]:
         """category id → (K, C) keypoint embeddings of the variant; and where they came from."""
-        from pipelines.embed import load_bank
+        from capenext.data.embeddings import load_bank
 
         if self.in_tables(v):
-            table = self.base.keypoints if v.name in ("clean", "class") else load_bank(
+            table = self.base.keypoints if get_noise(v.noise).changes != "keypoints" else load_bank(
                 self.tables, v.name, images=False).keypoints
             return {c.id: table[c.id] for c in categories}, "tables"
         texts = [(c.id, [v.text(t) for t in c.keypoints]) for c in categories]
@@ -264,11 +183,10 @@ def run_protocol(model, cfg: RunCfg, index, subset, bank, online_images: bool, d
 
     from capenext.data import PairDataset, episodes
     from capenext.engine import evaluate
-    from jobs.train import _collate
 
     pairs = episodes(subset.by_category(), episodes_n, queries, episode_seed)
     ds = PairDataset(subset, pairs, cfg.data, load_image=index.load_image)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=_collate, num_workers=loader_workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=loader_workers)
     visible: list[torch.Tensor] = []
     image_table = model.needs_image_embedding and not online_images and model.image_embedding == "precomputed"
 
@@ -350,7 +268,7 @@ def log_row(client, experiment_id: str, tags: dict[str, str], params: dict[str, 
 
 def table(rows: list[dict[str, Any]]) -> str:
     heads = [f"PCK@{t:g}" for t in THRESHOLDS] + ["mPCK"]
-    keys = [f"test/pck_{t:g}" for t in THRESHOLDS] + ["test/pck_mean"]
+    keys = metric_keys("test")
     width = max([len("noise variant")] + [len(r["noise_variant"]) for r in rows]) + 2
     lines = [f"{'noise variant':<{width}}" + "".join(f"{h:>9}" for h in heads) + "  embeddings"]
     for r in rows:
@@ -363,8 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     from capenext.checkpoint import load_model
     from capenext.data.mp100 import check_split
     from capenext.data.shards import ShardIndex
-    from capenext.engine import EmbeddingBank
-    from jobs.train import ensure_experiment, needs_image_table, tracking_uri
+    from capenext.data.embeddings import EmbeddingBank, check_tables
 
     args = parse_args(argv)
     rows_spec = variants(args)  # usage errors before anything slow
@@ -376,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--pictures must be 0 or more, got {args.pictures}")
     uri = tracking_uri()
     client = open_client(uri, create=not args.no_mlflow)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is visible")
 
@@ -399,32 +316,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: the model was trained on split {train_tags['split']}; split {split}'s test categories "
               "may be among its training categories", file=sys.stderr)
 
-    index = ShardIndex(args.shards)
+    index = ShardIndex(args.shards, descriptions=cfg.data.descriptions)
     subset = index.subset(split, "test")
     if not subset.samples:
         raise UsageError(f"split {split} has no test samples in {args.shards}")
     meta_tables = None
     image_table = needs_image_table(cfg)
     if args.embeddings is not None:
-        from pipelines.embed import check_metadata, checkpoint_id
-
-        expected = {"clip_model": cfg.model.clip_model, "manifest_digest": index.digest,
-                    "clip_checkpoint_sha256": checkpoint_id(cfg.model.clip_checkpoint)}
-        if image_table:
-            expected["image_size"] = cfg.data.image_size
-        meta_tables = check_metadata(args.embeddings, expected)
+        meta_tables = check_tables(args.embeddings, cfg, index.digest, images=image_table,
+                                   remake=f"python -m pipelines.embed --shards {args.shards} --out "
+                                          f"{args.embeddings} and the training run's --config/--set")
     emb = Embeddings(model, index, args.embeddings, meta_tables, args.seed, image_table)
 
     episodes_n = args.episodes or cfg.data.test_episodes
     queries = args.queries or cfg.data.queries
-    episode_seed = cfg.optim.seed + 2 if args.episode_seed is None else args.episode_seed
+    ep_seed = episode_seed(cfg.optim.seed, "test") if args.episode_seed is None else args.episode_seed
     batch_size = args.batch_size or cfg.optim.batch_size
     label = train_tags.get("capenext.run_name") or source.path.stem
     categories = sorted(subset.categories.values(), key=lambda c: c.id)
     all_names = [c.name for c in index.categories.values()]
     print(f"evaluating {source.spec} ({cfg.model.ablation}, {cfg.model.backbone}) on split {split}: "
           f"{len(categories)} test categories x {episodes_n} episodes x {queries} queries, episode seed "
-          f"{episode_seed}, noise {args.noise} (seed {args.seed})", file=sys.stderr, flush=True)
+          f"{ep_seed}, noise {args.noise} (seed {args.seed})", file=sys.stderr, flush=True)
 
     experiment_id = None
     if client is not None and not args.no_mlflow:
@@ -448,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                              images=emb.base.images if emb.base is not None else {})
         online = image_table and emb.base is None
         metrics, records = run_protocol(model, cfg, index, subset, bank, online, device, episodes_n, queries,
-                                        episode_seed, batch_size, args.loader_workers, v.name, not args.quiet)
+                                        ep_seed, batch_size, args.loader_workers, v.name, not args.quiet)
         row = {"noise": v.noise, "noise_variant": v.name, "embeddings": source_kind if not online else
                f"{source_kind} (images in-process)",
                **{f"test/{k}": val for k, val in metrics.items() if k != "count"},
@@ -468,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             params = {"checkpoint": source.spec, "noise": v.noise, "noise_variant": v.name,
                       "noise_seed": args.seed, "noise_rate": v.rate if v.rate is not None else "",
                       "template_map": json.dumps(v.word_map) if v.word_map else "", "episodes": episodes_n,
-                      "queries": queries, "episode_seed": episode_seed, "batch_size": batch_size,
+                      "queries": queries, "episode_seed": ep_seed, "batch_size": batch_size,
                       "embeddings": row["embeddings"], "split": split}
             mkeys = [k for k in row if k.startswith(("test/", "noise/"))]
             row["run_id"] = log_row(client, experiment_id, tags, params, {k: row[k] for k in mkeys}, pics)

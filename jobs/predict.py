@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="capenext-predict-") as tmp:
         ckpt = args.checkpoint
         if not Path(ckpt).is_file():
-            from jobs.evaluate import resolve_checkpoint
-            from jobs.train import tracking_uri
+            from jobs.common import resolve_checkpoint
+            from jobs.tracking import tracking_uri
 
             ckpt = resolve_checkpoint(ckpt, tracking_uri(), Path(tmp)).path
         predictor = Predictor(ckpt, clip_checkpoint=args.clip_checkpoint, device=args.device)

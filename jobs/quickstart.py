@@ -1,13 +1,13 @@
 """The main job on the embedded default: ``python -m jobs.quickstart``.
 
-Runs the flow of DESIGN.md on the bundled synthetic mini MP-100, on CPU, in a few minutes:
+Runs the whole flow on the bundled synthetic mini MP-100, on CPU, in a few minutes:
 
 1. generate the synthetic set (or use ``--data-root``) and summarise split ``--split``;
 2. shard it into webdataset tars (Ray tasks);
 3. precompute CLIP embeddings with the *tiny CLIP at random weights* (Ray Data): no pretrained weights
    can be downloaded here, so the text embeddings only tell names apart; they carry no language prior;
 4. train ``full`` on the split with the tiny backbone, through Ray Train (one worker);
-5. test PCK on the split's unseen categories, next to the per-name mean-position baseline;
+5. test PCK on the split's unseen categories, next to the per-name mean-position floor;
 6. everything is in MLflow: it prints the ``mlflow ui`` command.
 
 A second run reuses what the first made: the data, shards and embeddings are kept, and the training
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 from capenext.cli import run_main
+from capenext.config import load_preset
+from capenext.metrics import FLOOR
 from capenext.data import SUBSETS, load_split
 
 STAGES = 6
@@ -82,7 +84,7 @@ def summarize(root: Path, split: int) -> list[dict]:
 def results_table(metrics: dict[str, float]) -> str:
     thresholds = ("0.05", "0.1", "0.15", "0.2", "0.25", "mean")
     lines = ["  " + f"{'':<28}" + "".join(f"{('PCK@' + t) if t != 'mean' else 'mPCK':>10}" for t in thresholds)]
-    for label, prefix in (("CapeNext full (tiny)", "test"), ("mean-position baseline", "baseline")):
+    for label, prefix in (("CapeNext full (tiny)", "test"), ("mean-position baseline", FLOOR)):
         lines.append("  " + f"{label:<28}" + "".join(f"{metrics[f'{prefix}/pck_{t}']:>10.3f}" for t in thresholds))
     return "\n".join(lines)
 
@@ -110,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards → {work / 'shards'}")
 
     stage(3, "CLIP embeddings (Ray Data actor pool; tiny CLIP with RANDOM weights, declared: no download)")
-    meta = embed(work / "shards", work / "embeddings", clip_model="tiny", clip_checkpoint="random",
-                 image_size=128)
+    meta = embed(work / "shards", work / "embeddings", load_preset("tiny"))
     print(f"embeddings → {work / 'embeddings'}: {meta['counts']}")
 
     stage(4, f"training 'full' on split {args.split} with the tiny backbone (Ray Train, 1 worker)")

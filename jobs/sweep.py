@@ -31,24 +31,22 @@ import copy
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capenext.cli import UsageError, run_main
+from capenext.cli import UsageError, offline, run_main
+from capenext.data.mp100 import SPLITS
 from jobs import train
+from jobs.common import check_cluster, one_line
+from jobs.runs import add_training_arguments, latest_checkpoint
+from jobs.tracking import MlflowServer, ensure_experiment, sqlite_path, tracking_uri
 
-SPLITS = (1, 2, 3, 4, 5)
-PAPER_ABLATIONS = ("full", "no_hcmi", "no_dsfr", "no_lw", "baseline", "img_only", "cls_only")
 SWEEP_TAG = "capenext.sweep"  # on the parent run: the sweep's name (its experiment)
 KIND_TAG = "capenext.kind"  # "sweep" on the parent run
 EPOCHS_TAG = "capenext.epochs"  # on a child the sweep saw finish: the epochs it was trained for
-SERVER_START_TIMEOUT = 180.0  # seconds for `mlflow server` to answer /health (slow on a busy 2-core box)
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -65,9 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="""examples:
   python -m jobs.sweep --splits 1-5 --ablations full,no_hcmi,no_dsfr,no_lw,baseline,img_only,cls_only \\
       --shards /shared/shards --embeddings /shared/emb --storage-path /shared/runs \\
-      --clip-checkpoint /shared/weights/clip-vit-b32.bin --use-gpu --experiment mp100
+      --clip-checkpoint /shared/weights/ViT-B-32.pt --use-gpu --experiment mp100
   ray job submit --working-dir . --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}}' \\
-      -- python -m jobs.sweep --splits 1-5 --ablations full,baseline ...   (README: "Running a sweep")
+      -- python -m jobs.sweep --splits 1-5 --ablations full,baseline ...   (docs/sweep.md)
 
 MLflow: MLFLOW_TRACKING_URI (default sqlite:///./mlflow.db). A SQLite store is served by an
 `mlflow server` on 127.0.0.1 that the sweep starts and stops, so trials never write the file directly.
@@ -77,9 +75,11 @@ in the job's working directory, which Ray deletes.""",
     g = p.add_argument_group("sweep")
     g.add_argument("--splits", default="1-5",
                    help="MP-100 splits: a range '1-5', a list '1,3' or both '1-2,5' (default 1-5)")
+    from capenext.models import available_ablations
+
     g.add_argument("--ablations", default="full",
-                   help=f"comma-separated ablation presets (default full); the paper's Tables 1-3 use "
-                        f"{','.join(PAPER_ABLATIONS)}")
+                   help=f"comma-separated ablation presets (default full); registered: "
+                        f"{','.join(available_ablations())}")
     g.add_argument("--backbones", default="swinv2_t",
                    help="comma-separated backbones (default swinv2_t)")
     g.add_argument("--seeds", default=None,
@@ -87,7 +87,7 @@ in the job's working directory, which Ray deletes.""",
     g.add_argument("--max-concurrent", type=int, default=None,
                    help="trials running at once (default: what the cluster's GPUs, or CPUs, hold: "
                         "GPUs // --num-workers, or CPUs // (--num-workers x --cpus-per-worker))")
-    train.add_training_arguments(p, sweep=True)
+    add_training_arguments(p, sweep=True)
     return p.parse_args(argv)
 
 
@@ -193,36 +193,13 @@ def plan(args: argparse.Namespace) -> list[Trial]:
     return trials
 
 
-def one_line(err: BaseException, limit: int = 240) -> str:
-    """A failure as one line: the innermost ``SomeError: message`` of a (possibly remote) traceback."""
-    failures = getattr(err, "worker_failures", None)  # Ray Train V2's WorkerGroupError: {rank: exception}
-    if isinstance(failures, dict) and failures:
-        return one_line(next(iter(failures.values())), limit)
-    cause = getattr(err, "cause", None)  # RayTaskError wraps the task's exception
-    if isinstance(cause, BaseException) and cause is not err:
-        return one_line(cause, limit)
-    if isinstance(err, (UsageError, *_user_errors())):
-        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        return " ".join(str(text).split())[:limit]
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    errs = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b:?", ln)]
-    text = errs[-1] if errs else f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return text[:limit]
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from capenext.cli import USER_ERRORS
-
-    return USER_ERRORS
-
-
 def run_trial(args: argparse.Namespace, tracking: str) -> dict[str, Any]:
     """The body of one trial's Ray task: ``jobs.train.run`` with the sweep's tracking server.
 
     Never raises: a failure comes back as ``{"status": "failed", "reason": <one line>}``.
     """
-    os.environ["MLFLOW_TRACKING_URI"] = tracking  # train.tracking_uri() reads it in this worker process
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["MLFLOW_TRACKING_URI"] = tracking  # jobs.tracking.tracking_uri() reads it in this worker
+    offline()  # a Ray task is an entry point of its own
     start = time.time()
     try:
         cfg = train.resolve_config(args, args.backbone)
@@ -245,110 +222,6 @@ def default_concurrency(args: argparse.Namespace) -> int:
 
 
 # --- MLflow: the tracking server, the parent run, the child runs ------------------------------------
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI, made absolute; None for any other store.
-
-    ``sqlite:///mlflow.db`` is relative to the working directory, ``sqlite:////abs/mlflow.db`` absolute.
-    """
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///"):].split("?", 1)[0]).resolve()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 owning a SQLite store, for the duration of a ``with`` block.
-
-    Artifacts go beside the database (``<dir>/mlartifacts``, the place ``jobs.train`` uses when it writes
-    the store directly), so runs logged with or without the server read the same. The server runs in its
-    own process group; ``stop`` ends that group (the server and its uvicorn workers) and nothing else.
-    """
-
-    def __init__(self, db: Path, host: str = "127.0.0.1", port: int | None = None):
-        self.db, self.host, self.port = db, host, port or free_port()
-        self.artifacts = db.parent / "mlartifacts"
-        self.log = db.parent / f"mlflow-server-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def launch(self) -> None:
-        """Start the server process (returns at once; :meth:`wait` waits for it to answer)."""
-        self.db.parent.mkdir(parents=True, exist_ok=True)
-        self.artifacts.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
-               "--default-artifact-root", self.artifacts.as_uri(), "--artifacts-destination", str(self.artifacts),
-               "--host", self.host, "--port", str(self.port), "--workers", "1"]
-        # no job-runner process: this server only records runs (it starts faster and stops cleanly)
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
-        self.started = time.time()
-
-    def wait(self, timeout: float = SERVER_START_TIMEOUT) -> str:
-        """Block until ``/health`` answers; return the server's URI. One line if it dies or never answers."""
-        assert self.proc is not None, "launch() first"
-        deadline = self.started + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                tail = [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
-                raise UsageError(f"mlflow server for {self.db} exited with code {self.proc.returncode}: "
-                                 f"{tail[0] if tail else 'no output'} (log: {self.log})")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self.uri
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise UsageError(f"mlflow server on {self.uri} did not answer within {timeout:.0f} s (log: {self.log})")
-
-    def start(self, timeout: float = SERVER_START_TIMEOUT) -> str:
-        self.launch()
-        return self.wait(timeout)
-
-    def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM to the server's process group (the server and its uvicorn worker), SIGKILL after
-        ``grace`` seconds. Touches no other process."""
-        if self.proc is None:
-            return
-        pgid = self.proc.pid  # start_new_session: the group is the server's own
-
-        def alive() -> bool:
-            self.proc.poll()  # reap the leader once it exits, so the group can empty
-            try:
-                os.killpg(pgid, 0)
-                return True
-            except ProcessLookupError:
-                return False
-
-        if alive():
-            os.killpg(pgid, signal.SIGTERM)
-        deadline = time.time() + grace
-        while alive() and time.time() < deadline:
-            time.sleep(0.2)
-        if alive():
-            os.killpg(pgid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self.proc = None
-
-    def __enter__(self) -> "MlflowServer":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def find_or_create_parent(client, experiment_id: str, sweep: str, tags: dict[str, str]) -> tuple[str, bool]:
@@ -460,7 +333,7 @@ def execute(args: argparse.Namespace, trials: list[Trial], client, experiment_id
 def _describe_checkpoint(storage: Path, run_name: str) -> str:
     """``resuming from checkpoint_...``, ``new``, or why the checkpoint cannot be read (the trial says more)."""
     try:
-        latest = train.latest_checkpoint(storage, run_name)
+        latest = latest_checkpoint(storage, run_name)
     except Exception as err:  # a torn state file: the trial's own pre-flight reports it
         return f"checkpoint unreadable ({one_line(err, 120)})"
     return f"resuming from {latest.name}" if latest is not None else "new"
@@ -511,7 +384,7 @@ def sweep(args: argparse.Namespace) -> list[Trial]:
     trials = plan(args)
     args.shards, args.embeddings = args.shards.resolve(), args.embeddings.resolve()
     args.storage_path = args.storage_path.resolve()
-    uri = train.tracking_uri()
+    uri = tracking_uri()
     db = sqlite_path(uri)
     check_job_paths(args, db)
     print(f"sweep {args.experiment!r}: {len(trials)} trials (splits {args.splits}, ablations {args.ablations}, "
@@ -540,16 +413,16 @@ def sweep(args: argparse.Namespace) -> list[Trial]:
         print(f"Ray: {nodes} node{'s' * (nodes != 1)}, {ray.cluster_resources().get('CPU', 0):g} CPUs, "
               f"{ray.cluster_resources().get('GPU', 0):g} GPUs", flush=True)
         if server is not None and nodes > 1:
-            raise UsageError(f"MLFLOW_TRACKING_URI {train.tracking_uri()} is a SQLite store, but the Ray cluster has "
+            raise UsageError(f"MLFLOW_TRACKING_URI {tracking_uri()} is a SQLite store, but the Ray cluster has "
                              f"{nodes} nodes: trials elsewhere cannot reach a server on 127.0.0.1; run an mlflow "
                              "server every node reaches and set MLFLOW_TRACKING_URI=http://HOST:PORT")
-        train.check_cluster(args)
+        check_cluster(args.num_workers, args.cpus_per_worker, args.use_gpu)
         if server is not None:
             t0 = server.started
             uri = server.wait()
             print(f"MLflow: server up on {uri} after {time.time() - t0:.0f} s (log {server.log})", flush=True)
         client = MlflowClient(uri)
-        experiment_id = train.ensure_experiment(client, args.experiment, uri)
+        experiment_id = ensure_experiment(client, args.experiment, uri)
         parent_id, created = find_or_create_parent(client, experiment_id, args.experiment, {
             "sweep.splits": args.splits, "sweep.ablations": args.ablations, "sweep.backbones": args.backbones,
             "sweep.seeds": args.seeds or str(args.seed if args.seed is not None else "preset"),
@@ -562,7 +435,7 @@ def sweep(args: argparse.Namespace) -> list[Trial]:
             run = existing.get(t.run_name)
             if is_done(run, t.epochs):
                 t.status, t.reason = "skipped", f"finished before (run {run.info.run_id[:8]})"
-                t.metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("test/", "baseline/"))}
+                t.metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("test/", "floor/"))}
             elif run is not None and run.info.status != "FINISHED" and \
                     _describe_checkpoint(args.storage_path, t.run_name) == "new":
                 # died before its first checkpoint: nothing to resume, close it and start afresh

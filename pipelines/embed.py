@@ -1,26 +1,27 @@
-"""Precompute the frozen CLIP embeddings: ``python -m pipelines.embed --shards DIR --out DIR``.
+"""Precompute the frozen CLIP embeddings: ``python -m pipelines.embed --shards DIR --out DIR [--config NAME]``.
 
-Three parquet tables, each L2-normalised float32 vectors:
+The tables (format: :mod:`capenext.data.embeddings`) are made for a run's config: the same ``--config``
+and ``--set section.field=value`` as ``jobs.train`` (and the same default preset: ``tiny`` for the tiny
+backbone, else ``swinv2_t``), so the crop, the box scale, the CLIP activation and input normalisation
+are the ones the run will check for. Three parquet tables, each L2-normalised float32 vectors:
 
-* ``images.parquet``: ``key``, ``ann_id``, ``category_id``, ``embedding`` of the un-augmented query
-  crop (the training crop at ``--image-size``, CLIP-normalised and resized to CLIP's input, 224 for
-  ViT-B-32). Ray Data reads the shards (``read_webdataset``) and runs ``map_batches`` with a callable
-  CLIP class on an actor pool; each actor takes a GPU when the cluster has one, CPUs otherwise.
-* ``classes.parquet``: ``category_id``, ``prompt`` (``a photo of {name}``), ``embedding``.
-* ``keypoints.parquet``: ``category_id``, ``keypoint_index``, ``text``, ``variant``, ``embedding``; the
-  variants are ``clean`` plus the seeded noisy ones of :mod:`capenext.noise` (``typo@R``,
-  ``template:NAME``) that the robustness evaluation reads.
+* ``images.parquet``: the un-augmented query crop (``data.image_size``, box scaled by ``data.bbox_scale``,
+  normalised as ``model.clip_image_norm`` says, resized to CLIP's input, 224 for ViT-B-32). Ray Data
+  reads the shards (``read_webdataset``) and runs ``map_batches`` with a callable CLIP class on an actor
+  pool; each actor takes a GPU when the cluster has one, CPUs otherwise.
+* ``classes.parquet``: ``a photo of {name}``.
+* ``keypoints.parquet``: the keypoint texts (the annotation's names, or ``data.descriptions``), ``clean``
+  plus the seeded noisy variants of :mod:`capenext.noise` (``typo@R``, ``template:NAME``) that the
+  robustness evaluation reads.
 
-``embeddings.json`` (and each table's schema metadata) records the CLIP model, the checkpoint's sha256
-(or ``random``), the shard manifest digest, the crop size and the variants; :func:`check_metadata`
-refuses embeddings that do not match a run's config with one line naming the field. A re-run whose
-inputs are unchanged does nothing; files are written to a temporary name, then renamed.
+``embeddings.json`` records every field of :data:`capenext.data.embeddings.FIELDS`, the shard manifest
+digest and the variants. A re-run whose inputs are unchanged does nothing; files are written to a
+temporary name, then renamed.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -33,34 +34,14 @@ import torch
 from tqdm import tqdm
 
 from capenext.cli import UsageError, run_main
-from capenext.config import DataCfg
+from capenext.config import RunCfg, available_presets, resolve, to_dict
+from capenext.data.embeddings import META_FILE, TABLES, expected_metadata
 from capenext.data.mp100 import Category, Sample
 from capenext.data.shards import ShardIndex
 from capenext.data.transforms import crop, decode_image
-from capenext.engine import EmbeddingBank
 from capenext.models.clip import FrozenCLIP, class_prompt
 from capenext.noise import keypoint_variants, load_template_maps
-from pipelines.shard import init_ray
-
-META_FILE = "embeddings.json"
-TABLES = ("images.parquet", "classes.parquet", "keypoints.parquet")
-# fields a training run must agree with: a mismatch is refused
-CHECKED_FIELDS = ("clip_model", "clip_checkpoint_sha256", "manifest_digest", "image_size")
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def checkpoint_id(checkpoint: str | None) -> str:
-    """``random`` or the sha256 of the local CLIP checkpoint file."""
-    if checkpoint is None or checkpoint == "random":
-        return "random"
-    return file_sha256(checkpoint)
+from jobs.common import init_ray
 
 
 def _write_table(table: pa.Table, path: Path, meta: dict[str, Any]) -> None:
@@ -78,11 +59,16 @@ def _vectors(emb: np.ndarray) -> pa.Array:
 class ClipImageEmbedder:
     """Ray Data callable class: a batch of webdataset rows → their crops' CLIP image embeddings."""
 
-    def __init__(self, clip_model: str, clip_checkpoint: str, image_size: int, bbox_scale: float):
+    def __init__(self, run: dict[str, Any]):
+        from capenext.cli import offline
+        from capenext.config import from_dict
+
+        offline()
+        cfg = from_dict(run)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.clip = FrozenCLIP(clip_model, clip_checkpoint).to(self.device)
-        self.image_size, self.bbox_scale = image_size, bbox_scale
+        self.clip = clip_of(cfg).to(self.device)
+        self.image_size, self.bbox_scale = cfg.data.image_size, cfg.data.bbox_scale
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         crops, anns, cats = [], [], []
@@ -123,16 +109,21 @@ def text_tables(clip: FrozenCLIP, categories: dict[int, Category], variants_of, 
     return classes, keypoints
 
 
-def image_table(index: ShardIndex, clip_model: str, clip_checkpoint: str, image_size: int, bbox_scale: float,
-                batch_size: int, actors: int, use_gpu: bool, cpus_per_actor: float = 1.0) -> pa.Table:
+def clip_of(cfg: RunCfg) -> FrozenCLIP:
+    """The run's frozen CLIP: model, weights, activation and image normalisation from ``cfg.model``."""
+    m = cfg.model
+    return FrozenCLIP(m.clip_model, m.clip_checkpoint, m.clip_quick_gelu, m.clip_image_norm)
+
+
+def image_table(index: ShardIndex, cfg: RunCfg, batch_size: int, actors: int, use_gpu: bool,
+                cpus_per_actor: float = 1.0) -> pa.Table:
     """Ray Data: shards → actor pool of CLIP image towers → one table, sorted by annotation id."""
     import ray
 
     ds = ray.data.read_webdataset([str(p) for p in index.shard_paths], decoder=None)
     ds = ds.map_batches(
         ClipImageEmbedder,
-        fn_constructor_kwargs=dict(clip_model=clip_model, clip_checkpoint=clip_checkpoint,
-                                   image_size=image_size, bbox_scale=bbox_scale),
+        fn_constructor_kwargs=dict(run=to_dict(cfg)),
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0,
@@ -151,23 +142,19 @@ def image_table(index: ShardIndex, clip_model: str, clip_checkpoint: str, image_
     })
 
 
-def embed(shards: Path, out: Path, clip_model: str = "ViT-B-32", clip_checkpoint: str | None = None,
-          batch_size: int = 64, image_size: int = DataCfg.image_size, typo_rates: tuple[float, ...] = (0.1,),
+def embed(shards: Path, out: Path, cfg: RunCfg, batch_size: int = 64, typo_rates: tuple[float, ...] = (0.1,),
           template_map: str | None = None, noise_seed: int = 0, actors: int | None = None,
           address: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Write the three tables and ``embeddings.json`` into ``out``; returns the metadata."""
+    """Write the three tables and ``embeddings.json`` for ``cfg`` into ``out``; returns the metadata."""
     import ray
 
-    if clip_checkpoint is None:
+    if cfg.model.clip_checkpoint is None:
         raise UsageError("pass --clip-checkpoint PATH (local CLIP weights) or --clip-checkpoint random")
-    index = ShardIndex(shards)
+    index = ShardIndex(shards, descriptions=cfg.data.descriptions)
     maps = load_template_maps(template_map)
     meta = {
-        "clip_model": clip_model,
-        "clip_checkpoint_sha256": checkpoint_id(clip_checkpoint),
+        **expected_metadata(cfg),
         "manifest_digest": index.digest,
-        "image_size": image_size,
-        "bbox_scale": DataCfg.bbox_scale,
         "typo_rates": list(typo_rates),
         "template_maps": maps,
         "noise_seed": noise_seed,
@@ -181,7 +168,7 @@ def embed(shards: Path, out: Path, clip_model: str = "ViT-B-32", clip_checkpoint
                 print(f"embeddings in {out} are up to date; nothing to do")
             return old
 
-    clip = FrozenCLIP(clip_model, clip_checkpoint)
+    clip = clip_of(cfg)
     meta["embed_dim"] = clip.embed_dim
 
     def variants_of(cat: Category) -> dict[str, list[str]]:
@@ -196,8 +183,7 @@ def embed(shards: Path, out: Path, clip_model: str = "ViT-B-32", clip_checkpoint
     # one actor per GPU; on CPUs, leave one CPU to the read tasks (else the pool starves them and waits)
     n_actors = actors or (int(resources["GPU"]) if use_gpu else max(1, int(cpus) - 1))
     cpus_per_actor = min(1.0, max(0.1, (cpus - 0.5) / n_actors))
-    images = image_table(index, clip_model, clip_checkpoint, image_size, DataCfg.bbox_scale, batch_size,
-                         n_actors, use_gpu, cpus_per_actor)
+    images = image_table(index, cfg, batch_size, n_actors, use_gpu, cpus_per_actor)
     if images.num_rows != len(index.samples):
         raise RuntimeError(f"embedded {images.num_rows} images, the shards hold {len(index.samples)}")
     meta["counts"] = {"images": images.num_rows, "classes": classes.num_rows, "keypoints": keypoints.num_rows}
@@ -209,84 +195,62 @@ def embed(shards: Path, out: Path, clip_model: str = "ViT-B-32", clip_checkpoint
     return meta
 
 
-def read_metadata(embeddings: str | Path) -> dict[str, Any]:
-    path = Path(embeddings) / META_FILE
-    if not path.is_file() or not all((Path(embeddings) / t).is_file() for t in TABLES):
-        raise FileNotFoundError(f"no embeddings in {embeddings}: run python -m pipelines.embed --out {embeddings}")
-    return json.loads(path.read_text())
-
-
-def check_metadata(embeddings: str | Path, expected: dict[str, Any]) -> dict[str, Any]:
-    """Refuse embeddings made with another CLIP, checkpoint, shard set or crop size (one line)."""
-    meta = read_metadata(embeddings)
-    for key in CHECKED_FIELDS:
-        if key in expected and meta.get(key) != expected[key]:
-            raise ValueError(f"embeddings in {embeddings} were made with {key}={meta.get(key)!r}, this run "
-                             f"uses {expected[key]!r}: re-run pipelines.embed with the run's settings")
-    return meta
-
-
-def _vectors_of(table: pa.Table) -> torch.Tensor:
-    col = table.column("embedding").combine_chunks()
-    return torch.from_numpy(col.values.to_numpy().reshape(len(col), -1).copy())
-
-
-def load_bank(embeddings: str | Path, variant: str = "clean", images: bool = True) -> EmbeddingBank:
-    """The tables as an :class:`EmbeddingBank`; ``images=False`` skips the image table (ablations that
-    use no image embedding read none)."""
-    embeddings = Path(embeddings)
-    read_metadata(embeddings)
-    kp = pq.read_table(embeddings / "keypoints.parquet", filters=[("variant", "=", variant)])
-    if kp.num_rows == 0:
-        have = sorted(set(pq.read_table(embeddings / "keypoints.parquet", columns=["variant"])
-                          .column("variant").to_pylist()))
-        raise KeyError(f"keypoint variant {variant!r} not in {embeddings}; available: {have}")
-    vec = _vectors_of(kp)
-    cats = np.asarray(kp.column("category_id"))
-    idx = np.asarray(kp.column("keypoint_index"))
-    keypoints = {}
-    for c in np.unique(cats):
-        rows = np.flatnonzero(cats == c)
-        keypoints[int(c)] = vec[rows[np.argsort(idx[rows])]]
-    cl = pq.read_table(embeddings / "classes.parquet")
-    classes = dict(zip(np.asarray(cl.column("category_id")).tolist(), _vectors_of(cl)))
-    bank = EmbeddingBank(keypoints=keypoints, classes=classes)
-    if images:
-        im = pq.read_table(embeddings / "images.parquet", columns=["ann_id", "embedding"])
-        bank.images = dict(zip(np.asarray(im.column("ann_id")).tolist(), _vectors_of(im)))
-    return bank
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m pipelines.embed",
         description="Precompute frozen CLIP class, keypoint (clean and noisy) and image embeddings from "
-                    "the shards into parquet tables, on Ray (GPU actors when the cluster has GPUs).",
+                    "the shards into parquet tables for a run's config, on Ray (GPU actors when the cluster "
+                    "has GPUs). Pass the same --config/--set (or --clip-* options) as the training run.",
+        epilog="example (the tiny CPU settings):\n"
+               "  python -m pipelines.embed --shards shards --out emb --config tiny --clip-checkpoint random",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--shards", type=Path, required=True, help="shard folder written by pipelines.shard")
     p.add_argument("--out", type=Path, required=True, help="output folder for the parquet tables")
-    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name, or 'tiny' (default ViT-B-32)")
-    p.add_argument("--clip-checkpoint", default=None,
-                   help="local CLIP weights file, or 'random' for explicit random init (required)")
-    p.add_argument("--batch-size", type=int, default=64, help="images or texts per CLIP forward (default 64)")
-    p.add_argument("--image-size", type=int, default=DataCfg.image_size,
-                   help="training crop size the image embedding is taken from (default 256)")
-    p.add_argument("--typo-rates", default="0.1", help="comma-separated typo rates to precompute (default 0.1)")
-    p.add_argument("--template-map", default=None, help="JSON word map(s) for template variants "
+    g = p.add_argument_group("the run's config (as jobs.train takes it)")
+    g.add_argument("--config", default=None,
+                   help=f"config preset (default: 'tiny' for the tiny backbone, else 'swinv2_t'); one of "
+                        f"{available_presets()}")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set data.bbox_scale=1.5 (repeatable)")
+    g.add_argument("--backbone", default=None, help="the run's backbone (picks the default preset)")
+    g.add_argument("--clip-model", default=None, help="open_clip model name, or 'tiny' (default: the preset's)")
+    g.add_argument("--clip-checkpoint", default=None,
+                   help="local CLIP weights file, or 'random' for explicit random init (default: the preset's)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="crop size the image embedding is taken from (default: the preset's data.image_size)")
+    g.add_argument("--descriptions", default=None,
+                   help="keypoint texts from a description file instead of the annotations' names")
+    g = p.add_argument_group("the tables")
+    g.add_argument("--batch-size", type=int, default=64, help="images or texts per CLIP forward (default 64)")
+    g.add_argument("--typo-rates", default="0.1", help="comma-separated typo rates to precompute (default 0.1)")
+    g.add_argument("--template-map", default=None, help="JSON word map(s) for template variants "
                    "(default: the paper's Table 5 maps)")
-    p.add_argument("--noise-seed", type=int, default=0, help="seed of the noisy variants (default 0)")
-    p.add_argument("--actors", type=int, default=None, help="CLIP actors (default: one per GPU, else per CPU)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    g.add_argument("--noise-seed", type=int, default=0, help="seed of the noisy variants (default 0)")
+    g.add_argument("--actors", type=int, default=None, help="CLIP actors (default: one per GPU, else per CPU)")
+    g.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
     return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> RunCfg:
+    """The run's config from the same preset rule and overrides as ``jobs.train``."""
+    return resolve(args.config, {
+        "model.backbone": args.backbone, "model.clip_model": args.clip_model,
+        "model.clip_checkpoint": args.clip_checkpoint, "data.image_size": args.image_size,
+        "data.descriptions": args.descriptions}, args.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
-    rates = tuple(float(r) for r in args.typo_rates.split(",") if r.strip())
-    meta = embed(args.shards, args.out, args.clip_model, args.clip_checkpoint, args.batch_size, args.image_size,
-                 rates, args.template_map, args.noise_seed, args.actors, args.address)
+    try:
+        rates = tuple(float(r) for r in args.typo_rates.split(",") if r.strip())
+    except ValueError:
+        raise UsageError(f"--typo-rates expects comma-separated numbers, got {args.typo_rates!r}") from None
+    cfg = resolve_config(args)
+    meta = embed(args.shards, args.out, cfg, args.batch_size, rates, args.template_map, args.noise_seed,
+                 args.actors, args.address)
     print(json.dumps({k: meta[k] for k in ("clip_model", "clip_checkpoint_sha256", "counts") if k in meta}))
     return 0
 

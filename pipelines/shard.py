@@ -2,7 +2,7 @@
 
 One sample per annotation that survives cleaning, over the union of the 15 annotation files (an
 annotation sits in one subset of every split; it is stored once, and its copies must agree). Shards are
-made once for all five splits: a split selects its samples by category (DESIGN.md), so a shard never
+made once for all five splits: a split selects its samples by category, so a shard never
 mixes categories and the manifest records each split's category lists.
 
 A sample is the tar members ``<key>.<ext>`` and ``<key>.json``:
@@ -32,216 +32,23 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
-import logging
 import os
-import re
 import tarfile
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from capenext.cli import UsageError, run_main
-from capenext.data.mp100 import (
-    SPLITS,
-    SUBSETS,
-    Category,
-    DataError,
-    Sample,
-    Subset,
-    annotation_path,
-    load_subset,
-)
+from capenext.data.mp100 import DataError, Sample
+from capenext.data.shards import FORMAT, MANIFEST, SHARD_NAME, category_json, image_ext, sample_key
+from capenext.data.source import BadImage, Source, annotation_files, collect, read_checked, source_digest
+from capenext.files import file_sha256, write_atomic
+from jobs.common import init_ray
 
-FORMAT = "capenext-shards/1"
-MANIFEST = "manifest.json"
 DEFAULT_SHARD_SIZE = 1000
-SHARD_NAME = re.compile(r"^c-?\d+-\d{4,}\.tar$")
-IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".ppm": "ppm", ".pgm": "pgm", ".pbm": "pbm",
-              ".bmp": "bmp", ".gif": "gif", ".tif": "tif", ".tiff": "tif", ".webp": "webp"}
 _TAR = dict(mtime=0, user="capenext", group="capenext", mode=0o444)  # reproducible member headers
-
-
-# ---------------------------------------------------------------- the source: 15 files, one union
-
-
-def sample_key(ann_id: int) -> str:
-    """The webdataset key of an annotation: no dots, sorts like the id for ids below 10^9."""
-    return f"a{ann_id:09d}"
-
-
-def image_ext(file_name: str) -> str:
-    """Member extension of an image file: its suffix, lower-cased (``.jpeg`` → ``jpg``)."""
-    suffix = Path(file_name).suffix.lower()
-    return IMAGE_EXTS.get(suffix, suffix.lstrip(".") or "img")
-
-
-def annotation_files() -> list[str]:
-    """The 15 annotation files relative to the data root, in the fixed order the digest uses."""
-    return [f"annotations/mp100_split{k}_{s}.json" for k in SPLITS for s in SUBSETS]
-
-
-def category_json(cat: Category) -> dict[str, Any]:
-    return {"id": cat.id, "name": cat.name, "supercategory": cat.supercategory,
-            "keypoints": list(cat.keypoints), "skeleton": [list(e) for e in cat.skeleton]}
-
-
-@dataclass
-class Source:
-    """The cleaned union of a data root's 15 annotation files."""
-
-    root: Path
-    digest: str  # sha256 over the 15 files (name, length, bytes) in annotation_files() order
-    categories: dict[int, Category]
-    samples: list[Sample]  # one per annotation id, sorted by (category id, annotation id)
-    records: dict[int, tuple[dict, dict]]  # annotation id → (raw annotation, raw image record)
-    splits: dict[str, dict[str, list[int]]]  # "1" → {"train": [category ids], ...}
-    subsets: dict[tuple[int, str], Subset] = field(default_factory=dict)
-    raw_images: dict[str, dict[int, dict]] = field(default_factory=dict)  # file → image id → record
-
-    @property
-    def image_root(self) -> Path:
-        return self.root / "images"
-
-    def dropped(self) -> dict[str, dict[str, int]]:
-        """Per split, what cleaning dropped (reason → count), summed over its three subsets."""
-        out: dict[str, dict[str, int]] = {}
-        for (split, _), sub in sorted(self.subsets.items()):
-            acc = Counter(out.get(str(split), {}))
-            acc.update(sub.dropped)
-            out[str(split)] = dict(sorted(acc.items()))
-        return out
-
-
-def source_digest(root: Path) -> str:
-    """sha256 over the annotation files' names, lengths and bytes, in a fixed order (missing = empty)."""
-    h = hashlib.sha256()
-    for name in annotation_files():
-        path = root / name
-        data = path.read_bytes() if path.is_file() else b""
-        h.update(name.encode() + b"\0" + len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.hexdigest()
-
-
-def collect(root: str | Path, problems: list[DataError] | None = None) -> Source:
-    """Read, clean and merge the 15 annotation files of ``root``.
-
-    With ``problems=None`` the first problem raises :class:`DataError` (the shard job); with a list, every
-    problem is appended and the records concerned are left out (``pipelines.validate``). Beyond the
-    data layer's checks: two different records with one id in a file, and an annotation (or category)
-    that differs between files.
-    """
-    root = Path(root)
-
-    def report(err: DataError) -> None:
-        if problems is None:
-            raise err
-        problems.append(err)
-
-    categories: dict[int, tuple[Category, str]] = {}
-    seen: dict[int, tuple[dict, dict, str]] = {}
-    samples: dict[int, Sample] = {}
-    splits: dict[str, dict[str, list[int]]] = {}
-    subsets: dict[tuple[int, str], Subset] = {}
-    raw_images: dict[str, dict[int, dict]] = {}
-    for split in SPLITS:
-        for name in SUBSETS:
-            path = annotation_path(root, split, name)
-            try:
-                sub = load_subset(path, root / "images", missing="ignore", problems=problems)
-            except DataError as err:  # the file itself: missing, not json, no lists
-                report(err)
-                continue
-            subsets[(split, name)] = sub
-            splits.setdefault(str(split), {})[name] = sorted(sub.categories)
-            raw = json.loads(path.read_bytes())
-            anns, images = _raw_index(path, raw, report)
-            raw_images[path.name] = images
-            for cat in sub.categories.values():
-                known = categories.setdefault(cat.id, (cat, path.name))
-                if known[0] != cat:
-                    report(DataError(f"{path}: category {cat.id}: differs from its definition in {known[1]}",
-                                     "inconsistent category"))
-            for s in sub.samples:
-                record = (anns[s.ann_id], images[s.image_id])
-                first = seen.setdefault(s.ann_id, (*record, path.name))
-                if first[:2] != record:
-                    report(DataError(f"{path}: annotation {s.ann_id}: differs from its copy in {first[2]} "
-                                     "(annotation or image record)", "inconsistent annotation", s.file_name))
-                    continue
-                if categories[s.category_id][0] == sub.categories[s.category_id]:
-                    samples.setdefault(s.ann_id, s)
-    ordered = sorted(samples.values(), key=lambda s: (s.category_id, s.ann_id))
-    return Source(
-        root=root,
-        digest=source_digest(root),
-        categories={cid: c for cid, (c, _) in sorted(categories.items())},
-        samples=ordered,
-        records={s.ann_id: seen[s.ann_id][:2] for s in ordered},
-        splits=splits,
-        subsets=subsets,
-        raw_images=raw_images,
-    )
-
-
-def _raw_index(path: Path, raw: dict, report) -> tuple[dict[int, dict], dict[int, dict]]:
-    """Annotation id → record and image id → record of a parsed file.
-
-    An id twice in the file with two different records is reported; identical copies are merged.
-    """
-    anns: dict[int, dict] = {}
-    for a in raw["annotations"]:
-        if isinstance(a, dict) and isinstance(a.get("id"), int):
-            if anns.setdefault(a["id"], a) != a:
-                report(DataError(f"{path}: annotation {a['id']}: two different records with this id",
-                                 "duplicate annotation"))
-    images: dict[int, dict] = {}
-    for im in raw["images"]:
-        if isinstance(im, dict) and isinstance(im.get("id"), int):
-            if images.setdefault(im["id"], im) != im:
-                report(DataError(f"{path}: image {im['id']}: two different records with this id",
-                                 "duplicate image", im.get("file_name")))
-    return anns, images
-
-
-# ---------------------------------------------------------------- images
-
-
-class BadImage(Exception):
-    """An image that cannot go into a shard: ``kind`` is missing / unreadable / corrupt / size mismatch."""
-
-    def __init__(self, kind: str, reason: str):
-        super().__init__(reason)
-        self.kind, self.reason = kind, reason
-
-    def __reduce__(self):
-        return (type(self), (self.kind, self.reason))
-
-
-def read_checked(path: Path, width: int, height: int) -> bytes:
-    """The file's bytes, after checking it exists, decodes fully (any mode to RGB) and is ``width × height``."""
-    from PIL import Image
-
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BadImage("missing image", "file not found") from None
-    except OSError as err:
-        raise BadImage("unreadable image", f"cannot read ({err.strerror or err})") from None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            size = im.size
-            im.load()  # a truncated file fails here, not at open
-            if im.mode not in ("RGB", "L"):
-                im.convert("RGB")
-    except Exception as err:  # PIL raises many types for corrupt files
-        raise BadImage("corrupt image", f"cannot decode ({' '.join(str(err).split())})") from None
-    if size != (width, height):
-        raise BadImage("size mismatch", f"is {size[0]}x{size[1]}, the json says {width}x{height}")
-    return data
 
 
 # ---------------------------------------------------------------- planning
@@ -302,22 +109,8 @@ def _file_stats(root: Path, names: Iterable[str]) -> dict[str, tuple[int, int] |
 # ---------------------------------------------------------------- writing one shard (a Ray task)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sidecar_path(out: Path, name: str) -> Path:
     return out / f".{name}.json"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def write_shard(plan: ShardPlan, image_root: str, out: str, skip_bad: bool) -> dict[str, Any]:
@@ -354,11 +147,11 @@ def write_shard(plan: ShardPlan, image_root: str, out: str, skip_bad: bool) -> d
         if bad and not skip_bad:
             return {"entry": None, "bad": bad}
         entry = {"name": plan.name, "categories": [plan.category], "count": count,
-                 "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
+                 "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size}
         # the sidecar lands first: a tar on disk always has one (a run killed between the two renames
         # leaves a sidecar whose tar is missing, which the next run rewrites)
         side = {**entry, "inputs": plan.inputs, "skipped": [{**b, "shard": plan.name} for b in bad]}
-        _write_atomic(sidecar_path(out_dir, plan.name), json.dumps(side, sort_keys=True).encode())
+        write_atomic(sidecar_path(out_dir, plan.name), json.dumps(side, sort_keys=True).encode())
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -376,7 +169,7 @@ def _complete(out: Path, plan: ShardPlan, skip_bad: bool) -> dict[str, Any] | No
         return None
     if side["skipped"] and not skip_bad:
         return None  # made with --skip-bad; without it, the bad samples must stop the job
-    if path.stat().st_size != side.get("bytes") or sha256_file(path) != side.get("sha256"):
+    if path.stat().st_size != side.get("bytes") or file_sha256(path) != side.get("sha256"):
         return None
     return side
 
@@ -396,20 +189,6 @@ def _tidy(out: Path, plans: list[ShardPlan]) -> None:
 
 
 # ---------------------------------------------------------------- the job
-
-
-def init_ray(address: str | None = None):
-    """Reuse an initialised Ray; else ``ray.init(address)``, quietly.
-
-    ``address=None`` is ``ray.init()``'s own lookup: ``RAY_ADDRESS`` (set by ``ray job submit``), a cluster
-    started with ``ray start`` on this machine, else a new local instance.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        # the dashboard stays on: Ray Train's State API (placement-group cleanup) needs it
-        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
-    return ray
 
 
 def shard(
@@ -442,7 +221,7 @@ def shard(
                                      len(plans)).items():
             sides[name] = side
     manifest = build_manifest(source, plans, sides, shard_size)
-    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return manifest
 
 
@@ -520,7 +299,7 @@ def verify(out: str | Path, data_root: str | Path | None = None) -> dict[str, An
         if not shard_path.is_file():
             bad.append(f"{entry['name']} missing")
             continue
-        digest = sha256_file(shard_path)
+        digest = file_sha256(shard_path)
         if digest != entry["sha256"]:
             bad.append(f"{entry['name']} sha256 {digest[:12]}… != manifest {entry['sha256'][:12]}…")
             continue

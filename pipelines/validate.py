@@ -31,7 +31,7 @@ from typing import Any
 
 from capenext.cli import run_main
 from capenext.data.mp100 import SPLITS, SUBSETS, DataError
-from pipelines.shard import BadImage, Source, collect, read_checked
+from capenext.data.source import BadImage, Source, collect, read_checked
 
 ERROR, WARNING = "error", "warning"
 EXAMPLES = 3  # examples shown per kind of problem

@@ -53,13 +53,13 @@ def ray_local():
 def prepared(synthetic_root, ray_local, tmp_path_factory) -> Path:
     """Shards (``prepared / "shards"``) and tiny random-CLIP embeddings (``prepared / "emb"``, crop 128)
     of the synthetic set, made once per session; tests must not modify them."""
+    from capenext.config import load_preset
     from pipelines.embed import embed
     from pipelines.shard import shard
 
     base = tmp_path_factory.mktemp("prepared")
     shard(synthetic_root, base / "shards", progress=False)
-    embed(base / "shards", base / "emb", clip_model="tiny", clip_checkpoint="random", batch_size=64,
-          image_size=128, progress=False)
+    embed(base / "shards", base / "emb", load_preset("tiny"), batch_size=64, progress=False)
     return base
 
 

@@ -17,6 +17,7 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
+from capenext.models import available_ablations
 from jobs import sweep
 from tests.conftest import REPO
 
@@ -82,7 +83,7 @@ def test_rayjob_runs_the_sweep_on_a_gpu_worker_group_and_shuts_down():
     assert argv[:3] == ["python", "-m", "jobs.sweep"]
     args = sweep.parse_args(argv[3:])
     assert sweep.parse_splits(args.splits) == [1, 2, 3, 4, 5]
-    assert set(args.ablations.split(",")) == set(sweep.PAPER_ABLATIONS)
+    assert set(args.ablations.split(",")) == set(available_ablations())
     assert args.use_gpu
     for path in (args.shards, args.embeddings, args.storage_path, Path(args.clip_checkpoint)):
         assert str(path).startswith("/mnt/shared/"), path

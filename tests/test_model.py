@@ -24,6 +24,7 @@ from capenext.models import (
     available_backbones,
     build_model,
     create_backbone,
+    get_ablation,
     parameter_counts,
 )
 from capenext.models.clip import IMAGENET_MEAN, IMAGENET_STD
@@ -34,7 +35,17 @@ from tests.conftest import assert_one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 K = 100  # keypoint slots
-ABLATIONS = ["full", "no_hcmi", "no_dsfr", "no_lw", "baseline", "img_only", "cls_only"]
+ABLATIONS = available_ablations()
+# the paper's ablations (Tables 2 and 3): streams, HCMI, fusion, gates
+PAPER_ABLATIONS = {
+    "full": (("img", "cls"), True, "dsfr", True),
+    "no_hcmi": (("img", "cls"), False, "dsfr", True),
+    "no_dsfr": (("img", "cls"), True, "projection", False),
+    "no_lw": (("img", "cls"), True, "dsfr", False),
+    "baseline": ((), False, None, False),
+    "img_only": (("img",), True, "dsfr", True),
+    "cls_only": (("cls",), True, "dsfr", True),
+}
 
 
 
@@ -67,8 +78,11 @@ def loss_of(model, batch, out=None) -> dict[str, torch.Tensor]:
     return CapeNextLoss()(out, torch.rand(b, K, 32, 32, generator=g), torch.rand(b, K, 2, generator=g), w, w)
 
 
-def test_ablation_registry_holds_the_paper_presets():
-    assert available_ablations() == sorted(ABLATIONS)
+def test_ablation_registry_holds_the_paper_presets_as_the_paper_defines_them():
+    assert set(PAPER_ABLATIONS) <= set(available_ablations())
+    for name, (streams, hcmi, fusion, gated) in PAPER_ABLATIONS.items():
+        ab = get_ablation(name)
+        assert (tuple(ab.streams), ab.hcmi, ab.fusion, ab.gated) == (streams, hcmi, fusion, gated), name
     assert {"swinv2_t", "hrnet_w32", "vit_b16", "dinov2_vits", "tiny"} <= set(available_backbones())
 
 
@@ -150,24 +164,33 @@ def _groups(model) -> set[str]:
 
 CORE = {"backbone", "joint_proj", "encoder", "proposal", "decoder", "offset_heads"}
 DSFR_SHARED = {"dsfr.ffn", "dsfr.norm_w", "dsfr.norm_out"}
-EXPECTED_GROUPS = {
-    "full": CORE | {"hcmi"} | DSFR_SHARED | {"dsfr.attn.img", "dsfr.attn.cls", "dsfr.gate.img", "dsfr.gate.cls"},
-    "no_hcmi": CORE | DSFR_SHARED | {"dsfr.attn.img", "dsfr.attn.cls", "dsfr.gate.img", "dsfr.gate.cls"},
-    "no_dsfr": CORE | {"hcmi", "dsfr.proj.img", "dsfr.proj.cls"},
-    "no_lw": CORE | {"hcmi"} | DSFR_SHARED | {"dsfr.attn.img", "dsfr.attn.cls"},
-    "baseline": CORE,
-    "img_only": CORE | {"hcmi"} | DSFR_SHARED | {"dsfr.attn.img", "dsfr.gate.img"},
-    "cls_only": CORE | {"hcmi"} | DSFR_SHARED | {"dsfr.attn.cls", "dsfr.gate.cls"},
-}
+
+
+def expected_groups(ablation: str) -> set[str]:
+    """The parameter groups an ablation's definition implies."""
+    ab = get_ablation(ablation)
+    groups = set(CORE) | ({"hcmi"} if ab.hcmi else set())
+    if ab.fusion == "dsfr":
+        groups |= DSFR_SHARED | {f"dsfr.attn.{s}" for s in ab.streams}
+        groups |= {f"dsfr.gate.{s}" for s in ab.streams} if ab.gated else set()
+    elif ab.fusion == "projection":
+        groups |= {f"projection.proj.{s}" for s in ab.streams}
+    return groups
+
+
+def test_paper_presets_have_the_parameter_groups_of_their_definitions():
+    assert expected_groups("full") == CORE | {"hcmi"} | DSFR_SHARED | {
+        "dsfr.attn.img", "dsfr.attn.cls", "dsfr.gate.img", "dsfr.gate.cls"}
+    assert expected_groups("no_dsfr") == CORE | {"hcmi", "projection.proj.img", "projection.proj.cls"}
+    assert expected_groups("baseline") == CORE
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_each_preset_has_exactly_its_parameter_groups(ablation):
     model = build_model(tiny_cfg(ablation=ablation))
-    assert _groups(model) == EXPECTED_GROUPS[ablation]
-    uses_img = ablation not in ("baseline", "cls_only")
-    uses_cls = ablation not in ("baseline", "img_only")
-    assert (model.needs_image_embedding, model.needs_class_embedding) == (uses_img, uses_cls)
+    assert _groups(model) == expected_groups(ablation)
+    streams = get_ablation(ablation).streams
+    assert (model.needs_image_embedding, model.needs_class_embedding) == ("img" in streams, "cls" in streams)
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS)
@@ -180,8 +203,10 @@ def test_an_ablation_asks_only_for_the_embeddings_it_uses(ablation):
         batch.pop("cls_emb")
     with torch.no_grad():
         out = model(batch)
-    assert ("gate_img" in out) == (ablation in ("full", "no_hcmi", "img_only"))
-    assert ("gate_cls" in out) == (ablation in ("full", "no_hcmi", "cls_only"))
+    ab = get_ablation(ablation)
+    gated = ab.fusion == "dsfr" and ab.gated
+    assert ("gate_img" in out) == (gated and "img" in ab.streams)
+    assert ("gate_cls" in out) == (gated and "cls" in ab.streams)
     if model.needs_image_embedding:
         batch.pop("img_emb")
         with pytest.raises(KeyError, match="img_emb"):
@@ -321,16 +346,18 @@ def test_proposals_read_the_whole_map_and_the_window_around_the_peak():
     torch.testing.assert_close(local[0, 0], torch.tensor([(0.75 * 1.5 + 0.25 * 2.5) / 4, 1.5 / 4]))
 
 
-REAL_BACKBONES = [  # name, trunk channels, map side at a 256 crop
-    ("swinv2_t", 768, 16),
-    ("hrnet_w32", 512, 16),
-    ("vit_b16", 768, 14),
-    ("dinov2_vits", 384, 16),
-]
+BACKBONE_MAPS = {  # name → trunk channels, map side at a 256 crop (docs/model.md)
+    "swinv2_t": (768, 16),
+    "hrnet_w32": (512, 16),
+    "vit_b16": (768, 14),
+    "dinov2_vits": (384, 16),
+}
 
 
-@pytest.mark.parametrize("name,channels,side", REAL_BACKBONES)
-def test_real_backbones_build_from_timm_with_the_stated_map(name, channels, side):
+@pytest.mark.parametrize("name", [b for b in available_backbones() if b != "tiny"])  # tiny: the tests' own
+def test_every_registered_backbone_builds_with_its_documented_map(name):
+    assert name in BACKBONE_MAPS, f"backbone {name!r} is registered but its map is not documented here"
+    channels, side = BACKBONE_MAPS[name]
     backbone = create_backbone(name, dim=256).eval()
     assert backbone.trunk_channels == channels
     with torch.no_grad():

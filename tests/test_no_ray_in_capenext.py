@@ -1,4 +1,4 @@
-"""``capenext/`` is a pure PyTorch library: nothing under it imports ray or mlflow (DESIGN.md)."""
+"""``capenext/`` is a pure PyTorch library: nothing under it imports ray or mlflow."""
 
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ from capenext.data.shards import ShardIndex
 from capenext.data.transforms import crop
 from capenext.models.clip import FrozenCLIP, class_prompt
 from capenext.noise import load_template_maps, typo
-from pipelines.embed import check_metadata, embed, load_bank
+from capenext.config import load_preset, override
+from capenext.data.embeddings import check_tables, load_bank
+from pipelines.embed import embed
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +25,8 @@ def embedded(synthetic_root, ray_local, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("embed")
     shard(synthetic_root, base / "shards", progress=False)
-    meta = embed(base / "shards", base / "emb", clip_model="tiny", clip_checkpoint="random", batch_size=32,
-                 image_size=128, typo_rates=(0.1, 0.3), progress=False)
+    meta = embed(base / "shards", base / "emb", load_preset("tiny"), batch_size=32, typo_rates=(0.1, 0.3),
+                 progress=False)
     return base, meta
 
 
@@ -79,12 +81,13 @@ def test_noisy_variants_hold_the_noise_module_texts(embedded):
 def test_rerun_is_a_no_op_and_metadata_mismatch_is_refused(embedded, capsys):
     base, meta = embedded
     before = (base / "emb" / "images.parquet").stat().st_mtime_ns
-    again = embed(base / "shards", base / "emb", clip_model="tiny", clip_checkpoint="random", batch_size=32,
-                  image_size=128, typo_rates=(0.1, 0.3))
+    again = embed(base / "shards", base / "emb", load_preset("tiny"), batch_size=32, typo_rates=(0.1, 0.3))
     assert "up to date" in capsys.readouterr().out
     assert again == json.loads((base / "emb" / "embeddings.json").read_text())
     assert (base / "emb" / "images.parquet").stat().st_mtime_ns == before
+    digest = ShardIndex(base / "shards").digest
+    check_tables(base / "emb", load_preset("tiny"), digest)
     with pytest.raises(ValueError, match="clip_model='tiny'"):
-        check_metadata(base / "emb", {"clip_model": "ViT-B-32"})
+        check_tables(base / "emb", override(load_preset("tiny"), {"model.clip_model": "ViT-B-32"}), digest)
     with pytest.raises(ValueError, match="image_size=128"):
-        check_metadata(base / "emb", {"image_size": 256})
+        check_tables(base / "emb", override(load_preset("tiny"), {"data.image_size": "256"}), digest)

@@ -22,7 +22,7 @@ from capenext.data.shards import ShardIndex
 from capenext.data.transforms import affine_matrix, apply_affine, box_center_scale, invert_affine
 from capenext.predict import Predictor
 from jobs import predict as predict_job
-from pipelines.embed import load_bank
+from capenext.data.embeddings import load_bank
 from tests.conftest import assert_one_line_error, run_cli
 from tests.test_evaluate import trained_run
 

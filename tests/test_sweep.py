@@ -121,12 +121,12 @@ def sweep_data(synthetic_root, ray_head, tmp_path_factory):
     code = "\n".join([
         "import sys",
         "from pathlib import Path",
+        "from capenext.config import load_preset",
         "from pipelines.embed import embed",
         "from pipelines.shard import shard",
         "base = Path(sys.argv[2])",
         "shard(Path(sys.argv[1]), base / 'shards', progress=False)",
-        "embed(base / 'shards', base / 'emb', clip_model='tiny', clip_checkpoint='random', batch_size=64,"
-        " image_size=128, progress=False)",
+        "embed(base / 'shards', base / 'emb', load_preset('tiny'), batch_size=64, progress=False)",
     ])
     proc = subprocess.run([sys.executable, "-c", code, str(synthetic_root), str(base)], env=ray_head["env"],
                           cwd=base, capture_output=True, text=True, timeout=300)
@@ -186,7 +186,7 @@ def test_ray_job_submit_runs_every_trial_as_a_child_run(first_sweep, sweep_data)
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert (tags["split"], tags["ablation"], tags["backbone"]) == tuple(re.match(
             rf"{EXPERIMENT}-split(\d)-(\w+)-(tiny)$", name).groups())
-        assert 0.0 <= run.data.metrics["test/pck_0.2"] <= 1.0 and "baseline/pck_0.2" in run.data.metrics
+        assert 0.0 <= run.data.metrics["test/pck_0.2"] <= 1.0 and "floor/pck_0.2" in run.data.metrics
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0]
         assert client.get_metric_history(run.info.run_id, "val/pck_0.2")
         assert (sweep_data / "runs" / name).is_dir()  # checkpoints on the storage path, outside the working dir

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from capenext.checkpoint import read_checkpoint
 from capenext.cli import run_main
 from jobs import train
+from jobs.runs import latest_checkpoint
 from tests.conftest import REPO, assert_one_line_error, run_cli
 
 TINY = ["--backbone", "tiny", "--clip-model", "tiny", "--clip-checkpoint", "random", "--batch-size", "8",
@@ -153,7 +154,7 @@ def test_ray_run_resubmitted_resumes_from_its_checkpoint(prepared, ray_local, wo
     assert run.info.run_id == first
     assert [s for s, _ in _history(client, first, "train/loss")] == [0, 1]
     # the optimizer step count continued from the first run's checkpoint: 2 + 2
-    latest = train.latest_checkpoint(workdir / "runs", "grow")
+    latest = latest_checkpoint(workdir / "runs", "grow")
     assert torch.load(latest / "state.pt", weights_only=True)["step"] == 4
 
 

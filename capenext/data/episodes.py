@@ -1,4 +1,4 @@
-"""Pairs and episodes (DESIGN.md, "Samples, pairs, episodes").
+"""Pairs and episodes.
 
 Text-only CAPE: a pair is ``(query, support)`` of one category; the support contributes its category's
 keypoint texts, its skeleton and its visibility mask, never its image.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -36,11 +37,26 @@ from capenext.data.transforms import decode_image
 
 MANIFEST = "manifest.json"
 FORMAT = "capenext-shards/1"
+SHARD_NAME = re.compile(r"^c-?\d+-\d{4,}\.tar$")  # c{category:05d}-{chunk:04d}.tar
+IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".ppm": "ppm", ".pgm": "pgm", ".pbm": "pbm",
+              ".bmp": "bmp", ".gif": "gif", ".tif": "tif", ".tiff": "tif", ".webp": "webp"}
 
 
 def sample_key(ann_id: int) -> str:
-    """The shard key of an annotation (``pipelines.shard`` writes the same)."""
+    """The webdataset key of an annotation: no dots, sorts like the id for ids below 10^9."""
     return f"a{ann_id:09d}"
+
+
+def image_ext(file_name: str) -> str:
+    """Member extension of an image file: its suffix, lower-cased (``.jpeg`` → ``jpg``)."""
+    suffix = Path(file_name).suffix.lower()
+    return IMAGE_EXTS.get(suffix, suffix.lstrip(".") or "img")
+
+
+def category_json(cat: Category) -> dict[str, Any]:
+    """A category as a sample's json stores it (:func:`category_from_json` reads it back)."""
+    return {"id": cat.id, "name": cat.name, "supercategory": cat.supercategory,
+            "keypoints": list(cat.keypoints), "skeleton": [list(e) for e in cat.skeleton]}
 
 
 def category_from_json(d: dict[str, Any]) -> Category:

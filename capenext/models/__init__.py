@@ -1,15 +1,12 @@
 """CapeNext models: backbones, the frozen CLIP, HCMI, DSFR, encoder, proposals, graph decoder, heads.
 
 ``build_model(cfg.model)`` assembles any registered ablation x backbone (see ``capenext.py``).
-No hub download is ever tried: ``HF_HUB_OFFLINE=1`` is set before timm and open_clip load.
+Weights come only from local files or a seeded random init; the entry points set ``HF_HUB_OFFLINE=1``
+(:func:`capenext.cli.run_main`) so that no library below ever tries a hub download.
 """
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from capenext.models.backbone import available_backbones, create_backbone, register_backbone  # noqa: E402
-from capenext.models.capenext import (  # noqa: E402
+from capenext.models.backbone import available_backbones, create_backbone, register_backbone
+from capenext.models.capenext import (
     Ablation,
     CapeNext,
     available_ablations,
@@ -18,7 +15,7 @@ from capenext.models.capenext import (  # noqa: E402
     parameter_counts,
     register_ablation,
 )
-from capenext.models.clip import FrozenCLIP, class_prompt  # noqa: E402
+from capenext.models.clip import FrozenCLIP, class_prompt
 
 __all__ = [
     "Ablation", "CapeNext", "FrozenCLIP", "available_ablations", "available_backbones", "build_model",

@@ -9,7 +9,7 @@ one swappable unit.
 Backbones are registered by function name with :func:`register_backbone` and built with
 :func:`create_backbone`, which drops ``None`` overrides so each entry's defaults hold (as timm's
 ``create_model``). Weights are random unless ``checkpoint`` names a local file; no hub download is
-ever tried (``HF_HUB_OFFLINE=1`` is set by ``capenext.models``).
+ever tried (the entry points set ``HF_HUB_OFFLINE=1``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _timm(name: str, checkpoint: str | None, **kwargs) -> nn.Module:
     """``timm.create_model`` with random init, or weights from a local file (never the hub)."""
     checkpoint = _checked_file(checkpoint)
     # weights come only from a local file, which timm reads through pretrained_cfg_overlay (applying its
-    # Microsoft/original-format filters); without one, random init. HF_HUB_OFFLINE=1 is set by every job.
+    # Microsoft/original-format filters); without one, random init.
     overlay = {} if checkpoint is None else {"pretrained_cfg_overlay": dict(file=checkpoint)}
     return timm.create_model(name, pretrained=checkpoint is not None, **overlay, **kwargs)
 

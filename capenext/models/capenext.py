@@ -26,7 +26,6 @@ its own xavier in-projection), the offset heads' last layer zero; HCMI/DSFR keep
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -169,12 +168,9 @@ class CapeNext(nn.Module):
                                         drop_path=cfg.drop_path)
         fusion_args = (c, cfg.fusion_heads, cfg.fusion_ffn_dim, cfg.dropout)
         self.hcmi = HCMI(*fusion_args) if ab.hcmi else None
-        if ab.fusion == "dsfr":
-            self.dsfr = DSFR(*fusion_args, streams=ab.streams, gated=ab.gated)
-        elif ab.fusion == "projection":
-            self.dsfr = ProjectionFusion(c, streams=ab.streams)
-        else:
-            self.dsfr = None
+        # the fusion of e_img/e_cls into the joint embeddings: DSFR, or (no_dsfr) two ReLU projections
+        self.dsfr = DSFR(*fusion_args, streams=ab.streams, gated=ab.gated) if ab.fusion == "dsfr" else None
+        self.projection = ProjectionFusion(c, streams=ab.streams) if ab.fusion == "projection" else None
         self.joint_proj = JointProjection(c, d)
         self.pos_enc = SinePositionalEncoding(d // 2)
         self.encoder = TransformerEncoder(d, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.enc_layers)
@@ -230,14 +226,15 @@ class CapeNext(nn.Module):
     def _forward(self, img: torch.Tensor, e_joint: torch.Tensor, kp_mask: torch.Tensor, adj: torch.Tensor,
                  batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}  # e_joint (B, K, C), kp_mask (B, K), adj (B, K, K)
-        if self.dsfr is not None:
+        fusion = self.dsfr if self.dsfr is not None else self.projection
+        if fusion is not None:
             e_img, e_cls = self._embeddings(batch)  # (B, C) each, or None
             if self.hcmi is not None:
                 e_img, e_cls = self.hcmi(e_img, e_cls)  # (B, 1, C) each, or None
             else:
                 e_img = e_img.unsqueeze(1) if e_img is not None else None
                 e_cls = e_cls.unsqueeze(1) if e_cls is not None else None
-            e_joint, gates = self.dsfr(e_joint, e_img, e_cls)  # (B, K, C)
+            e_joint, gates = fusion(e_joint, e_img, e_cls)  # (B, K, C)
             out.update({f"gate_{k}": g for k, g in gates.items()})
         kp = self.joint_proj(e_joint, kp_mask)  # (B, K, d)
 
@@ -256,7 +253,6 @@ class CapeNext(nn.Module):
 
 def build_model(cfg: ModelCfg) -> CapeNext:
     """Any registered ablation x backbone from ``cfg`` (``cfg.clip_checkpoint`` must be a file or "random")."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return CapeNext(cfg)
 
 

@@ -16,8 +16,8 @@ Reference details kept (each a quirk):
 - The GCN aggregates ``out[w] = sum_v Â[v, w] x[v]`` with Â *row*-normalised, i.e. it uses Âᵀ.
 - The GCN has its own ReLU and the layer applies another one (a no-op, kept for fidelity).
 - Layer 0's query position is computed from the proposal generator's local points *without* detaching
-  them, so the heatmap branch receives gradient through it; later layers use detached points. (The
-  issue text says "detached" for all layers; the reference detaches only the points, not this input.)
+  them, so the heatmap branch receives gradient through it; later layers use detached points (the
+  reference detaches only the points, not this input).
 - The per-layer output points returned by :meth:`GraphDecoder.forward` are the *input* points of each
   layer; the model's final points are ``refine(input_points_l, OffsetHead_l(LN(x_l)))`` (normed
   features), while the update inside the loop uses the un-normed features. Points after layer 0 are
