@@ -59,7 +59,9 @@ class ModelCfg:
     dropout: float = 0.1
     fusion_ffn_dim: int = 2048  # FFN width inside HCMI/DSFR (CLIP space)
     fusion_heads: int = 8
-    drop_path: float = 0.2  # stochastic depth of the Swin V2 backbone
+    # stochastic depth of the backbone; None: the backbone's reference value (0.2 for Swin V2 as the
+    # reference's configs, 0 for the ViTs); a backbone without drop path refuses a non-zero value
+    drop_path: float | None = None
 
 
 @dataclass
@@ -114,7 +116,15 @@ def load_preset(name: str) -> RunCfg:
     return from_dict(json.loads(path.read_text()))
 
 
-def _parse_value(text: str, current: Any) -> Any:
+def _parse_value(text: str, current: Any, annotation: str = "") -> Any:
+    """``text`` as the field's type: from its current value, or (a ``None`` default) its annotation."""
+    base = annotation.replace(" ", "").split("|")
+    if text.lower() == "none" and "None" in base:
+        return None
+    if current is None and annotation:
+        kind = next((b for b in base if b != "None"), "str")
+        if kind in ("int", "float"):
+            return {"int": int, "float": float}[kind](text)
     if isinstance(current, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"expected true/false, got {text!r}")
@@ -139,8 +149,9 @@ def override(cfg: RunCfg, dotted: dict[str, str]) -> RunCfg:
         if not dataclasses.is_dataclass(node) or parts[-1] not in {f.name for f in fields(node)}:
             valid = sorted(flatten(to_dict(cfg)))
             raise KeyError(f"unknown config key {key!r}; valid: {valid}")
+        annotation = str({f.name: f.type for f in fields(node)}[parts[-1]])
         try:
-            setattr(node, parts[-1], _parse_value(text, getattr(node, parts[-1])))
+            setattr(node, parts[-1], _parse_value(text, getattr(node, parts[-1]), annotation))
         except ValueError as err:
             raise ValueError(f"config key {key!r}: {err}") from None
     return cfg

@@ -27,6 +27,7 @@ from capenext.models import (
     get_ablation,
     parameter_counts,
 )
+from capenext.models.backbone import WITHOUT_DROP_PATH
 from capenext.models.clip import IMAGENET_MEAN, IMAGENET_STD
 from capenext.models.encoder import SinePositionalEncoding
 from capenext.models.graph_decoder import fix_all_masked, normalized_adjacency
@@ -155,7 +156,7 @@ def _groups(model) -> set[str]:
         if not p.requires_grad:
             continue
         parts = name.split(".")
-        if parts[0] == "dsfr":
+        if parts[0] in ("dsfr", "projection"):
             groups.add(".".join(parts[:3] if parts[1] in ("attn", "gate", "proj") else parts[:2]))
         else:
             groups.add(parts[0])
@@ -544,3 +545,28 @@ def test_clip_image_norm_imagenet_feeds_the_crop_as_the_reference_does():
     assert not torch.allclose(ours.encode_image(crop), raw, atol=1e-3)
     with pytest.raises(ValueError, match="clip_image_norm"):
         FrozenCLIP("tiny", "random", image_norm="other")
+
+
+def _largest_drop_path(module: torch.nn.Module) -> float:
+    from timm.layers import DropPath
+
+    return max((m.drop_prob for m in module.modules() if isinstance(m, DropPath)), default=0.0)
+
+
+@pytest.mark.parametrize("name", [b for b in available_backbones() if b not in WITHOUT_DROP_PATH])
+def test_drop_path_reaches_every_backbone_that_has_one(name):
+    backbone = create_backbone(name, dim=16, drop_path=0.3)
+    assert _largest_drop_path(backbone) == pytest.approx(0.3)  # timm's rate rises to the value at the last block
+
+
+def test_drop_path_defaults_are_the_references():
+    assert _largest_drop_path(create_backbone("swinv2_t", dim=16)) == pytest.approx(0.2)
+    assert _largest_drop_path(create_backbone("dinov2_vits", dim=16)) == 0.0
+    assert load_preset("swinv2_t").model.drop_path is None  # None: the backbone's own reference value
+
+
+@pytest.mark.parametrize("name", WITHOUT_DROP_PATH)
+def test_a_backbone_without_drop_path_refuses_a_nonzero_value(name):
+    with pytest.raises(ValueError, match=f"backbone '{name}' has no drop path"):
+        create_backbone(name, dim=16, drop_path=0.1)
+    create_backbone(name, dim=16, drop_path=0.0)

@@ -189,25 +189,43 @@ def swinv2_t(dim: int = 256, checkpoint: str | None = None, drop_path: float = 0
     return SwinV2Backbone("swinv2_tiny_window16_256", dim, checkpoint, drop_path)
 
 
+WITHOUT_DROP_PATH = ("hrnet_w32", "tiny")  # CNNs: no stochastic depth to set
+
+
+def check_drop_path(name: str, drop_path: float | None) -> None:
+    """One line when a non-zero drop path is asked of a backbone that has none (instead of ignoring it)."""
+    if name in WITHOUT_DROP_PATH and drop_path:
+        raise ValueError(f"ModelCfg.drop_path={drop_path}: backbone {name!r} has no drop path (stochastic "
+                         "depth); leave it unset or 0")
+
+
+# Drop-path defaults are the reference's (yzrs/CapeNext configs/clip*/): its Swin V2 encoder_config sets
+# drop_path_rate=0.2; its HRNet is a CNN without one; its ViT-B/16 and DINOv2 come from timm and
+# torch.hub with their constructors' default, 0.
+
+
 @register_backbone
-def hrnet_w32(dim: int = 256, checkpoint: str | None = None, drop_path: float | None = None) -> Backbone:
+def hrnet_w32(dim: int = 256, checkpoint: str | None = None, drop_path: float = 0.0) -> Backbone:
     """HRNet-W32, highest-resolution branch + two stride-2 blocks; 16x16 map at 256."""
+    check_drop_path("hrnet_w32", drop_path)
     return HRNetBackbone("hrnet_w32", dim, checkpoint)
 
 
 @register_backbone
-def vit_b16(dim: int = 256, checkpoint: str | None = None, drop_path: float | None = None) -> Backbone:
+def vit_b16(dim: int = 256, checkpoint: str | None = None, drop_path: float = 0.0) -> Backbone:
     """ViT-B/16 at 224 input; 14x14 map (the reference's ViT config crops at 224)."""
-    return ViTBackbone("vit_base_patch16_224", dim, checkpoint, adaptor=True)
+    return ViTBackbone("vit_base_patch16_224", dim, checkpoint, adaptor=True, drop_path_rate=drop_path)
 
 
 @register_backbone
-def dinov2_vits(dim: int = 256, checkpoint: str | None = None, drop_path: float | None = None) -> Backbone:
+def dinov2_vits(dim: int = 256, checkpoint: str | None = None, drop_path: float = 0.0) -> Backbone:
     """DINOv2 ViT-S/14, the 256 crop resized to 224; last block's normed tokens → 16x16 map."""
-    return ViTBackbone("vit_small_patch14_dinov2", dim, checkpoint, adaptor=False, img_size=224)
+    return ViTBackbone("vit_small_patch14_dinov2", dim, checkpoint, adaptor=False, img_size=224,
+                       drop_path_rate=drop_path)
 
 
 @register_backbone
-def tiny(dim: int = 64, checkpoint: str | None = None, drop_path: float | None = None) -> Backbone:
+def tiny(dim: int = 64, checkpoint: str | None = None, drop_path: float = 0.0) -> Backbone:
     """Tiny CNN (tests, CPU quickstart); S/16 map."""
+    check_drop_path("tiny", drop_path)
     return TinyBackbone(dim, checkpoint)
