@@ -5,7 +5,7 @@ seeded generator), in images per second per CPU core (one process, OpenCV and to
 per-core figures come from the process CPU time), over the same ``(query, support)`` pairs for:
 
 * ``per_file``: the usual per-file loader, ``pycocotools.coco.COCO`` on the annotation file plus
-  ``PIL.Image.open(file).convert("RGB")`` per item, the query rebuilt from the COCO record (``clean_bbox``);
+  the file read and decoded per item (``read_image``), the query rebuilt from the COCO record (``clean_bbox``);
 * ``shards``: :class:`capenext.data.shards.ShardIndex` (seek + read of the stored original bytes) into
   ``PairDataset``; its items are checked equal to the per-file ones, so both do the same work;
 * ``shards_margin_crop``: the alternative storage the shard job could use, a margin crop (the square of
@@ -35,7 +35,7 @@ from capenext.data.dataset import PairDataset, make_item
 from capenext.data.episodes import training_pairs
 from capenext.data.mp100 import Category, Sample, annotation_path, clean_bbox, load_split
 from capenext.data.shards import ShardIndex
-from capenext.data.transforms import decode_image
+from capenext.data.transforms import decode_image, read_image
 from jobs.common import machine
 
 GOAL = 2.0  # the target: shards at least 2x the per-file loader
@@ -63,11 +63,8 @@ class CocoFileLoader:
         return Sample(ann_id, im["id"], ann["category_id"], im["file_name"], im["width"], im["height"], box, kp)
 
     def item(self, query_id: int, support_id: int, rng: np.random.Generator) -> dict[str, Any]:
-        from PIL import Image
-
         query, support = self.sample(query_id), self.sample(support_id)
-        with Image.open(self.image_root / query.file_name) as im:
-            image = np.asarray(im.convert("RGB"))
+        image = read_image(str(self.image_root / query.file_name))
         return make_item(image, query, support, self.categories[query.category_id], self.cfg, rng)
 
 
@@ -283,8 +280,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench_loader",
-                                     description="Loader benchmark: shards vs per-file pycocotools + PIL, img/s "
-                                                 "per CPU core, JSON.")
+                                     description="Loader benchmark: shards vs per-file pycocotools + file "
+                                                 "reads, img/s per CPU core, JSON.")
     add_arguments(parser)
     print(json.dumps(run(parser.parse_args(argv)), indent=1))
     return 0

@@ -2,8 +2,9 @@
 
 Checks the 15 annotation files and their schema (with the data layer's own parser, in its collecting
 mode, so the messages are the ones the loader would raise), the categories of every split, every image
-the json references (exists, decodes in full, size matches the json), keypoint list lengths, skeleton
-indices, annotations and categories that differ between files, and what cleaning will drop.
+the json references (exists, is complete, decodes as the loader decodes it, and its size after the EXIF
+orientation is applied matches the json), keypoint list lengths, skeleton indices, annotations and
+categories that differ between files, and what cleaning will drop.
 
 Prints a summary (categories, images and annotations per split; problems grouped by kind and by
 top-level image folder, with the first few examples) and exits 1 when a problem would stop the shard job
@@ -108,7 +109,7 @@ def referenced_images(source: Source, problems: list[Problem]) -> list[ImageInfo
 
 
 def check_images(source: Source, infos: list[ImageInfo], workers: int, progress: bool) -> list[Problem]:
-    """Decode every image in a thread pool (PIL releases the GIL while decoding)."""
+    """Decode every image in a thread pool (OpenCV and PIL release the GIL while decoding)."""
     from tqdm import tqdm
 
     root = source.image_root
@@ -132,8 +133,9 @@ def _image_problems(root: Path, info: ImageInfo) -> list[Problem]:
                            f"{root / info.file_name}: {info.problem.kind}, {info.problem.reason} ({who})"))
     elif info.orientation != 1:
         out.append(Problem("exif orientation", WARNING, folder,
-                           f"{root / info.file_name}: EXIF orientation {info.orientation} is ignored (pixels are "
-                           f"read as stored, as the json's width and height are) ({who})"))
+                           f"{root / info.file_name}: EXIF orientation {info.orientation} is applied when "
+                           f"decoding (as the reference does), so its keypoints must be in the oriented frame "
+                           f"({who})"))
     return out
 
 

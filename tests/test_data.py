@@ -7,6 +7,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -23,8 +24,9 @@ from capenext.data import (
     load_subset,
     training_pairs,
 )
-from capenext.data.mp100 import clean_bbox
-from capenext.data.transforms import apply_affine, crop, heatmap_targets
+from capenext.data.dataset import make_item
+from capenext.data.mp100 import Category, Sample, clean_bbox
+from capenext.data.transforms import apply_affine, crop, heatmap_targets, target_weights
 from tests.conftest import assert_one_line_error, run_cli
 
 
@@ -159,9 +161,117 @@ def test_training_items_are_deterministic_per_seed_epoch_index(synthetic_root):
     pairs = training_pairs(data.by_category(), seed=3, epoch=0)[:6]
     a = PairDataset(data, pairs, cfg, train=True, seed=3)
     b = PairDataset(data, pairs, cfg, train=True, seed=3)
-    assert all(torch.equal(a[i]["img"], b[i]["img"]) for i in range(6))
+    for key in ("img", "support_weight", "kp_mask", "support_masked"):
+        assert all(torch.equal(a[i][key], b[i][key]) for i in range(6)), key
     b.set_epoch(1)
     assert not all(torch.equal(a[i]["img"], b[i]["img"]) for i in range(6))
+
+
+# --- the support mask: the reference's target weight of the support after its own augmented crop ------
+
+
+def reference_rule(points: np.ndarray, visible: np.ndarray, image_size: int, heatmap_size: int,
+                   sigma: float) -> np.ndarray:
+    """TopDownGenerateTargetFewShot's MSRA target weight, vectorised: visibility, zeroed where the
+    (6σ+1)² patch around the heatmap position rounded by ``int(x + 0.5)`` (truncation) misses the map."""
+    mu = np.trunc(points / (image_size / heatmap_size) + 0.5)  # (K, 2)
+    upper_left, bottom_right = np.trunc(mu - 3 * sigma), np.trunc(mu + 3 * sigma + 1)
+    off = (upper_left >= heatmap_size).any(1) | (bottom_right < 0).any(1)
+    return (visible & ~off).astype(np.float32)
+
+
+def mmpose_affine(center: np.ndarray, scale: np.ndarray, rot: float, size: int) -> np.ndarray:
+    """mmpose 0.29 ``get_affine_transform(center, scale, rot, (size, size))``: three points, float32."""
+    src_w = scale[0] * 200.0
+    a = np.pi * rot / 180
+    src_dir = np.array([-np.sin(a) * src_w * -0.5, np.cos(a) * src_w * -0.5])
+
+    def third(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        d = p - q
+        return q + np.array([-d[1], d[0]], dtype=np.float32)
+
+    src = np.zeros((3, 2), np.float32)
+    dst = np.zeros((3, 2), np.float32)
+    src[0], src[1] = center, center + src_dir
+    src[2] = third(src[0], src[1])
+    dst[0], dst[1] = [size * 0.5, size * 0.5], [size * 0.5, size * 0.5 - size * 0.5]
+    dst[2] = third(dst[0], dst[1])
+    return cv2.getAffineTransform(src, dst)
+
+
+def spread_pair(k: int = 12) -> tuple[Category, Sample, Sample]:
+    """A category and a (query, support) pair whose support keypoints run from its bbox centre to far
+    outside it (the last one invisible), so that the rule keeps some and drops others."""
+    cat = Category(1, "thing", "things", tuple(f"part {i}" for i in range(k)), ((0, 1),))
+    t = np.linspace(0, 1, k)
+    kp = np.stack([60 + 110 * t, 50 + 90 * t ** 2, np.ones(k)], 1).astype(np.float32)
+    kp[-1, 2] = 0
+    support = Sample(2, 2, 1, "s.jpg", 240, 200, (40.0, 30.0, 40.0, 40.0), kp)
+    query = Sample(1, 1, 1, "q.jpg", 160, 120, (20.0, 10.0, 100.0, 90.0), kp.copy())
+    return cat, query, support
+
+
+def test_target_weight_rule_matches_the_reference_written_another_way():
+    rng = np.random.default_rng(0)
+    edges = np.array([-25.0, -22.4, -21.0, -18.3, -18.0, -17.9, -2.0, -0.1, 0.0, 255.9, 256.0, 265.9, 266.0,
+                      267.9, 268.0, 270.1, 290.0])  # crop pixels either side of where the patch leaves
+    pts = np.concatenate([np.stack(np.meshgrid(edges, edges), -1).reshape(-1, 2),
+                          rng.uniform(-60, 320, (400, 2))])
+    vis = rng.random(len(pts)) > 0.2
+    for image_size, heatmap_size, sigma in ((256, 64, 1.0), (128, 32, 1.0), (256, 64, 2.0), (256, 48, 1.5)):
+        ours = target_weights(pts, vis, image_size, heatmap_size, sigma)
+        expected = reference_rule(pts, vis, image_size, heatmap_size, sigma)
+        assert np.array_equal(ours, expected), (image_size, heatmap_size, sigma)
+        assert 0 < (vis & (ours == 0)).sum() < vis.sum()  # the rule drops some visible points, not all
+        assert np.array_equal(heatmap_targets(pts, vis, image_size, heatmap_size, sigma)[1], expected)
+
+
+def test_training_support_mask_is_the_reference_rule_after_the_supports_own_draw():
+    cat, query, support = spread_pair()
+    cfg = DataCfg(image_size=128, heatmap_size=32)
+    image = np.random.default_rng(1).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    k, masked_counts = cat.num_keypoints, []
+    for seed in range(40):
+        item = make_item(image, query, support, cat, cfg, np.random.default_rng([seed, 0, 3]))
+        draws = np.random.default_rng([seed, 0, 3])
+        per = []
+        for _ in range(2):  # mmpose's TopDownGetRandomScaleRotation, query first, then the support
+            s_factor = np.clip(draws.normal() * 0.15 + 1, 0.85, 1.15)
+            r_factor = np.clip(draws.normal() * 15, -30, 30)
+            per.append((s_factor, r_factor if draws.random() <= 0.6 else 0.0))
+        s_factor, rot = per[1]
+        x, y, w, h = support.bbox
+        scale = np.array([max(w, h), max(w, h)]) / 200.0 * 1.25 * s_factor  # _xywh2cs, aspect 1
+        m = mmpose_affine(np.array([x + 0.5 * w, y + 0.5 * h]), scale, rot, 128)
+        pts = support.keypoints[:, :2] @ m[:, :2].T + m[:, 2]
+        expected = reference_rule(pts, support.visible, 128, 32, 1.0)
+        assert np.array_equal(item["support_weight"][:k].numpy(), expected), seed
+        assert np.array_equal(item["kp_mask"][:k].numpy(), expected > 0)
+        assert not item["kp_mask"][k:].any() and item["support_weight"][k:].sum() == 0
+        assert int(item["support_masked"]) == int(support.visible.sum() - expected.sum())
+        masked_counts.append(int(item["support_masked"]))
+        # the query's crop is the first draw, as without the support's
+        c = crop(image, query.bbox, 128, cfg.bbox_scale, *per[0])
+        assert torch.equal(item["img"], torch.from_numpy(c.image))
+    # the draw changes which support keypoints survive
+    assert len(set(masked_counts)) > 1 and min(masked_counts) >= 0
+
+
+def test_evaluation_support_mask_is_the_visibility():
+    cat, query, support = spread_pair()
+    image = np.zeros((120, 160, 3), dtype=np.uint8)
+    item = make_item(image, query, support, cat, DataCfg(image_size=128, heatmap_size=32))
+    k = cat.num_keypoints
+    assert np.array_equal(item["support_weight"][:k].numpy(), support.visible.astype(np.float32))
+    assert np.array_equal(item["kp_mask"][:k].numpy(), support.visible)
+    assert int(item["support_masked"]) == 0
+    # even though the rule would drop the far keypoints of this support
+    x, y, w, h = support.bbox
+    m = mmpose_affine(np.array([x + 0.5 * w, y + 0.5 * h]), np.array([w, w]) / 200 * 1.25, 0.0, 128)
+    assert reference_rule(support.keypoints[:, :2] @ m[:, :2].T + m[:, 2], support.visible, 128, 32, 1.0).sum() \
+        < support.visible.sum()
+    # and the PCK mask stays query AND support annotation visibility
+    assert np.array_equal(item["visible"][:k].numpy(), query.visible & support.visible)
 
 
 def test_training_pairs_are_deterministic_and_class_balanced(synthetic_root):

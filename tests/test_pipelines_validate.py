@@ -96,6 +96,11 @@ def make_variety_copy(src: Path, dst: Path) -> dict:
             im.convert(mode).save(dst / "images" / new)
         (dst / "images" / old).unlink()
         renamed[old] = new
+    rotated = picks[7][1]["file_name"]  # stored turned a quarter anticlockwise, EXIF orientation 6 turns it back
+    with Image.open(dst / "images" / rotated) as im:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        im.transpose(Image.Transpose.ROTATE_90).save(dst / "images" / rotated, "JPEG", exif=exif.tobytes())
     odd_cat = picks[4][0]["category_id"]
     odd_folder = Path(picks[4][1]["file_name"]).parts[0]
     (dst / "images" / odd_folder).rename(dst / "images" / "Odd Folder (ü) #1")
@@ -120,7 +125,7 @@ def make_variety_copy(src: Path, dst: Path) -> dict:
 
     edit_annotations(dst, vary)
     return {"renamed": renamed, "odd_category": odd_cat, "no_skeleton": no_skeleton,
-            "zeroed": zeroed * 7 + 100003}
+            "zeroed": zeroed * 7 + 100003, "rotated": rotated}
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +194,27 @@ def test_real_world_variety_is_not_a_problem(synthetic_root, tmp_path):
         dropped = [r["dropped"] for r in report["splits"][split].values()]
         assert sum(d.get("all-zero keypoints", 0) for d in dropped) == 1
     assert made["renamed"]
+    # an EXIF-rotated image whose json size is its decoded (oriented) size is a warning, not an error
+    (exif,) = [g for g in report["problems"] if g["kind"] == "exif orientation"]
+    assert exif["severity"] == "warning" and exif["count"] == 1
+    assert made["rotated"] in exif["examples"][0] and "orientation 6 is applied" in exif["examples"][0]
+
+
+def test_exif_rotated_image_with_its_stored_size_in_the_json_is_a_size_mismatch(synthetic_root, tmp_path):
+    root = tmp_path / "mp100"
+    shutil.copytree(synthetic_root, root)
+    (ann, image), *_ = [p for p in single_instance_annotations(root) if p[1]["width"] != p[1]["height"]]
+    path = root / "images" / image["file_name"]
+    with Image.open(path) as im:  # pixels as stored, orientation 6: the loader sees them turned
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        im.save(path, "JPEG", exif=exif.tobytes())
+    report = validate(root, progress=False)
+    (group,) = [g for g in report["problems"] if g["kind"] == "size mismatch"]
+    assert group["severity"] == "error" and not report["ok"]
+    w, h = image["width"], image["height"]
+    assert f"is {h}x{w} after its EXIF orientation is applied ({w}x{h} as stored), the json says {w}x{h}" \
+        in group["examples"][0] and f"annotation {ann['id']}" in group["examples"][0]
 
 
 def test_missing_data_root_is_one_line(tmp_path):

@@ -1,9 +1,9 @@
 """From a ``(query, support)`` pair to the tensors the model and the loss take.
 
 :func:`make_item` is shared by every image source (files here, webdataset shards in ``pipelines``): it
-crops the query, builds the targets in the 100 padded slots and keeps what evaluation needs to map
-predictions back to image pixels. Augmentation draws from a generator seeded by ``(seed, epoch, index)``,
-so an item is the same whichever worker loads it.
+crops the query, builds the targets and the support mask in the 100 padded slots and keeps what
+evaluation needs to map predictions back to image pixels. Augmentation draws from a generator seeded by
+``(seed, epoch, index)``, so an item is the same whichever worker loads it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 
 from capenext.config import DataCfg
 from capenext.data.mp100 import Category, Sample, Subset
-from capenext.data.transforms import apply_affine, crop, heatmap_targets, random_scale_rotation, read_image
+from capenext.data.transforms import (affine_matrix, apply_affine, box_center_scale, crop, heatmap_targets,
+                                      random_scale_rotation, read_image, target_weights)
 
 
 def adjacency(skeleton: tuple[tuple[int, int], ...], slots: int) -> np.ndarray:
@@ -35,31 +36,49 @@ def make_item(
     cfg: DataCfg,
     rng: np.random.Generator | None = None,
 ) -> dict[str, Any]:
-    """One training/evaluation item. ``rng`` given → the reference's random scale and rotation.
+    """One training/evaluation item. ``rng`` given (training) → the reference's random scale and rotation,
+    one draw for the query crop, then one for the support's.
+
+    The support image is never decoded (text-only CAPE needs only its keypoints), but in training its
+    keypoints go through the crop the reference would make of it (its own bbox, its own draw), and its
+    target weight is the reference's (:func:`capenext.data.transforms.target_weights`): the support mask
+    (the reference's ``mask_s``), which masks the keypoint text embeddings and the loss.
 
     Keys (K = ``cfg.max_keypoints`` slots, k = the category's keypoints):
         img (3, S, S); heatmap (K, Hh, Hh); points (K, 2) query keypoints in [0, 1] crop coordinates;
-        query_weight, support_weight (K,) target weights (visible and inside the crop after the warp);
-        kp_mask (K,) bool support-visible slots; adj (K, K); gt_xy (K, 2) query keypoints in image
-        pixels; visible (K,) bool query AND support visible (annotation visibility, for PCK);
-        norm () max(w, h) of the cleaned query bbox; inverse (2, 3) crop → image; category_id, ann_id,
-        support_ann_id, num_keypoints.
+        query_weight (K,) the query's target weight (visible, and its Gaussian not wholly off the heatmap
+        after the query's warp); support_weight (K,) the support mask: in training the support's target
+        weight after its own augmented warp, at evaluation its visibility; kp_mask (K,) bool
+        ``support_weight > 0``; support_masked () int64, visible support keypoints the rule zeroed (0 at
+        evaluation); adj (K, K); gt_xy (K, 2) query keypoints in image pixels; visible (K,) bool query AND
+        support visible (annotation visibility, for PCK); norm () max(w, h) of the cleaned query bbox;
+        inverse (2, 3) crop → image; category_id, ann_id, support_ann_id, num_keypoints.
     """
     slots, size = cfg.max_keypoints, cfg.image_size
     k = category.num_keypoints
     if k > slots:
         raise ValueError(f"category {category.id} has {k} keypoints, more than the {slots} slots")
-    scale, rot = (1.0, 0.0)
-    if rng is not None:
-        scale, rot = random_scale_rotation(rng, cfg.scale_sigma, cfg.scale_clip, cfg.rot_sigma, cfg.rot_prob)
+
+    def draw() -> tuple[float, float]:
+        if rng is None:
+            return 1.0, 0.0
+        return random_scale_rotation(rng, cfg.scale_sigma, cfg.scale_clip, cfg.rot_sigma, cfg.rot_prob)
+
+    scale, rot = draw()
     c = crop(image, query.bbox, size, cfg.bbox_scale, scale, rot)
 
     q_vis = query.visible
     s_vis = support.visible
     pts = apply_affine(query.keypoints[:, :2].astype(np.float64), c.matrix)
     heat, q_weight = heatmap_targets(pts, q_vis, size, cfg.heatmap_size, cfg.sigma)
-    # the support is never cropped for text-only CAPE; its weight is its visibility
-    s_weight = s_vis.astype(np.float32)
+    if rng is not None:
+        s_scale, s_rot = draw()
+        center, side = box_center_scale(support.bbox, cfg.bbox_scale)
+        m = affine_matrix(center, side * s_scale, s_rot, size)
+        s_pts = apply_affine(support.keypoints[:, :2].astype(np.float64), m)
+        s_weight = target_weights(s_pts, s_vis, size, cfg.heatmap_size, cfg.sigma)
+    else:
+        s_weight = s_vis.astype(np.float32)
 
     def pad(a: np.ndarray, *tail: int, dtype=np.float32) -> np.ndarray:
         out = np.zeros((slots, *tail), dtype=dtype)
@@ -72,7 +91,8 @@ def make_item(
         "points": torch.from_numpy(pad(pts / size, 2)),
         "query_weight": torch.from_numpy(pad(q_weight)),
         "support_weight": torch.from_numpy(pad(s_weight)),
-        "kp_mask": torch.from_numpy(pad(s_vis, dtype=bool)),
+        "kp_mask": torch.from_numpy(pad(s_weight > 0, dtype=bool)),
+        "support_masked": torch.tensor(int(s_vis.sum() - (s_weight > 0).sum())),
         "adj": torch.from_numpy(adjacency(category.skeleton, slots)),
         "gt_xy": torch.from_numpy(pad(query.keypoints[:, :2], 2)),
         "visible": torch.from_numpy(pad(q_vis & s_vis, dtype=bool)),

@@ -157,8 +157,12 @@ class BadImage(Exception):
 
 
 def read_checked(path: Path, width: int, height: int) -> bytes:
-    """The file's bytes, after checking it exists, decodes fully (any mode to RGB) and is ``width × height``."""
+    """The file's bytes, after checking it exists, is complete, decodes as the loader decodes it
+    (:func:`capenext.data.transforms.decode_image`) and is then ``width × height``: the size after its
+    EXIF orientation is applied, the frame the loader and the keypoints share."""
     from PIL import Image
+
+    from capenext.data.transforms import decode_image
 
     try:
         data = path.read_bytes()
@@ -168,12 +172,15 @@ def read_checked(path: Path, width: int, height: int) -> bytes:
         raise BadImage("unreadable image", f"cannot read ({err.strerror or err})") from None
     try:
         with Image.open(io.BytesIO(data)) as im:
-            size = im.size
-            im.load()  # a truncated file fails here, not at open
-            if im.mode not in ("RGB", "L"):
-                im.convert("RGB")
+            stored = im.size
+            im.load()  # a truncated file fails here (OpenCV before 5 decodes it, grey where data is missing)
+        decoded = decode_image(data, "it")
     except Exception as err:  # PIL raises many types for corrupt files
-        raise BadImage("corrupt image", f"cannot decode ({' '.join(str(err).split())})") from None
+        reason = " ".join(str(err).removeprefix("cannot decode it: ").split())
+        raise BadImage("corrupt image", f"cannot decode ({reason})") from None
+    size = (decoded.shape[1], decoded.shape[0])
     if size != (width, height):
-        raise BadImage("size mismatch", f"is {size[0]}x{size[1]}, the json says {width}x{height}")
+        rotated = "" if size == stored else \
+            f" after its EXIF orientation is applied ({stored[0]}x{stored[1]} as stored)"
+        raise BadImage("size mismatch", f"is {size[0]}x{size[1]}{rotated}, the json says {width}x{height}")
     return data

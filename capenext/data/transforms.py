@@ -1,4 +1,11 @@
-"""The top-down crop, the training augmentation and the target heatmaps (mmpose's TopDown pipeline).
+"""Image decoding, the top-down crop, the training augmentation and the target heatmaps (mmpose's TopDown
+pipeline).
+
+Decoding (:func:`decode_image`) is the reference's: mmcv's ``imfrombytes`` with OpenCV
+(``cv2.imdecode(buf, cv2.IMREAD_COLOR)``, then BGR → RGB). So, as there, the EXIF orientation is applied
+(a JPEG stored 64 wide × 48 high with orientation 6 decodes to 48 × 64), 16-bit images are scaled to
+8 bits, grey images are repeated over three channels, alpha is dropped without compositing, palette
+images are expanded and CMYK JPEGs are converted by libjpeg's rule.
 
 As the reference: the cleaned bbox is expanded to a square around its centre (``_xywh2cs``), scaled by
 1.25, and warped affinely to ``S × S`` (``get_affine_transform`` + ``cv2.warpAffine``, bilinear, zero
@@ -10,7 +17,7 @@ rotation ``clip(N(0, 15°), -30°, 30°)`` applied with probability 0.6; no flip
 
 Targets (``TopDownGenerateTargetFewShot``, MSRA encoding): a Gaussian of sigma 1 on the heatmap grid
 (stride ``S / heatmap_size``) centred on the *rounded* keypoint; the target weight is the visibility,
-zeroed when the Gaussian patch falls outside the heatmap.
+zeroed when the Gaussian patch falls wholly outside the heatmap (:func:`target_weights`).
 """
 
 from __future__ import annotations
@@ -20,20 +27,47 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
+# OpenCV >= 4.10 decodes straight to RGB: the pixels of IMREAD_COLOR + BGR2RGB, one pass fewer
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
 def decode_image(data: bytes, where: str = "image") -> np.ndarray:
-    """Encoded bytes (any format and mode PIL reads) → RGB uint8 (H, W, 3). Raises ValueError naming ``where``."""
+    """Encoded bytes → RGB uint8 (H, W, 3), decoded as the reference decodes (see the module docstring).
+
+    Raises ValueError, one line naming ``where`` and why, for bytes OpenCV cannot decode.
+    """
+    buf = np.frombuffer(data, np.uint8)
+    image = None
+    if buf.size:
+        try:
+            image = cv2.imdecode(buf, cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB)
+        except cv2.error as err:  # e.g. over OpenCV's pixel limit
+            raise ValueError(f"cannot decode {where}: {' '.join(str(err).split())[-200:]}") from None
+    if image is None:
+        raise ValueError(f"cannot decode {where}: {_why_undecodable(data)}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if _IMREAD_RGB is None else image
+
+
+def _why_undecodable(data: bytes) -> str:
+    """A few words on bytes OpenCV refused (PIL names the format or the damage)."""
+    if not data:
+        return "empty file"
+    fmt = None
     try:
         with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
             im.load()
-            return np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError:
+        return f"not an image file ({len(data)} bytes)"
     except Exception as err:  # PIL raises many types for corrupt files
-        raise ValueError(f"cannot decode {where}: {err}") from None
+        return f"corrupt {fmt or 'image'} data ({' '.join(str(err).split())[:200]})"
+    return f"OpenCV cannot decode this {fmt} file"
 
 
 def read_image(path: str) -> np.ndarray:
@@ -103,32 +137,46 @@ def crop(
     return Crop(np.ascontiguousarray(x.transpose(2, 0, 1)), m, invert_affine(m))
 
 
+def target_weights(points: np.ndarray, visible: np.ndarray, image_size: int, heatmap_size: int,
+                   sigma: float = 1.0) -> np.ndarray:
+    """The reference's target weight (``TopDownGenerateTargetFewShot``, MSRA): the visibility, zeroed for a
+    keypoint whose (6σ+1)² Gaussian patch around its rounded heatmap position lies wholly off the heatmap.
+
+    Args:
+        points: (K, 2) keypoints in crop pixels. visible: (K,) bool.
+    Returns:
+        (K,) float32 in {0, 1}.
+    """
+    stride = image_size / heatmap_size
+    radius = sigma * 3
+    weights = visible.astype(np.float32).copy()
+    for j in np.flatnonzero(weights):
+        # int() truncates towards zero, as the reference's does (a point just left of 0 rounds to 0)
+        mu_x, mu_y = int(points[j, 0] / stride + 0.5), int(points[j, 1] / stride + 0.5)
+        ul = int(mu_x - radius), int(mu_y - radius)
+        br = int(mu_x + radius + 1), int(mu_y + radius + 1)
+        if ul[0] >= heatmap_size or ul[1] >= heatmap_size or br[0] < 0 or br[1] < 0:
+            weights[j] = 0
+    return weights
+
+
 def heatmap_targets(
     points: np.ndarray, visible: np.ndarray, image_size: int, heatmap_size: int, sigma: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """MSRA Gaussian heatmaps and target weights.
+    """MSRA Gaussian heatmaps and target weights (:func:`target_weights`).
 
     Args:
         points: (K, 2) keypoints in crop pixels. visible: (K,) bool.
     Returns:
         heatmaps (K, Hh, Hh) float32 with peak 1 at the rounded keypoint; weights (K,) float32.
     """
-    k = len(points)
     stride = image_size / heatmap_size
     radius = sigma * 3
-    heatmaps = np.zeros((k, heatmap_size, heatmap_size), dtype=np.float32)
-    weights = visible.astype(np.float32).copy()
+    weights = target_weights(points, visible, image_size, heatmap_size, sigma)
+    heatmaps = np.zeros((len(points), heatmap_size, heatmap_size), dtype=np.float32)
     grid = np.arange(heatmap_size, dtype=np.float32)
-    for j in range(k):
-        if weights[j] == 0:
-            continue
-        mu_x = int(points[j, 0] / stride + 0.5)
-        mu_y = int(points[j, 1] / stride + 0.5)
-        # the reference drops a keypoint whose 6σ+1 patch lies wholly outside the heatmap
-        if (mu_x - radius >= heatmap_size or mu_y - radius >= heatmap_size
-                or mu_x + radius + 1 < 0 or mu_y + radius + 1 < 0):
-            weights[j] = 0
-            continue
+    for j in np.flatnonzero(weights):
+        mu_x, mu_y = int(points[j, 0] / stride + 0.5), int(points[j, 1] / stride + 0.5)
         # the reference's patch is (6σ+1)² wide: zero beyond 3σ on either axis
         gx = np.where(np.abs(grid - mu_x) <= radius, np.exp(-((grid - mu_x) ** 2) / (2 * sigma**2)), 0)
         gy = np.where(np.abs(grid - mu_y) <= radius, np.exp(-((grid - mu_y) ** 2) / (2 * sigma**2)), 0)
