@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -59,15 +60,20 @@ def check_alias(alias: str | None) -> str | None:
 @contextmanager
 def _process_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's SQL registry looks the LoggedModel up through the process-wide tracking URI when a version
-    is created; point it at ``uri`` for the duration, then put back what was there."""
-    import mlflow
+    is created; point it at ``uri`` for the duration, then put back exactly what was there (the global and
+    ``MLFLOW_TRACKING_URI``, which ``mlflow.set_tracking_uri`` also writes)."""
+    from mlflow.tracking._tracking_service import utils
 
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    before, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    utils.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before)
+        utils.set_tracking_uri(before)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def _sha256(path: Path) -> str:
