@@ -1,0 +1,812 @@
+"""CapeNext on Ray Serve: ``python -m jobs.serve --checkpoint X``, an HTTP API and a web page.
+
+One deployment, ``CapeNext``: each replica holds one :class:`capenext.predict.Predictor` and serves a
+FastAPI app (the ingress) with
+
+* ``GET /healthz``: 200 ``{"status": "ok", "model": {...}, "replica": {"queries", "batches", "largest_batch"}}``
+  once the replica has loaded the model (the counts are the answering replica's);
+* ``GET /v1/model``: what is loaded (checkpoint, ablation, backbone, CLIP model, crop size, keypoint slots);
+* ``POST /v1/predict``: a multipart form, ``image`` (file), ``keypoints`` (``nose,left eye`` or a JSON list),
+  ``class``, optional ``skeleton`` (``0-1,1-2``) and ``bbox`` (``x,y,w,h`` in image pixels, default the whole
+  image) → ``{"keypoints": [{"name", "x", "y", "score"}], "image": {"width", "height"}, "bbox", "class",
+  "skeleton", "model": {...}}``, the numbers ``python -m jobs.predict`` prints for the same inputs;
+  ``?picture=1`` answers the drawn PNG (:func:`capenext.viz.draw_keypoints`) instead;
+* ``/``: a Gradio page on the same app (upload, names or a training category's names, class, skeleton,
+  box; Run shows the picture and the JSON; examples from ``--data-root``'s held-out test categories).
+
+Concurrent requests meet in ``@serve.batch``: up to ``--max-batch-size`` queries, waiting at most
+``--batch-wait-ms`` for company, go through :meth:`Predictor.predict_many` as one forward (each query padded
+to the model's keypoint slots, as the data layer pads). Batching settings are the deployment's
+``user_config``, so ``serve deploy`` changes them without restarting replicas.
+
+Safe by default: the proxy binds 127.0.0.1 unless ``--host`` says otherwise; nothing in a request is run or
+unpickled (images are decoded by PIL after a pixel-count check, the rest is text); an upload over
+``--max-upload-mb`` is refused with 413 while it streams in, an image over ``--max-pixels`` (a decompression
+bomb) with 400 before it is decoded; a request waits at most ``--request-timeout-s`` (the proxy's timeout,
+and the model's answer inside the replica, 503 past it). Every bad request is a 4xx with ``{"error": "<one
+line>"}`` and the replica carries on.
+
+The same application runs under Serve's own tools: ``serve run jobs.serve:app checkpoint=X`` (``app`` is an
+application builder taking the options below as ``key=value``), ``serve deploy cluster/serve.yaml``, and
+KubeRay's ``cluster/rayservice.yaml``. ``--checkpoint`` is anything :func:`jobs.common.resolve_checkpoint`
+takes (a file, ``runs:/...``, a run id, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``); each replica
+resolves it itself, so on a cluster the file or the MLflow store must be reachable from every node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import Request  # at module level: FastAPI resolves the routes' string annotations here
+from pydantic import BaseModel, Field, field_validator, model_validator
+from ray import serve
+
+from capenext.cli import UsageError, run_main
+
+APP_NAME = "capenext"
+DEPLOYMENT_NAME = "CapeNext"
+DEFAULT_PORT = 8000
+MB = 1 << 20
+EXAMPLES = 3  # example images on the page: the first image of this many held-out test categories
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page never phones home
+
+
+# --- options -----------------------------------------------------------------------------------------
+
+
+class ServeOptions(BaseModel):
+    """Every option of the application; ``serve run jobs.serve:app key=value ...`` and the ``args`` of a
+    Serve config are validated against it (the command line's flags are the same names with dashes)."""
+
+    checkpoint: str
+    tracking_uri: str | None = None  # MLflow store for runs:/ and models:/ (default MLFLOW_TRACKING_URI)
+    clip_checkpoint: str | None = None  # where the frozen CLIP's weights are on the replicas' machines
+    device: str = "cpu"
+    replicas: int = Field(1, ge=1)
+    autoscale: str | None = None  # "MIN,MAX" replicas, instead of a fixed count
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float | None = Field(None, ge=0)  # default: 1 with device cuda, else 0
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_ms: float = Field(10.0, ge=0)
+    max_ongoing_requests: int | None = Field(None, ge=1)  # per replica; default max(2 x batch, 16)
+    max_upload_mb: float = Field(20.0, gt=0)
+    max_pixels: int = Field(40_000_000, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+    data_root: str | None = None  # an MP-100 layout: the page's categories and examples
+    split: int = 1
+
+    model_config = {"extra": "forbid"}
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "cpu" and not v.startswith("cuda"):
+            raise ValueError(f"device {v!r}: cpu or cuda")
+        return v
+
+    @field_validator("autoscale")
+    @classmethod
+    def _autoscale(cls, v: str | None) -> str | None:
+        if v is not None:
+            autoscale_bounds(v)
+        return v
+
+    @model_validator(mode="after")
+    def _gpus(self) -> "ServeOptions":
+        gpus = self.gpus_per_replica
+        if self.device.startswith("cuda") and gpus == 0:
+            raise ValueError("device cuda needs gpus_per_replica > 0 (a replica sees only the GPUs Ray gives it)")
+        if not self.device.startswith("cuda") and gpus:
+            raise ValueError(f"gpus_per_replica {gpus:g} with device cpu: pass device cuda to use the GPU")
+        return self
+
+    @property
+    def gpus(self) -> float:
+        if self.gpus_per_replica is not None:
+            return self.gpus_per_replica
+        return 1.0 if self.device.startswith("cuda") else 0.0
+
+    @property
+    def ongoing(self) -> int:
+        return self.max_ongoing_requests or max(2 * self.max_batch_size, 16)
+
+
+def autoscale_bounds(text: str) -> tuple[int, int]:
+    """``"MIN,MAX"`` → ``(MIN, MAX)`` replicas; one line when it is not ``0 <= MIN <= MAX, MAX >= 1``."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"autoscale {text!r} is not MIN,MAX (two whole numbers of replicas, e.g. 1,4)")
+    lo, hi = int(parts[0]), int(parts[1])
+    if lo > hi or hi < 1:
+        raise ValueError(f"autoscale {text!r}: needs MIN <= MAX and MAX >= 1")
+    return lo, hi
+
+
+def options_error(err: Exception) -> str:
+    """A pydantic ``ValidationError`` as one line: ``field: message; field: message``."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        parts = []
+        for e in errors():
+            where = ".".join(str(x) for x in e.get("loc", ())) or "options"
+            msg = str(e.get("msg", "")).removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}")
+        return "; ".join(parts)
+    return " ".join(str(err).split())
+
+
+def check_options(values: dict[str, Any]) -> ServeOptions:
+    try:
+        return ServeOptions(**values)
+    except Exception as err:  # pydantic ValidationError
+        raise UsageError(f"serve options: {options_error(err)}") from None
+
+
+# --- request parsing (every problem is an ApiError: a status and one line) ---------------------------
+
+
+class ApiError(Exception):
+    """A bad request: answered with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, " ".join(message.split())
+
+
+class BodyTooLarge(ApiError):
+    def __init__(self, limit: int):
+        super().__init__(413, f"upload over the limit of {limit / MB:g} MB (the server's --max-upload-mb)")
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Uploaded bytes → (H, W, 3) uint8 RGB, decoded as :func:`capenext.predict.load_image` decodes a file;
+    the pixel count is checked from the header, before anything is decompressed."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ApiError(400, "the 'image' file is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ApiError(400, f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                                    "(the server's --max-pixels)")
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ApiError(400, "the 'image' file is not an image (no format PIL can decode)") from None
+    except Image.DecompressionBombError as err:
+        raise ApiError(400, f"image refused as a decompression bomb: {err}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated or corrupt data
+        raise ApiError(400, f"cannot decode the 'image' file: {' '.join(str(err).split())[:200]}") from None
+
+
+def parse_names(text: str | None) -> list[str]:
+    """``keypoints``: ``"nose,left eye"`` or a JSON list of strings."""
+    if text is None or not text.strip():
+        raise ApiError(400, "no keypoint names: send 'keypoints' as comma-separated names (nose,left eye) "
+                            "or a JSON list")
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ApiError(400, f"'keypoints' starts like a JSON list but is not valid JSON ({err})") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ApiError(400, "'keypoints' as JSON must be a list of strings")
+        names = [n.strip() for n in names]
+    else:
+        names = [n.strip() for n in text.split(",")]
+    if not any(names):
+        raise ApiError(400, "no keypoint names: 'keypoints' holds only separators or blanks")
+    if not all(names):
+        raise ApiError(400, f"'keypoints' has an empty name at position {names.index('')}")
+    return names
+
+
+def parse_edges(text: str | None) -> list[tuple[int, int]]:
+    """``skeleton``: ``"0-1,1-2"`` or a JSON list of index pairs; empty or absent is no skeleton."""
+    from capenext.predict import parse_skeleton
+
+    if text is None or not text.strip():
+        return []
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            edges = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ApiError(400, f"'skeleton' starts like a JSON list but is not valid JSON ({err})") from None
+        if not isinstance(edges, list):
+            raise ApiError(400, "'skeleton' as JSON must be a list of [a, b] index pairs")
+        return edges
+    try:
+        return parse_skeleton(text)
+    except ValueError as err:
+        raise ApiError(400, str(err)) from None
+
+
+def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
+    from capenext.predict import parse_bbox
+
+    if text is None or not text.strip():
+        return None
+    try:
+        return parse_bbox(text.strip())
+    except ValueError as err:
+        raise ApiError(400, str(err)) from None
+
+
+def flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# --- the replica ------------------------------------------------------------------------------------
+
+
+def display_name(spec: str) -> str:
+    """What the API and the page say is loaded: a file's name (no server paths), else the spec as given."""
+    return Path(spec).name if Path(spec).is_file() else spec
+
+
+class Service:
+    """What a replica serves: the predictor, its limits and the query path shared by the API and the page.
+
+    ``forward`` is the batched model call (the deployment's ``@serve.batch`` method); everything else is
+    plain code, so the web app can be built around any object with these attributes.
+    """
+
+    def __init__(self, options: ServeOptions, page: dict[str, Any] | None = None):
+        import torch
+
+        from capenext.predict import Predictor
+        from jobs.common import resolve_checkpoint
+        from jobs.tracking import tracking_uri
+
+        self.options = options
+        if options.device == "cpu":
+            torch.set_num_threads(max(1, int(options.cpus_per_replica)))
+        self._tmp = tempfile.TemporaryDirectory(prefix="capenext-serve-")
+        source = resolve_checkpoint(options.checkpoint, tracking_uri(options.tracking_uri),
+                                    Path(self._tmp.name) / "checkpoint")
+        self.predictor = Predictor(source.path, clip_checkpoint=options.clip_checkpoint, device=options.device)
+        cfg = self.predictor.cfg
+        self.info = {
+            "checkpoint": display_name(options.checkpoint), "run_id": source.run_id or self.predictor.meta.get("run_id"),
+            "ablation": cfg.model.ablation, "backbone": cfg.model.backbone, "clip_model": cfg.model.clip_model,
+            "image_embedding": cfg.model.image_embedding, "image_size": cfg.data.image_size,
+            "max_keypoints": self.predictor.slots, "needs_class": bool(self.predictor.model.needs_class_embedding),
+            "device": options.device,
+        }
+        self.page = page or {}
+        self.max_upload = int(options.max_upload_mb * MB)
+        self.stats = {"queries": 0, "batches": 0, "largest_batch": 0}  # this replica's forwards so far
+        # one model thread: forwards run one after another, off the event loop that takes in requests
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capenext-model")
+
+    def check(self, rgb: np.ndarray, names: list[str], class_name: str | None, skeleton: list,
+              bbox: tuple[float, float, float, float] | None):
+        """Every model-dependent check before a query joins a batch (a bad query never fails a batch)."""
+        from capenext.predict import Query, check_bbox, check_names, check_skeleton
+
+        try:
+            check_names(names, self.predictor.slots)
+            edges = check_skeleton(skeleton, len(names))
+            check_bbox(bbox, rgb.shape[1], rgb.shape[0])
+        except ValueError as err:
+            raise ApiError(400, str(err)) from None
+        if self.info["needs_class"] and not (class_name or "").strip():
+            raise ApiError(400, f"the {self.info['ablation']!r} model reads a class name: send 'class' (e.g. cat)")
+        return Query(rgb, names, (class_name or "").strip() or None, edges, bbox)
+
+    async def run_model(self, queries: list) -> list[list[dict[str, Any]]]:
+        self.stats["queries"] += len(queries)
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(queries))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.predictor.predict_many, queries)
+
+    async def answer(self, query) -> list[dict[str, Any]]:
+        """The query's points through the batched forward, within the request timeout (503 past it)."""
+        timeout = self.options.request_timeout_s
+        try:
+            return await asyncio.wait_for(self.forward(query), timeout=timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(503, f"the model did not answer within {timeout:g} s (the server's "
+                                "--request-timeout-s); try again") from None
+
+    def record(self, query, points: list[dict[str, Any]]) -> dict[str, Any]:
+        h, w = query.image.shape[:2]
+        return {
+            "keypoints": [{"name": p["name"], "x": round(p["x"], 2), "y": round(p["y"], 2),
+                           "score": round(p["score"], 4)} for p in points],
+            "image": {"width": int(w), "height": int(h)},
+            "bbox": list(query.bbox) if query.bbox is not None else [0, 0, int(w), int(h)],
+            "class": query.class_name, "skeleton": [list(e) for e in query.skeleton], "model": self.info,
+        }
+
+    def picture(self, query, points: list[dict[str, Any]]):
+        from capenext.viz import draw_keypoints
+
+        return draw_keypoints(query.image, [[p["x"], p["y"]] for p in points], query.names, query.skeleton,
+                              [p["score"] for p in points], bbox=query.bbox)
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is refused with 413, before it is read when
+    ``Content-Length`` says so, else as soon as the streamed bytes pass the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _send_json(send, 413, {"error": BodyTooLarge(self.limit).message})
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def build_web_app(service: Service):
+    """The replica's FastAPI app: the JSON API, then the Gradio page mounted at ``/``."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    api = FastAPI(title="CapeNext", version="1", docs_url="/docs", redoc_url=None,
+                  description="Text-guided category-agnostic pose estimation: keypoints from their names.")
+
+    @api.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError):
+        return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @api.exception_handler(HTTPException)
+    async def _http_error(request: Request, err: HTTPException):
+        return JSONResponse({"error": " ".join(str(err.detail).split())}, status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=400)
+
+    @api.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": service.info, "replica": service.stats}
+
+    @api.get("/v1/model")
+    async def model():
+        return service.info
+
+    @api.post("/v1/predict")
+    async def predict(request: Request):
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise ApiError(415, "POST /v1/predict takes multipart/form-data: image (file), keypoints, class, "
+                                f"optional skeleton and bbox (got content-type {ctype or 'none'!r})")
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except ApiError:
+            raise
+        except Exception as err:  # MultiPartException and friends: a broken form
+            raise ApiError(400, f"cannot read the multipart form: {' '.join(str(err).split())[:200]}") from None
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "no 'image' file in the form (send the picture as a file field named image)")
+        names = parse_names(_text(form, "keypoints"))
+        skeleton = parse_edges(_text(form, "skeleton"))
+        bbox = parse_box(_text(form, "bbox"))
+        data = await upload.read()
+        rgb = await asyncio.to_thread(decode_image, data, service.options.max_pixels)
+        query = service.check(rgb, names, _text(form, "class"), skeleton, bbox)
+        points = await service.answer(query)
+        if flag(request.query_params.get("picture")):
+            png = await asyncio.to_thread(_png, service.picture(query, points))
+            return Response(png, media_type="image/png")
+        return service.record(query, points)
+
+    api.add_middleware(_BodyLimit, limit=service.max_upload)
+    _mount_page(api, service)
+    return api
+
+
+def _text(form, key: str) -> str | None:
+    value = form.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"'{key}' must be a text field, not a file")
+    return value
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- the page ---------------------------------------------------------------------------------------
+
+
+def _mount_page(api, service: Service) -> None:
+    """The Gradio page at ``/`` of ``api``: same queries, same batching, same limits as the API."""
+    # uploads and the page's files stay in the replica's own temporary folder
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(service._tmp.name) / "gradio"))
+    import gradio as gr
+
+    info, page = service.info, service.page
+    categories = {c["name"]: c for c in page.get("categories", [])}
+    example_dir = Path(service._tmp.name) / "examples"
+    example_dir.mkdir(exist_ok=True)
+    examples = []
+    for i, ex in enumerate(page.get("examples", [])):
+        path = example_dir / f"{i}-{Path(ex['file']).name}"
+        path.write_bytes(ex["data"])
+        examples.append([str(path), ", ".join(ex["keypoints"]), ex["class"],
+                         ",".join(f"{a}-{b}" for a, b in ex["skeleton"]),
+                         ",".join(f"{v:g}" for v in ex["bbox"])])
+
+    async def run(image_path, names_text, class_name, skeleton_text, bbox_text):
+        if not image_path:
+            raise gr.Error("Upload an image first.")
+        try:
+            data = Path(image_path).read_bytes()
+            if len(data) > service.max_upload:
+                raise BodyTooLarge(service.max_upload)
+            names = parse_names(names_text)
+            skeleton, bbox = parse_edges(skeleton_text), parse_box(bbox_text)
+            rgb = await asyncio.to_thread(decode_image, data, service.options.max_pixels)
+            query = service.check(rgb, names, class_name, skeleton, bbox)
+            points = await service.answer(query)
+        except ApiError as err:
+            raise gr.Error(err.message) from None
+        return service.picture(query, points), service.record(query, points)
+
+    def fill(name):
+        c = categories.get(name)
+        if c is None:
+            return gr.update(), gr.update(), gr.update()
+        return ", ".join(c["keypoints"]), c["name"].replace("_", " "), ",".join(f"{a}-{b}" for a, b in c["skeleton"])
+
+    described = (f"**Model:** `{info['checkpoint']}` · {info['ablation']} ablation · {info['backbone']} backbone · "
+                 f"CLIP {info['clip_model']} · crop {info['image_size']} px · up to {info['max_keypoints']} "
+                 "keypoints")
+    with gr.Blocks(title="CapeNext", delete_cache=(3600, 3600)) as blocks:  # uploads older than an hour go
+        gr.Markdown("## CapeNext: keypoints from their names\nUpload an image, name the keypoints you want "
+                    "(any words), say what the object is, and run. The model never needs an example of "
+                    "the category.")
+        gr.Markdown(described, elem_id="model-info")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="filepath", sources=["upload"], label="Image", elem_id="image")
+                if categories:
+                    category = gr.Dropdown(sorted(categories), value=None, label="Start from a training category",
+                                           elem_id="category")
+                names = gr.Textbox(label="Keypoint names (comma-separated)", placeholder="nose, left eye, right eye",
+                                   elem_id="names")
+                class_name = gr.Textbox(label="Class", placeholder="cat", elem_id="class")
+                with gr.Row():
+                    skeleton = gr.Textbox(label="Skeleton (optional)", placeholder="0-1,0-2", elem_id="skeleton")
+                    bbox = gr.Textbox(label="Box x,y,w,h in pixels (optional, default the whole image)",
+                                      placeholder="10,20,200,150", elem_id="bbox")
+                button = gr.Button("Run", variant="primary", elem_id="run")
+            with gr.Column():
+                picture = gr.Image(type="pil", format="png", label="Prediction", interactive=False,
+                                   elem_id="picture")
+                result = gr.JSON(label="JSON (as POST /v1/predict answers)", elem_id="result")
+        if examples:
+            gr.Examples(examples, [image, names, class_name, skeleton, bbox],
+                        label="Examples: held-out categories of the synthetic set")
+        button.click(run, [image, names, class_name, skeleton, bbox], [picture, result], api_name=False)
+        if categories:
+            category.change(fill, category, [names, class_name, skeleton], api_name=False)
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # system fonts: nothing fetched
+    gr.mount_gradio_app(api, blocks, path="/", ssr_mode=False, footer_links=[], max_file_size=service.max_upload,
+                        allowed_paths=[str(example_dir)], theme=theme, mcp_server=False)
+
+
+def read_page(data_root: str | None, split: int) -> dict[str, Any]:
+    """The page's training categories (the split's train file) and a few examples (the first image of the
+    first held-out test categories, with their names, class, skeleton and box), read once where the
+    application is built."""
+    if not data_root:
+        return {}
+    from capenext.data.mp100 import DataError, load_split
+
+    root = Path(data_root)
+    try:
+        train = load_split(root, split, "train", missing="ignore")
+        test = load_split(root, split, "test", missing="skip")
+    except (DataError, FileNotFoundError, ValueError) as err:
+        raise UsageError(f"--data-root {root}: {' '.join(str(err).split())}") from None
+    cats = [{"name": c.name, "keypoints": list(c.keypoints), "skeleton": [list(e) for e in c.skeleton]}
+            for c in sorted(train.categories.values(), key=lambda c: c.name)]
+    examples = []
+    for cid, idx in sorted(test.by_category().items()):
+        if not idx or len(examples) >= EXAMPLES:
+            continue
+        s, c = test.samples[idx[0]], test.categories[cid]
+        examples.append({"file": s.file_name, "data": test.image_path(s).read_bytes(), "class": c.class_text,
+                         "keypoints": list(c.keypoints), "skeleton": [list(e) for e in c.skeleton],
+                         "bbox": list(s.bbox)})
+    return {"categories": cats, "examples": examples}
+
+
+# --- the deployment ---------------------------------------------------------------------------------
+
+_replica: dict[str, Service] = {}  # this process's replica (Ray runs each replica in its own process)
+
+
+def _register_replica(service: Service) -> None:
+    # a module function: the deployment class travels to the replica by value, with copies of the globals
+    # it names, while this function (and _replica_web_app) are imported there and share the real _replica
+    _replica["service"] = service
+
+
+def _replica_web_app():
+    """Serve calls this in the replica right after the deployment's constructor: the app around it."""
+    return build_web_app(_replica["service"])
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=10, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=20)
+@serve.ingress(_replica_web_app)
+class CapeNext(Service):
+    """One replica: the predictor (loaded here, so the replica is routable only once it can answer),
+    batched forwards and the web app."""
+
+    def __init__(self, options: dict[str, Any], page: dict[str, Any] | None = None):
+        super().__init__(ServeOptions(**options), page)
+        _register_replica(self)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """``user_config``: ``{"max_batch_size": N, "batch_wait_ms": T}``, changed without a restart."""
+        self.forward.set_max_batch_size(int(config.get("max_batch_size", self.options.max_batch_size)))
+        self.forward.set_batch_wait_timeout_s(float(config.get("batch_wait_ms", self.options.batch_wait_ms)) / 1000)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def forward(self, queries: list) -> list[list[dict[str, Any]]]:
+        return await self.run_model(queries)
+
+    def check_health(self) -> None:
+        if getattr(self, "predictor", None) is None:
+            raise RuntimeError("no model loaded")
+
+
+def build_application(options: ServeOptions, page: dict[str, Any] | None = None):
+    """The Serve application for ``options`` (``page``: :func:`read_page`'s, read here when not given)."""
+    if page is None:
+        page = read_page(options.data_root, options.split)
+    deployment_options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus},
+        "max_ongoing_requests": options.ongoing,
+        "user_config": {"max_batch_size": options.max_batch_size, "batch_wait_ms": options.batch_wait_ms},
+    }
+    if options.autoscale:
+        lo, hi = autoscale_bounds(options.autoscale)
+        deployment_options["autoscaling_config"] = {
+            "min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
+            "target_ongoing_requests": max(1, options.max_batch_size)}
+    else:
+        deployment_options["num_replicas"] = options.replicas
+    return CapeNext.options(**deployment_options).bind(options.model_dump(), page)
+
+
+def app(args: dict[str, Any]):
+    """The application builder of ``serve run jobs.serve:app checkpoint=X [key=value ...]`` and of a Serve
+    config's ``import_path``: ``args`` are :class:`ServeOptions` fields."""
+    return build_application(check_options(dict(args)))
+
+
+# --- the command line -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    d = ServeOptions.model_fields
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.serve",
+        description="Serve a CapeNext checkpoint on Ray Serve: POST /v1/predict (multipart image + keypoint "
+                    "names → points), GET /healthz, and a web page at /. Concurrent requests are batched into "
+                    "one forward. Prints the URL when ready; Ctrl-C stops it.",
+        epilog="examples:\n"
+               "  python -m jobs.serve --checkpoint models:/capenext@champion\n"
+               "  python -m jobs.serve --checkpoint final.pt --data-root quickstart_out/data --port 8080\n"
+               "  python -m jobs.serve --checkpoint final.pt --device cuda --autoscale 1,4 --address auto\n"
+               "  curl -F image=@cat.jpg -F keypoints='nose,left eye,right eye' -F class=cat "
+               "http://127.0.0.1:8000/v1/predict\n"
+               "the same app under Serve's CLI: serve run jobs.serve:app checkpoint=final.pt max_batch_size=16",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file, runs:/<run_id>/checkpoints/final.pt, a run id, models:/NAME@ALIAS or "
+                        "models:/NAME/VERSION")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the HTTP proxy binds (default 127.0.0.1: this machine only; 0.0.0.0 opens it "
+                        "to the network)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=d["replicas"].default,
+                       help="model replicas (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN,MAX", default=None,
+                       help="autoscale between MIN and MAX replicas on ongoing requests instead")
+    p.add_argument("--cpus-per-replica", type=float, default=d["cpus_per_replica"].default,
+                   help="CPUs Ray reserves per replica; torch uses as many threads (default 1)")
+    p.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="GPUs per replica, fractions allowed (default 1 with --device cuda, else 0)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--max-batch-size", type=int, default=d["max_batch_size"].default,
+                   help="most requests in one forward (default 8; 1 turns batching off)")
+    p.add_argument("--batch-wait-ms", type=float, default=d["batch_wait_ms"].default,
+                   help="how long a request waits for others to share its forward (default 10)")
+    p.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="requests a replica takes at once; more wait in the proxy (default max(2 x batch, 16))")
+    p.add_argument("--max-upload-mb", type=float, default=d["max_upload_mb"].default,
+                   help="largest request body in MB (2^20 bytes) (default 20; more is refused with 413)")
+    p.add_argument("--max-pixels", type=int, default=d["max_pixels"].default,
+                   help="largest image in pixels, checked before decoding (default 40000000)")
+    p.add_argument("--request-timeout-s", type=float, default=d["request_timeout_s"].default,
+                   help="longest a request may take, end to end (default 60)")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="an MP-100 layout (e.g. the synthetic set): the page offers its training categories' "
+                        "names and a few held-out test images as examples")
+    p.add_argument("--split", type=int, default=1, help="the split --data-root's categories come from (default 1)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start` cluster, else a new "
+                        "local instance)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store for runs:/ and models:/ (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--clip-checkpoint", default=None,
+                   help="where the frozen CLIP's weights are on the serving machines (default: the training "
+                        "config's)")
+    return p.parse_args(argv)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _wait_for_http(url: str, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}healthz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            if time.time() > deadline:
+                raise UsageError(f"the application is running but {url}healthz did not answer within "
+                                 f"{timeout:.0f} s") from None
+        time.sleep(0.5)
+
+
+def _interrupt(signum, frame):
+    """SIGTERM stops the server as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from capenext.checkpoint import read_checkpoint
+    from jobs.common import init_ray, one_line, resolve_checkpoint
+    from jobs.tracking import tracking_uri
+
+    args = parse_args(argv)
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: must be 1..65535")
+    if args.device.startswith("cuda") and args.address is None and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} but no CUDA device is visible")
+    uri = tracking_uri(args.tracking_uri)
+    options = check_options({
+        "checkpoint": args.checkpoint, "tracking_uri": uri, "clip_checkpoint": args.clip_checkpoint,
+        "device": args.device, "replicas": args.replicas, "autoscale": args.autoscale,
+        "cpus_per_replica": args.cpus_per_replica, "gpus_per_replica": args.gpus_per_replica,
+        "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+        "max_ongoing_requests": args.max_ongoing_requests, "max_upload_mb": args.max_upload_mb,
+        "max_pixels": args.max_pixels, "request_timeout_s": args.request_timeout_s, "data_root": args.data_root,
+        "split": args.split})
+    with tempfile.TemporaryDirectory(prefix="capenext-serve-") as tmp:  # fail here, not in every replica
+        read_checkpoint(resolve_checkpoint(options.checkpoint, uri, Path(tmp)).path)
+    application = build_application(options)
+
+    init_ray(args.address)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    import ray
+
+    total = ray.cluster_resources()
+    lo = autoscale_bounds(options.autoscale)[0] if options.autoscale else options.replicas
+    need_cpu, need_gpu = max(lo, 1) * options.cpus_per_replica, max(lo, 1) * options.gpus
+    if need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0):
+        raise UsageError(f"{max(lo, 1)} replica(s) need {need_cpu:g} CPUs and {need_gpu:g} GPUs, the Ray cluster has "
+                         f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs: lower --replicas, "
+                         "--cpus-per-replica or --gpus-per-replica")
+    already = bool(serve.status().proxies)
+    if not already and not _port_free(args.host, args.port):
+        raise UsageError(f"port {args.port} on {args.host} is in use: pass another --port")
+    serve.start(http_options={"host": args.host, "port": args.port,
+                              "request_timeout_s": options.request_timeout_s})
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        try:
+            serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # a replica that cannot start: Serve gives up after its retries
+            raise UsageError(f"the application did not start: {one_line(err)}") from None
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        url = f"http://{host}:{args.port}/"
+        if not already:  # an existing Serve instance keeps its own host and port
+            _wait_for_http(url, 60)
+        note = " (Serve was already running here: its host and port stand)" if already else ""
+        print(f"CapeNext is serving {display_name(options.checkpoint)} at {url} : POST {url}v1/predict, "
+              f"GET {url}healthz, the page at {url}{note}; Ctrl-C stops it", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping ...", file=sys.stderr, flush=True)
+    finally:
+        # a second Ctrl-C (or a signal sent to the whole process group) must not cut the clean-up short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if already:
+                serve.delete(APP_NAME)
+            else:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print("stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    # the deployment must be pickled as jobs.serve's, not __main__'s, so that replicas import the module
+    from jobs.serve import main as _main
+
+    run_main(_main)

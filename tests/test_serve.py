@@ -1,0 +1,495 @@
+"""jobs.serve, jobs.register and models:/ checkpoints: CapeNext on a real Ray Serve, on this machine's CPUs.
+
+One server for the module, started as a user starts it (``python -m jobs.serve`` in a subprocess, joined to
+the session's Ray instance with ``--address``), serving the tiny model trained once per session
+(:func:`tests.test_evaluate.trained_run`) from a registered model, ``models:/capenext-tiny@champion``.
+The tests talk to it over HTTP on 127.0.0.1 only, drive its page in headless Chromium, kill its replica,
+and finally stop it with Ctrl-C (SIGINT). The images are held-out test-category images of the synthetic set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from capenext.checkpoint import read_checkpoint
+from capenext.cli import run_main
+from capenext.data.mp100 import load_split
+from capenext.predict import Predictor, Query
+from jobs import predict as predict_job
+from jobs import serve as serve_job
+from jobs.common import resolve_checkpoint
+from jobs.register import register
+from tests.conftest import REPO
+from tests.test_evaluate import trained_run
+
+MODEL = "capenext-tiny"
+CHAMPION = f"models:/{MODEL}@champion"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+STARTUP_TIMEOUT = 240  # s for the server to print its URL (Serve controller, proxy, replica, Gradio)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prepared) -> dict:
+    return trained_run(tmp_path_factory, prepared)
+
+
+@pytest.fixture(scope="module")
+def registry(trained, tmp_path_factory) -> dict:
+    """A fresh MLflow store of this module: one run holding the trained checkpoint, registered as version 1
+    of capenext-tiny (alias champion) from the run id, and as version 2 from the file."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import ensure_experiment
+
+    base = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = ensure_experiment(client, "capenext-serve-tests", uri)
+    run = client.create_run(exp, run_name="tiny-full")
+    client.log_artifact(run.info.run_id, trained["checkpoint"], "checkpoints")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    first = register(run.info.run_id, MODEL, "champion", uri)
+    second = register(trained["checkpoint"], MODEL, None, uri)
+    return {"uri": uri, "run_id": run.info.run_id, "versions": (first, second), "base": base}
+
+
+@pytest.fixture(scope="module")
+def heldout(synthetic_root) -> list[dict]:
+    """One image per held-out test category of split 1, with its names, class, skeleton and box."""
+    test = load_split(synthetic_root, 1, "test")
+    out = []
+    for cid, idx in sorted(test.by_category().items()):
+        s, c = test.samples[idx[0]], test.categories[cid]
+        out.append({"path": test.image_path(s), "names": list(c.keypoints), "class": c.class_text,
+                    "skeleton": [list(e) for e in c.skeleton], "bbox": list(s.bbox), "size": (s.width, s.height)})
+    assert len({len(h["names"]) for h in out}) > 1, "the examples should mix keypoint counts"
+    return out
+
+
+@pytest.fixture(scope="module")
+def predictor(trained) -> Predictor:
+    return Predictor(trained["checkpoint"])
+
+
+class Server:
+    """``python -m jobs.serve`` in a subprocess; ``url`` once it printed that it is serving."""
+
+    def __init__(self, args: list[str], cwd: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = cwd / "serve.err"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", *args, "--port", str(self.port)],
+                                     cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=open(self.log, "w"),
+                                     stdin=subprocess.DEVNULL, text=True)
+        self.banner = self._wait_for_banner()
+
+    def _wait_for_banner(self) -> str:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.time() + STARTUP_TIMEOUT
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"jobs.serve exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+            if sel.select(timeout=1):
+                line = self.proc.stdout.readline()
+                if "serving" in line:
+                    return line.strip()
+        self.stop()
+        pytest.fail(f"jobs.serve printed no URL within {STARTUP_TIMEOUT} s: {self.log.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 90) -> int:
+        """Ctrl-C, as a user stops it; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, registry, synthetic_root, tmp_path_factory):
+    address = ray_local.get_runtime_context().gcs_address
+    srv = Server(["--checkpoint", CHAMPION, "--tracking-uri", registry["uri"], "--address", address,
+                  "--data-root", str(synthetic_root), "--split", "1", "--max-batch-size", "8",
+                  "--batch-wait-ms", "20", "--max-pixels", "20000000"],
+                 tmp_path_factory.mktemp("serve"))
+    yield srv
+    srv.stop()
+
+
+def _post(url: str, image_path=None, data: bytes | None = None, params: dict | None = None, **fields):
+    """A multipart POST /v1/predict (``class_`` for the ``class`` field); text fields as form parts."""
+    parts = [(k.rstrip("_"), (None, v)) for k, v in fields.items() if v is not None]
+    if image_path is not None or data is not None:
+        parts.append(("image", ("upload.png", data if data is not None else Path(image_path).read_bytes(),
+                                "image/png")))
+    return requests.post(f"{url}v1/predict", files=parts, params=params, timeout=120)
+
+
+def _fields(h: dict, bbox: bool = True) -> dict:
+    return {"keypoints": ",".join(h["names"]), "class_": h["class"],
+            "skeleton": ",".join(f"{a}-{b}" for a, b in h["skeleton"]),
+            "bbox": ",".join(f"{v:g}" for v in h["bbox"]) if bbox else None}
+
+
+def _xys(points: list[dict]) -> list[float]:
+    return [v for p in points for v in (p["x"], p["y"], p["score"])]
+
+
+# --- the library: batched forward, pretrained folders ----------------------------------------------
+
+
+def test_predict_many_gives_each_query_what_predict_gives_it(predictor, heldout):
+    """Queries with different keypoint counts share one forward; each gets its own points."""
+    queries = [Query(str(h["path"]), h["names"], h["class"], h["skeleton"], h["bbox"] if i % 2 else None)
+               for i, h in enumerate(heldout)]
+    alone = [predictor.predict(q.image, q.names, q.class_name, q.skeleton, q.bbox) for q in queries]
+    together = predictor.predict_many(queries)
+    assert [len(t) for t in together] == [len(q.names) for q in queries]
+    for a, t in zip(alone, together):
+        assert [p["name"] for p in a] == [p["name"] for p in t]
+        assert _xys(t) == pytest.approx(_xys(a), abs=1e-3)
+    assert predictor.predict_many(queries[:1]) == alone[:1]
+    with pytest.raises(ValueError, match="query 1: skeleton index out of range"):
+        predictor.predict_many([queries[0], Query(queries[1].image, ["a", "b"], "cat", [(0, 5)])])
+
+
+def test_pretrained_folder_round_trips_without_pickle(predictor, heldout, tmp_path):
+    h = heldout[0]
+    folder = predictor.save_pretrained(tmp_path / "tiny")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((folder / "config.json").read_text())["config"]["model"]["backbone"] == "tiny"
+    again = Predictor.from_pretrained(folder)
+    args = (str(h["path"]), h["names"], h["class"], h["skeleton"], h["bbox"])
+    assert again.predict(*args) == predictor.predict(*args)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Predictor.from_pretrained(tmp_path / "nowhere")
+    (folder / "config.json").write_text(json.dumps({"format": "something/else"}))
+    with pytest.raises(ValueError, match="not a capenext model"):
+        Predictor.from_pretrained(folder)
+
+
+# --- models from MLflow ----------------------------------------------------------------------------
+
+
+def test_register_makes_a_logged_model_a_version_and_an_alias(registry, trained):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(registry["uri"])
+    assert registry["versions"] == (1, 2)
+    assert client.get_registered_model(MODEL).aliases == {"champion": 1}
+    v1 = client.get_model_version(MODEL, "1")
+    assert v1.run_id == registry["run_id"] and v1.source.startswith("models:/m-")
+    logged = client.get_logged_model(v1.source[len("models:/"):])
+    assert logged.source_run_id == registry["run_id"] and logged.status == "READY"
+    assert logged.tags["capenext.sha256"] == _sha(trained["checkpoint"])
+    assert logged.params["model.backbone"] == "tiny"
+    files = sorted(Path(logged.artifact_location.removeprefix("file://")).iterdir())
+    assert [f.name for f in files] == ["capenext.json", "checkpoint.pt"]  # the file itself, no pickled model
+
+
+@pytest.mark.parametrize("spec", [CHAMPION, f"models:/{MODEL}/2"])
+def test_models_uri_resolves_to_the_registered_file(registry, trained, tmp_path, spec):
+    source = resolve_checkpoint(spec, registry["uri"], tmp_path)
+    assert _sha(source.path) == _sha(trained["checkpoint"])
+    assert source.run_id == (registry["run_id"] if spec == CHAMPION else None)
+    assert read_checkpoint(source.path)["run_config"].model.backbone == "tiny"  # weights_only=True
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    ("models:/nope@champion", "no registered model 'nope'"),
+    (f"models:/{MODEL}@gold", f"model '{MODEL}' has no alias 'gold' (aliases: @champion → version 1)"),
+    (f"models:/{MODEL}/9", f"model '{MODEL}' has no version 9 (versions: 1, 2)"),
+])
+def test_missing_model_alias_or_version_is_one_line(registry, tmp_path, capsys, monkeypatch, spec, fragment):
+    with pytest.raises(FileNotFoundError, match="^checkpoint models:/") as err:
+        resolve_checkpoint(spec, registry["uri"], tmp_path)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.full((40, 50, 3), 99, np.uint8)).save(tmp_path / "x.png")
+    with pytest.raises(SystemExit) as exc:
+        run_main(predict_job.main, ["--checkpoint", spec, "--image", str(tmp_path / "x.png"), "--keypoints", "a",
+                                    "--class", "cat"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_predict_job_takes_a_models_uri(registry, predictor, heldout, tmp_path, capsys, monkeypatch):
+    h = heldout[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        run_main(predict_job.main, ["--checkpoint", CHAMPION, "--image", str(h["path"]),
+                                    "--keypoints", ",".join(h["names"]), "--class", h["class"]])
+    out = capsys.readouterr()
+    assert exc.value.code == 0, out.err
+    record = json.loads(out.out)
+    assert _xys(record["keypoints"]) == pytest.approx(
+        _xys(predictor.predict(str(h["path"]), h["names"], h["class"])), abs=0.01)
+
+
+# --- the application, its builder and the cluster configs ------------------------------------------
+
+
+def test_app_builder_validates_its_args(trained):
+    from ray.serve import Application
+
+    application = serve_job.app({"checkpoint": trained["checkpoint"], "max_batch_size": "4", "autoscale": "1,3"})
+    assert isinstance(application, Application)
+    for bad, fragment in [({"max_batch_size": "0"}, "max_batch_size"), ({"autoscale": "3,1"}, "MIN <= MAX"),
+                          ({"device": "tpu"}, "cpu or cuda"), ({"gpus_per_replica": "1"}, "with device cpu"),
+                          ({"replicas": "2", "colour": "red"}, "colour")]:
+        with pytest.raises(Exception) as err:
+            serve_job.app({"checkpoint": trained["checkpoint"], **bad})
+        assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_serve_config_and_rayservice_run_this_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema(**yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text()))
+    manifest = yaml.safe_load((REPO / "cluster" / "rayservice.yaml").read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    inner = ServeDeploySchema(**yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    for cfg in (config, inner):
+        (application,) = cfg.applications
+        assert application.import_path == "jobs.serve:app" and application.route_prefix == "/"
+        options = serve_job.check_options(application.args)
+        assert options.checkpoint.startswith("models:/")
+    assert config.http_options.host == "127.0.0.1"
+    import ray
+
+    assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+
+
+# --- the server over HTTP ---------------------------------------------------------------------------
+
+
+def test_server_prints_its_url_and_health_is_ok(server):
+    assert server.url in server.banner and "models:/capenext-tiny@champion" in server.banner
+    r = requests.get(f"{server.url}healthz", timeout=30)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok"
+    assert body["model"]["checkpoint"] == CHAMPION and body["model"]["ablation"] == "full"
+    assert body["model"]["backbone"] == "tiny" and body["model"]["max_keypoints"] == 100
+
+
+@pytest.mark.parametrize("with_box", [True, False])
+def test_api_answers_what_jobs_predict_prints(server, trained, heldout, tmp_path, capsys, monkeypatch, with_box):
+    """Same image, names, class, skeleton and box: the same JSON numbers and the same picture."""
+    monkeypatch.chdir(tmp_path)
+    for h in heldout[:2]:
+        f = _fields(h, with_box)
+        argv = ["--checkpoint", trained["checkpoint"], "--image", str(h["path"]), "--keypoints", f["keypoints"],
+                "--class", h["class"], "--skeleton", f["skeleton"], "--out", str(tmp_path / "cli.png")]
+        with pytest.raises(SystemExit) as exc:
+            run_main(predict_job.main, argv + (["--bbox", f["bbox"]] if with_box else []))
+        assert exc.value.code == 0
+        cli = json.loads(capsys.readouterr().out)
+        r = _post(server.url, h["path"], **f)
+        assert r.status_code == 200, r.text
+        api = r.json()
+        assert [p["name"] for p in api["keypoints"]] == h["names"]
+        assert _xys(api["keypoints"]) == pytest.approx(_xys(cli["keypoints"]), abs=0.011)
+        assert api["image"] == {"width": cli["width"], "height": cli["height"]} and api["bbox"] == cli["bbox"]
+        pic = _post(server.url, h["path"], params={"picture": "1"}, **f)
+        assert pic.status_code == 200 and pic.headers["content-type"] == "image/png"
+        with Image.open(io.BytesIO(pic.content)) as a, Image.open(tmp_path / "cli.png") as b:
+            assert a.size == b.size
+            same = (np.asarray(a.convert("RGB")) == np.asarray(b.convert("RGB"))).all(-1).mean()
+            assert same > 0.99, same
+
+
+def _bomb(tmp_path) -> bytes:
+    """A 5000 x 5000 PNG of zeros: 25 MP, a few tens of KB (the server's limit here is 20 MP)."""
+    buf = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD = {
+    "not_an_image": (dict(data=b"these bytes are no picture at all"), 400, "not an image"),
+    "truncated_image": (dict(data="TRUNCATED"), 400, "cannot decode"),
+    "no_image_field": (dict(), 400, "no 'image' file"),
+    "no_names": (dict(keypoints=" , "), 400, "no keypoint names"),
+    "names_missing": (dict(keypoints=None), 400, "no keypoint names"),
+    "too_many_names": (dict(keypoints=json.dumps([f"k{i}" for i in range(101)])), 400,
+                       "101 keypoint names given, the model has 100 keypoint slots"),
+    "bad_json_names": (dict(keypoints="[\"nose\", "), 400, "not valid JSON"),
+    "skeleton_out_of_range": (dict(skeleton="0-1,1-7"), 400, "skeleton index out of range in edge 1-7"),
+    "skeleton_syntax": (dict(skeleton="0:1"), 400, "is not of the form A-B"),
+    "malformed_box": (dict(bbox="1,2,3"), 400, "is not four numbers"),
+    "box_outside": (dict(bbox="0,0,5000,10"), 400, "lies outside the"),
+    "no_class": (dict(class_=None), 400, "reads a class name"),
+    "over_upload_limit": (dict(data="BIG"), 413, "over the limit of 20 MB"),
+    "decompression_bomb": (dict(data="BOMB"), 400, "over the limit of 20000000"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_request_is_a_4xx_with_one_json_line_and_the_server_stays_up(server, heldout, tmp_path, case):
+    h = heldout[0]
+    change, status, fragment = BAD[case]
+    fields = {"keypoints": "nose,left eye,right eye", "class_": "cat", **change}
+    data = fields.pop("data", None)
+    if data == "BIG":
+        data = b"\x89PNG" + os.urandom(1024) * (21 * 1024)  # 21 MB
+    elif data == "BOMB":
+        data = _bomb(tmp_path)
+    elif data == "TRUNCATED":
+        data = Path(h["path"]).read_bytes()[:300]
+    elif data is None and case != "no_image_field":
+        data = Path(h["path"]).read_bytes()
+    r = _post(server.url, data=data, **fields)
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"} and fragment in body["error"] and "\n" not in body["error"], body
+    assert requests.get(f"{server.url}healthz", timeout=30).status_code == 200
+
+
+def test_a_form_that_is_not_multipart_is_refused(server):
+    r = requests.post(f"{server.url}v1/predict", json={"keypoints": ["nose"]}, timeout=30)
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]
+
+
+def test_32_concurrent_requests_are_batched_and_all_answered(server, predictor, heldout):
+    """Mixed images, keypoint counts and boxes at once: every answer is that request's own."""
+    jobs = [(heldout[i % len(heldout)], bool(i % 3)) for i in range(32)]
+    before = requests.get(f"{server.url}healthz", timeout=30).json()["replica"]
+
+    def one(job):
+        h, box = job
+        return _post(server.url, h["path"], **_fields(h, box))
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(one, jobs))
+    after = requests.get(f"{server.url}healthz", timeout=30).json()["replica"]
+    for (h, box), r in zip(jobs, answers):
+        assert r.status_code == 200, r.text
+        expected = predictor.predict(str(h["path"]), h["names"], h["class"], h["skeleton"],
+                                     h["bbox"] if box else None)
+        assert [p["name"] for p in r.json()["keypoints"]] == h["names"]
+        assert _xys(r.json()["keypoints"]) == pytest.approx(_xys(expected), abs=0.011)
+    assert after["queries"] - before["queries"] == 32
+    assert after["batches"] - before["batches"] < 32 and after["largest_batch"] > 1, (before, after)
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+def test_page_in_a_real_browser_shows_the_prediction(server, heldout, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}", "--window-size=1400,1200",
+                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):  # nothing but this machine
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=DriverService(CHROMEDRIVER))
+    try:
+        wait = WebDriverWait(browser, 90)
+        browser.get(server.url)
+        upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]")))
+        assert CHAMPION in browser.find_element(By.ID, "model-info").text
+        h = heldout[2]
+        upload.send_keys(str(h["path"]))
+        browser.find_element(By.CSS_SELECTOR, "#names textarea, #names input").send_keys(", ".join(h["names"]))
+        browser.find_element(By.CSS_SELECTOR, "#class textarea, #class input").send_keys(h["class"])
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#image img")))  # the upload is in
+        browser.find_element(By.ID, "run").click()
+        picture = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#picture img")))
+        wait.until(lambda b: h["names"][0] in b.find_element(By.ID, "result").text)
+        assert picture.size["width"] > 100 and picture.get_attribute("naturalWidth") not in (None, "0")
+        assert "Examples" in browser.page_source and "Start from a training category" in browser.page_source
+        shot = tmp_path / "page.png"
+        browser.save_screenshot(str(shot))
+        print(f"screenshot: {shot}")
+        assert shot.stat().st_size > 10_000
+    finally:
+        browser.quit()
+
+
+def _replicas(ray_local) -> list:
+    from ray.util.state import list_actors
+
+    address = ray_local.get_runtime_context().gcs_address  # other Ray instances may run on this machine
+    return [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True,
+                                   raise_on_missing_output=False)
+            if a.class_name.startswith(f"ServeReplica:{serve_job.APP_NAME}:{serve_job.DEPLOYMENT_NAME}")]
+
+
+def test_a_killed_replica_is_replaced_and_the_next_requests_succeed(server, ray_local, predictor, heldout):
+    (replica,) = _replicas(ray_local)
+    os.kill(replica.pid, signal.SIGKILL)
+    deadline, replaced = time.time() + 180, None
+    while time.time() < deadline:
+        alive = [a for a in _replicas(ray_local) if a.pid != replica.pid]
+        if alive:
+            try:
+                if requests.get(f"{server.url}healthz", timeout=10).status_code == 200:
+                    replaced = alive[0]
+                    break
+            except requests.RequestException:
+                pass
+        time.sleep(1)
+    assert replaced is not None, "Serve did not bring a new replica up within 180 s"
+    for h in heldout[:3]:
+        r = _post(server.url, h["path"], **_fields(h))
+        assert r.status_code == 200, r.text
+        expected = predictor.predict(str(h["path"]), h["names"], h["class"], h["skeleton"], h["bbox"])
+        assert _xys(r.json()["keypoints"]) == pytest.approx(_xys(expected), abs=0.011)
+
+
+def test_ctrl_c_stops_the_server_and_its_application(server, ray_local):
+    from ray import serve
+
+    assert server.stop() == 0, server.log.read_text()[-3000:]
+    assert "stopped" in server.log.read_text().strip().splitlines()[-3:]
+    assert serve.status().applications == {}
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.url}healthz", timeout=10)
