@@ -32,6 +32,7 @@ Every bad input raises ``ValueError`` (or ``FileNotFoundError``) with one line n
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,28 +54,36 @@ from capenext.viz import to_rgb
 __all__ = ["Predictor", "Query", "check_bbox", "check_names", "check_skeleton", "load_image", "parse_bbox",
            "parse_skeleton", "window_mass"]
 
-ImageLike = str | Path | Image.Image | np.ndarray
+ImageLike = str | Path | bytes | Image.Image | np.ndarray
 CONFIG_FILE = "config.json"  # save_pretrained's folder: config and meta ...
 WEIGHTS_FILE = "model.safetensors"  # ... and the trainable weights
 
 
 def load_image(image: ImageLike) -> np.ndarray:
-    """A path, PIL image or (H, W[, 3|4]) uint8 array → (H, W, 3) uint8 RGB; one-line errors."""
+    """A path, encoded file bytes, a PIL image or an (H, W[, 3|4]) uint8 array → (H, W, 3) uint8 RGB;
+    one-line errors. A file and its bytes decode the same way."""
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path}")
-        try:
-            with Image.open(path) as im:  # decoded as the shards' images are (decode_image): load, RGB
-                im.load()
-                return np.asarray(im.convert("RGB"))
-        except UnidentifiedImageError:
-            raise ValueError(f"cannot read image {path}: not an image file (no format PIL can decode)") from None
-        except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
-            raise ValueError(f"cannot read image {path}: {' '.join(str(err).split())}") from None
+        return _decode(path.read_bytes(), str(path))
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _decode(bytes(image), "image")
     if isinstance(image, (Image.Image, np.ndarray)):
         return to_rgb(image)
-    raise ValueError(f"image must be a path, a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+    raise ValueError(f"image must be a path, file bytes, a PIL image or an (H, W, 3) uint8 array, got "
+                     f"{type(image).__name__}")
+
+
+def _decode(data: bytes, where: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # decoded as the shards' images are (decode_image): load, RGB
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ValueError(f"cannot read image {where}: not an image file (no format PIL can decode)") from None
+    except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
+        raise ValueError(f"cannot read image {where}: {' '.join(str(err).split())}") from None
 
 
 def check_names(names: Sequence[str], slots: int) -> list[str]:

@@ -174,26 +174,34 @@ class BodyTooLarge(ApiError):
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Uploaded bytes → (H, W, 3) uint8 RGB, decoded as :func:`capenext.predict.load_image` decodes a file;
-    the pixel count is checked from the header, before anything is decompressed."""
+    """Uploaded bytes → (H, W, 3) uint8 RGB, decoded by :func:`capenext.predict.load_image` (as
+    ``jobs.predict`` decodes the same file); the pixel count is read from the header and checked before
+    anything is decompressed."""
     from PIL import Image, UnidentifiedImageError
+
+    from capenext.predict import load_image
 
     if not data:
         raise ApiError(400, "the 'image' file is empty")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
             w, h = im.size
-            if w * h > max_pixels:
-                raise ApiError(400, f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
-                                    "(the server's --max-pixels)")
-            im.load()
-            return np.asarray(im.convert("RGB"))
     except UnidentifiedImageError:
         raise ApiError(400, "the 'image' file is not an image (no format PIL can decode)") from None
     except Image.DecompressionBombError as err:
         raise ApiError(400, f"image refused as a decompression bomb: {err}") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated or corrupt data
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # a broken header
         raise ApiError(400, f"cannot decode the 'image' file: {' '.join(str(err).split())[:200]}") from None
+    if w * h > max_pixels:
+        raise ApiError(400, f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                            "(the server's --max-pixels)")
+    try:
+        return load_image(data)
+    except ValueError as err:  # truncated or corrupt data
+        raise ApiError(400, f"cannot decode the 'image' file: {str(err).removeprefix('cannot read image image: ')}") \
+            from None
+    except Image.DecompressionBombError as err:
+        raise ApiError(400, f"image refused as a decompression bomb: {err}") from None
 
 
 def parse_names(text: str | None) -> list[str]:
