@@ -36,7 +36,7 @@ from capenext.cli import UsageError, run_main
 from capenext.config import MAX_KEYPOINTS, load_preset
 from capenext.losses import CapeNextLoss
 from capenext.models import available_backbones, build_model, parameter_counts
-from jobs import bench_embed, bench_loader
+from jobs import bench_embed, bench_loader, bench_serve
 from jobs.common import machine
 
 
@@ -176,7 +176,7 @@ def benchmark_model(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmark",
                                      description="Benchmarks; each prints one JSON object.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{model,loader,embed}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{model,loader,embed,serve}")
     m = sub.add_parser("model", help="train img/s of the full model vs the backbone alone",
                        description="Train img/s of the full model (CLIP image embedding precomputed and online) "
                                    "against the backbone alone, measured in the same run; prints JSON.")
@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                            description=bench_embed.__doc__)
     bench_embed.add_arguments(embed)
     embed.set_defaults(func=bench_embed.run)
+    serve = sub.add_parser("serve", help="Ray Serve requests/s and latency, batching on vs off",
+                           description=bench_serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_serve.add_arguments(serve)
+    serve.set_defaults(func=bench_serve.run)
     return parser
 
 

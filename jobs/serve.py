@@ -606,8 +606,10 @@ class CapeNext(Service):
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``user_config``: ``{"max_batch_size": N, "batch_wait_ms": T}``, changed without a restart."""
-        self.forward.set_max_batch_size(int(config.get("max_batch_size", self.options.max_batch_size)))
-        self.forward.set_batch_wait_timeout_s(float(config.get("batch_wait_ms", self.options.batch_wait_ms)) / 1000)
+        batching = ServeOptions(checkpoint="-", **{k: config[k] for k in ("max_batch_size", "batch_wait_ms")
+                                                   if k in config})
+        self.forward.set_max_batch_size(batching.max_batch_size)
+        self.forward.set_batch_wait_timeout_s(batching.batch_wait_ms / 1000)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def forward(self, queries: list) -> list[list[dict[str, Any]]]:
@@ -634,7 +636,9 @@ def build_application(options: ServeOptions, page: dict[str, Any] | None = None)
             "target_ongoing_requests": max(1, options.max_batch_size)}
     else:
         deployment_options["num_replicas"] = options.replicas
-    return CapeNext.options(**deployment_options).bind(options.model_dump(), page)
+    # batching lives in user_config only, so that changing it reconfigures replicas instead of replacing them
+    init = options.model_dump(exclude={"max_batch_size", "batch_wait_ms"})
+    return CapeNext.options(**deployment_options).bind(init, page)
 
 
 def app(args: dict[str, Any]):

@@ -1,0 +1,199 @@
+"""Serving benchmark: ``python -m jobs.benchmark serve``.
+
+Requests per second and p50 / p95 latency of ``POST /v1/predict`` on a real Ray Serve (``jobs.serve``'s
+application, one replica) at concurrency 1, 8 and 32, with request batching on (``--max-batch-size``,
+default 16) and off (max batch size 1), measured in one run against the same replica: batching is the
+deployment's ``user_config``, so switching it reconfigures the replica in place and the model stays loaded.
+The ratio is requests/s with batching over requests/s without, per concurrency; the goal is ≥ 2 at
+concurrency 32 on CPU.
+
+Each request is one multipart upload of the same PNG (a synthetic ``--image-size`` square) with
+``--keypoints`` names, a class, a skeleton and a box, answered with the JSON points. The client is one
+asyncio loop in this process holding ``concurrency`` requests in flight, ``--requests`` per level; it only
+ever connects to 127.0.0.1. Levels run in interleaved ``--rounds`` (batching on, off, on, off ...) and each
+keeps its fastest round (the least disturbed when the machine is shared). Without ``--checkpoint`` the model
+is the ``--preset``'s at random init (random CLIP too): weights do not change the timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capenext.cli import UsageError
+
+CONCURRENCY = (1, 8, 32)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint to serve (default: the --preset at random init, written to a temp dir)")
+    parser.add_argument("--preset", default="tiny", help="config preset of the random-init model (default tiny)")
+    parser.add_argument("--max-batch-size", type=int, default=16,
+                        help="batch size with batching on (default 16); off is 1")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
+                        help="how long a request waits for company with batching on (default 10)")
+    parser.add_argument("--requests", type=int, default=128, help="requests per concurrency level (default 128)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the fastest counts (default 2)")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance (default 2)")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0,
+                        help="CPUs (and torch threads) of the replica (default 1)")
+    parser.add_argument("--keypoints", type=int, default=17, help="keypoint names per request (default 17)")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the uploaded PNG (default 256)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+
+def _payload(size: int, keypoints: int) -> tuple[bytes, dict[str, str]]:
+    """The uploaded PNG (a shaded background and a few shapes, as a photo-sized synthetic image compresses)
+    and the form's text fields."""
+    from PIL import Image, ImageDraw
+
+    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    rgb = np.stack([200 * x + 30, 160 * y + 40, 120 * (1 - x * y) + 60], -1).astype(np.uint8)  # (S, S, 3)
+    im = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(im)
+    draw.ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(200, 80, 40))
+    draw.rectangle((size // 8, 5 * size // 8, size // 3, 7 * size // 8), fill=(40, 90, 200))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    names = [f"part {i}" for i in range(keypoints)]
+    fields = {"keypoints": ",".join(names), "class": "cat",
+              "skeleton": ",".join(f"{i}-{i + 1}" for i in range(keypoints - 1)),
+              "bbox": f"{size // 8},{size // 8},{3 * size // 4},{3 * size // 4}"}
+    return buf.getvalue(), fields
+
+
+async def _level(url: str, image: bytes, fields: dict[str, str], concurrency: int, total: int,
+                 timeout_s: float) -> dict[str, float]:
+    """``total`` requests, ``concurrency`` in flight; requests/s over the wall time, latency percentiles."""
+    import aiohttp
+
+    latencies: list[float] = []
+    todo = iter(range(total))
+    failures = 0
+
+    async def worker(session) -> None:
+        nonlocal failures
+        for _ in todo:
+            form = aiohttp.FormData()
+            for k, v in fields.items():
+                form.add_field(k, v)
+            form.add_field("image", image, filename="bench.png", content_type="image/png")
+            start = time.perf_counter()
+            async with session.post(url, data=form) as r:
+                await r.read()
+                if r.status != 200:
+                    failures += 1
+            latencies.append(time.perf_counter() - start)
+
+    limits = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=limits, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    if failures:
+        raise UsageError(f"{failures} of {total} requests failed at concurrency {concurrency}")
+    ms = np.array(latencies) * 1000
+    return {"requests_per_s": round(total / wall, 2), "p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "p95_ms": round(float(np.percentile(ms, 95)), 1)}
+
+
+def _replica_stats(port: int) -> dict[str, int]:
+    """The replica's query and forward counts so far (``/healthz``)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as r:
+        return json.loads(r.read())["replica"]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    import torch
+    from ray import serve
+
+    from capenext.checkpoint import save_checkpoint
+    from capenext.config import load_preset
+    from capenext.models import build_model
+    from jobs.common import machine
+    from jobs.serve import APP_NAME, build_application, check_options
+    from jobs.tracking import free_port
+
+    if min(args.max_batch_size, args.requests, args.rounds, args.cpus, args.keypoints) < 1:
+        raise UsageError("--max-batch-size, --requests, --rounds, --cpus and --keypoints must be >= 1")
+    if args.max_batch_size == 1:
+        raise UsageError("--max-batch-size 1 is the batching-off side already: pass a larger size")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible here; use --device cpu")
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    image, fields = _payload(args.image_size, args.keypoints)
+    with tempfile.TemporaryDirectory(prefix="capenext-bench-serve-") as tmp:
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            cfg = load_preset(args.preset)
+            cfg.model.clip_checkpoint = "random"
+            torch.manual_seed(0)
+            checkpoint = str(Path(tmp) / f"{args.preset}-random.pt")
+            save_checkpoint(checkpoint, build_model(cfg.model), cfg)
+        # the same deployment options on both sides; only the batch size (user_config) changes
+        base = {"checkpoint": checkpoint, "device": args.device, "cpus_per_replica": args.cpus_per_replica,
+                "batch_wait_ms": args.batch_wait_ms, "max_ongoing_requests": 2 * max(CONCURRENCY)}
+        sides = {"batching_on": check_options({**base, "max_batch_size": args.max_batch_size}),
+                 "batching_off": check_options({**base, "max_batch_size": 1})}
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/v1/predict"
+        started = not ray.is_initialized()
+        if started:
+            ray.init(num_cpus=args.cpus, num_gpus=1 if args.device.startswith("cuda") else 0, log_to_driver=False,
+                     include_dashboard=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
+        best: dict[str, dict[int, dict[str, float]]] = {side: {} for side in sides}
+        served = {side: [0, 0] for side in sides}  # queries, forwards
+        try:
+            for _ in range(args.rounds):
+                for side, options in sides.items():
+                    serve.run(build_application(options, page={}), name=APP_NAME, route_prefix="/")
+                    asyncio.run(_level(url, image, fields, 4, 16, 120))  # warm-up, after the reconfigure
+                    before = _replica_stats(port)
+                    for c in CONCURRENCY:
+                        result = asyncio.run(_level(url, image, fields, c, args.requests, 300))
+                        if result["requests_per_s"] > best[side].get(c, {}).get("requests_per_s", 0):
+                            best[side][c] = result
+                    after = _replica_stats(port)
+                    served[side][0] += after["queries"] - before["queries"]
+                    served[side][1] += after["batches"] - before["batches"]
+        finally:
+            serve.shutdown()
+            if started:
+                ray.shutdown()
+    ratio = {str(c): round(best["batching_on"][c]["requests_per_s"] / best["batching_off"][c]["requests_per_s"], 2)
+             for c in CONCURRENCY}
+    return {
+        "benchmark": "serve",
+        "device": args.device,
+        "machine": machine(),
+        "ray_cpus": args.cpus,
+        "cpus_per_replica": args.cpus_per_replica,
+        "replicas": 1,
+        "model": args.checkpoint or f"{args.preset} preset, random init",
+        "request": {"image": f"{args.image_size}x{args.image_size} PNG, {len(image)} bytes",
+                    "keypoints": args.keypoints, "box": True, "answer": "JSON"},
+        "requests_per_level": args.requests,
+        "rounds": args.rounds,
+        "timing": "fastest round per level",
+        "max_batch_size": {"batching_on": args.max_batch_size, "batching_off": 1},
+        "batch_wait_ms": args.batch_wait_ms,
+        "mean_batch": {side: round(q / max(b, 1), 2) for side, (q, b) in served.items()},
+        "results": {side: {str(c): r for c, r in sorted(levels.items())} for side, levels in best.items()},
+        "throughput_ratio_on_vs_off": ratio,
+        "goal_ratio_at_32": 2.0,
+        "goal_met": ratio["32"] >= 2.0,
+    }
