@@ -144,6 +144,8 @@ case "$cmd" in
     [[ -n "$NUM_GPUS" ]] && ray_args+=(--num-gpus "$NUM_GPUS")
 
     echo "starting Ray head (ports $RAY_PORT, dashboard $DASH_PORT; temp dir $RAY_TMP) and MLflow server (port $MLFLOW_PORT)"
+    # the head's environment is what a job submitted to it starts with: its runs go to this MLflow server
+    MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT" \
     RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN" RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
       setsid "$RAY_BIN" "${ray_args[@]}" \
       > "$DIR/logs/ray.log" 2>&1 < /dev/null &

@@ -24,6 +24,7 @@ DEFAULT_STORAGE = "runs"
 CHECKPOINT_FILE = "model.pt"
 STATE_FILE = "state.pt"
 PROGRESS_FILE = "progress.json"
+FREEZE_CHOICES = ("backbone", "backbone,encoder")  # --freeze: model parts (attributes) kept fixed
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -43,6 +44,11 @@ def add_training_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> N
     g = p.add_argument_group("data")
     g.add_argument("--shards", type=Path, required=True, help="shard folder (pipelines.shard)")
     g.add_argument("--embeddings", type=Path, required=True, help="embedding folder (pipelines.embed)")
+    g.add_argument("--descriptions", default=None,
+                   help="keypoint texts from a descriptions file (python -m pipelines.descriptions, or a CapeX-style "
+                        "name → texts json) instead of the annotations' names")
+    g.add_argument("--text-variant", default=None,
+                   help="which of the reference's texts the descriptions file gives (default regular)")
     g = p.add_argument_group("model and schedule")
     add_config_arguments(g)
     if not sweep:
@@ -56,11 +62,21 @@ def add_training_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> N
     g.add_argument("--batch-size", type=int, default=None, help="global batch (default: the preset's, 32)")
     g.add_argument("--seed", type=int, default=None, help="seed of init, pairs and augmentation (default 0)")
     g.add_argument("--max-steps", type=int, default=None, help="cap the optimizer steps per epoch (tests)")
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--init-checkpoint", default=None, metavar="CHECKPOINT",
+                   help="start from these weights (a file, runs:/<run_id>/..., a run id, models:/NAME@ALIAS, a "
+                        "jobs.convert output): model state only, fresh optimiser and schedule; ignored when the "
+                        "run resumes from a checkpoint of its own")
+    g.add_argument("--freeze", default=None, metavar="PARTS",
+                   help=f"keep these parts' weights fixed (few-shot fine-tuning): {' or '.join(FREEZE_CHOICES)}")
     g = p.add_argument_group("evaluation")
     g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default 1)")
     g.add_argument("--val-episodes", type=int, default=None, help="val episodes per category (default 100)")
     g.add_argument("--test-episodes", type=int, default=None, help="test episodes per category (default 200)")
     g.add_argument("--test-queries", type=int, default=None, help="queries per episode (default 15)")
+    g.add_argument("--episodes", choices=("ours", "reference"), default=None,
+                   help="test episodes: ours (default, seeded) or the reference's (mmpose's sampler; taken by "
+                        "python -m jobs.evaluate --episodes reference --data-root ROOT)")
     g = p.add_argument_group("execution")
     g.add_argument("--num-workers", type=int, default=1, help="Ray Train DDP workers (default 1)")
     g.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs each worker holds (default 1)")
@@ -92,6 +108,8 @@ def resolve_config(args: argparse.Namespace, backbone: str | None = None) -> Run
         "optim.epochs": args.epochs, "optim.batch_size": args.batch_size, "optim.seed": args.seed,
         "data.val_episodes": args.val_episodes, "data.test_episodes": args.test_episodes,
         "data.queries": args.test_queries,
+        "data.descriptions": getattr(args, "descriptions", None),
+        "data.text_variant": getattr(args, "text_variant", None), "data.episodes": getattr(args, "episodes", None),
     }
     try:
         cfg = resolve(args.config, named, args.overrides)
@@ -101,12 +119,43 @@ def resolve_config(args: argparse.Namespace, backbone: str | None = None) -> Run
         raise UsageError(f"unknown ablation {cfg.model.ablation!r}; available: {available_ablations()}")
     if cfg.model.backbone not in available_backbones():
         raise UsageError(f"unknown backbone {cfg.model.backbone!r}; available: {available_backbones()}")
+    from capenext.models.backbone import check_drop_path
+
+    try:
+        check_drop_path(cfg.model.backbone, cfg.model.drop_path)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if cfg.model.clip_checkpoint is None:
         raise UsageError("no CLIP weights: pass --clip-checkpoint PATH (a local file) or --clip-checkpoint "
                          "random (explicit random init, for tests and smoke runs)")
+    check_texts(cfg)
+    # the training loop reads the regular texts and draws its own test episodes
+    if cfg.data.text_variant != "regular":
+        raise UsageError(f"--text-variant {cfg.data.text_variant}: training reads the regular texts; the reference's "
+                         f"other variants are for evaluation (python -m jobs.evaluate --noise "
+                         f"reference:{cfg.data.text_variant})")
+    if cfg.data.episodes == "reference":
+        raise UsageError("--episodes reference: the training run's own test draws our episodes; measure its "
+                         "checkpoint on the reference's with python -m jobs.evaluate --episodes reference "
+                         "--data-root ROOT")
     if cfg.optim.epochs < 1 or cfg.optim.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be positive")
     return cfg
+
+
+def check_texts(cfg: RunCfg) -> None:
+    """The config's descriptions file and text variant read (one line otherwise), before anything slow."""
+    from capenext.data.mp100 import DataError, load_descriptions
+
+    if cfg.data.episodes not in ("ours", "reference"):
+        raise UsageError(f"data.episodes={cfg.data.episodes!r}; valid: ['ours', 'reference']")
+    try:
+        load_descriptions(cfg.data.descriptions, cfg.data.text_variant) if cfg.data.descriptions else None
+        if cfg.data.descriptions is None and cfg.data.text_variant != "regular":
+            raise UsageError(f"--text-variant {cfg.data.text_variant} needs --descriptions FILE (the reference's "
+                             "texts, python -m pipelines.descriptions)")
+    except DataError as err:
+        raise UsageError(str(err)) from None
 
 
 def needs_image_table(cfg: RunCfg) -> bool:

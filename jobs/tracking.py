@@ -179,6 +179,7 @@ class MlflowServer:
 
     def __init__(self, db: Path, host: str = "127.0.0.1", port: int | None = None):
         self.db, self.host, self.port = db, host, port or free_port(host)
+        self.artifacts = db.parent / "mlartifacts"
         self.log = db.parent / f"mlflow-server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -188,7 +189,7 @@ class MlflowServer:
 
     def launch(self) -> None:
         """Start the server process (returns at once; :meth:`wait` waits for it to answer)."""
-        (self.db.parent / "mlartifacts").mkdir(parents=True, exist_ok=True)
+        self.artifacts.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(server_command(self.db, self.host, self.port), stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -44,7 +44,7 @@ from capenext.data.mp100 import check_split
 from jobs.common import check_cluster, init_ray
 from jobs.runs import CHECKPOINT_FILE, add_training_arguments, latest_checkpoint, needs_image_table, read_progress
 from jobs.runs import resolve_config as _resolve_config
-from jobs.tracking import ensure_experiment, log_params, tracking_uri
+from jobs.tracking import end_run, ensure_experiment, log_params, tracking_uri
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,6 +82,12 @@ def preflight(args: argparse.Namespace, cfg: RunCfg, run_name: str) -> dict[str,
     from capenext.data.shards import ShardIndex
 
     check_split(args.split)
+    # every file a worker will open is checked here, before any worker (or retry) starts
+    if cfg.model.backbone_checkpoint is not None and not Path(cfg.model.backbone_checkpoint).is_file():
+        raise UsageError(f"--backbone-checkpoint {cfg.model.backbone_checkpoint}: no such file (a local "
+                         "weights file; leave it out for random init)")
+    if cfg.model.clip_checkpoint != "random" and not Path(cfg.model.clip_checkpoint).is_file():
+        raise UsageError(f"--clip-checkpoint {cfg.model.clip_checkpoint}: no such file (or use 'random')")
     index = ShardIndex(args.shards, descriptions=cfg.data.descriptions)
     for subset in ("train", "val", "test"):
         if not index.subset(args.split, subset).samples:
@@ -95,9 +101,10 @@ def preflight(args: argparse.Namespace, cfg: RunCfg, run_name: str) -> dict[str,
         raise UsageError(f"--batch-size {cfg.optim.batch_size} is not divisible by --num-workers "
                          f"{args.num_workers}: the global batch stays fixed across workers")
     latest = latest_checkpoint(args.storage_path.resolve(), run_name)
+    # through the dataclasses, so that a field added since (with its default) is no difference
+    old = to_dict(read_checkpoint(latest / CHECKPOINT_FILE)["run_config"]) if latest is not None else None
+    tuning = fine_tuning(args, cfg, run_name, old, index)
     if latest is not None:
-        # through the dataclasses, so that a field added since (with its default) is no difference
-        old = to_dict(read_checkpoint(latest / CHECKPOINT_FILE)["run_config"])
         diff = config_differences(_comparable(old), _comparable(to_dict(cfg)))
         if diff:
             raise UsageError(f"run {run_name!r} has a checkpoint of another config in {latest} (differs in "
@@ -107,8 +114,86 @@ def preflight(args: argparse.Namespace, cfg: RunCfg, run_name: str) -> dict[str,
         "storage": str(args.storage_path.resolve()), "run_name": run_name, "local": bool(args.local),
         "use_gpu": bool(args.use_gpu), "val_every": max(1, args.val_every), "max_steps": args.max_steps,
         "loader_workers": args.loader_workers, "keep": args.keep_checkpoints,
-        "threads": max(1, int(args.cpus_per_worker)),
+        "threads": max(1, int(args.cpus_per_worker)), **tuning,
     }
+
+
+def steps_per_epoch(args: argparse.Namespace, cfg: RunCfg, train) -> int:
+    """Optimizer steps in one epoch: the class-balanced pairs (as many every epoch), an equal share per
+    worker, whole per-worker batches, at most ``--max-steps``."""
+    from capenext.data import training_pairs
+
+    world = 1 if args.local else args.num_workers
+    pairs = len(training_pairs(train.by_category(), cfg.optim.seed, 0))
+    steps = (pairs // world) // (cfg.optim.batch_size // world)
+    return min(steps, args.max_steps) if args.max_steps is not None else steps
+
+
+def short_warmup(warmup: int, epochs: int, steps: int) -> int:
+    """A warm-up longer than the whole run becomes a tenth of the run (at least one step)."""
+    total = epochs * steps
+    return max(1, total // 10) if warmup > total else warmup
+
+
+def check_init_weights(spec: str, path: Path, cfg: RunCfg) -> None:
+    """One line naming every tensor of the init checkpoint that does not fit this run's model (shape,
+    missing or unexpected), checked against a model built here without reading any weights file."""
+    from capenext.checkpoint import FROZEN_PREFIX, LEGACY_PREFIXES, read_checkpoint
+    from capenext.config import from_dict
+    from capenext.models import build_model
+
+    state = read_checkpoint(path)["model"]
+    for old, new in LEGACY_PREFIXES.items():
+        state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
+    probe = from_dict(to_dict(cfg))
+    probe.model.clip_checkpoint, probe.model.backbone_checkpoint = "random", None  # shapes only
+    with torch.no_grad():
+        want = {k: tuple(v.shape) for k, v in build_model(probe.model).state_dict().items()
+                if not k.startswith(FROZEN_PREFIX)}
+    problems = [f"{k} is {tuple(v.shape)} there, {want[k]} here" for k, v in state.items()
+                if k in want and tuple(v.shape) != want[k]]
+    problems += [f"{k} missing there" for k in want if k not in state]
+    problems += [f"{k} not in this model" for k in state if k not in want]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; ... ({len(problems) - 6} more)" if len(problems) > 6 else "")
+        raise UsageError(f"--init-checkpoint {spec}: {len(problems)} tensor(s) do not fit this run's model "
+                         f"({cfg.model.backbone}, {cfg.model.ablation}, dim {cfg.model.dim}): {shown}")
+
+
+def fine_tuning(args: argparse.Namespace, cfg: RunCfg, run_name: str, old: dict[str, Any] | None,
+                index) -> dict[str, Any]:
+    """``--init-checkpoint`` and ``--freeze``: the job options the loop reads, and the source recorded in
+    MLflow. A fine-tuning run's warm-up longer than the whole run is shortened in ``cfg`` (a resumed one
+    keeps the warm-up it started with); a run resuming from a checkpoint of its own ignores the init
+    checkpoint."""
+    from capenext.files import file_sha256
+    from jobs.common import resolve_checkpoint
+    from jobs.runs import FREEZE_CHOICES
+
+    freeze = getattr(args, "freeze", None)
+    parts = sorted(set(freeze.split(","))) if freeze else []
+    if freeze and ",".join(parts) not in {",".join(sorted(c.split(","))) for c in FREEZE_CHOICES}:
+        raise UsageError(f"--freeze {freeze!r}; valid: {', '.join(FREEZE_CHOICES)}")
+    job = {"freeze": ",".join(parts), "init_checkpoint": None}
+    spec = getattr(args, "init_checkpoint", None)
+    if spec is None:
+        return job
+    steps = steps_per_epoch(args, cfg, index.subset(args.split, "train"))
+    wanted = cfg.optim.warmup_iters
+    if old is not None:
+        if old["optim"]["warmup_iters"] == short_warmup(wanted, old["optim"]["epochs"], steps):
+            cfg.optim.warmup_iters = old["optim"]["warmup_iters"]
+        print(f"note: run {run_name!r} resumes from a checkpoint of its own; --init-checkpoint {spec} is ignored",
+              flush=True)
+        return job
+    cfg.optim.warmup_iters = short_warmup(wanted, cfg.optim.epochs, steps)
+    if cfg.optim.warmup_iters != wanted:
+        print(f"note: the warm-up ({wanted} steps) is longer than the whole run ({cfg.optim.epochs} epochs x "
+              f"{steps} steps); shortened to {cfg.optim.warmup_iters} steps (optim.warmup_iters)", flush=True)
+    source = resolve_checkpoint(spec, tracking_uri(), args.storage_path.resolve() / run_name / "init")
+    check_init_weights(spec, source.path, cfg)
+    return {**job, "init_checkpoint": str(source.path.resolve()), "init_source": spec,
+            "init_sha256": file_sha256(source.path), "init_run_id": source.run_id}
 
 
 # --- MLflow: the driver creates the run; rank 0 logs -----------------------------------------------
@@ -132,8 +217,14 @@ def start_mlflow_run(args: argparse.Namespace, cfg: RunCfg, job: dict[str, Any],
             "image_embedding": cfg.model.image_embedding, "seed": str(cfg.optim.seed)}
     if getattr(args, "parent_run_id", None):
         tags["mlflow.parentRunId"] = args.parent_run_id
+    if job.get("init_checkpoint"):  # a fine-tuning run: where its first weights came from
+        tags.update({"init_checkpoint": job["init_source"], "init_checkpoint_sha256": job["init_sha256"]})
+        if job["init_run_id"]:
+            tags["init_run_id"] = job["init_run_id"]
     run = client.create_run(exp_id, run_name=job["run_name"], tags=tags)
     params = {**flatten(to_dict(cfg)), **{f"job.{k}": v for k, v in job.items() if k != "tracking_uri"}}
+    if job.get("init_checkpoint"):
+        params["init_checkpoint"] = job["init_source"]
     log_params(client, run.info.run_id, params)
     return run.info.run_id
 
@@ -148,6 +239,8 @@ def run(args: argparse.Namespace, cfg: RunCfg, run_name: str) -> dict[str, float
 
     from jobs.train_loop import train_loop
 
+    if args.local and args.use_gpu and not torch.cuda.is_available():
+        raise UsageError("--use-gpu with --local but no CUDA device is visible")
     job = preflight(args, cfg, run_name)
     job["tracking_uri"] = tracking_uri()
     resume = latest_checkpoint(Path(job["storage"]), run_name)
@@ -160,8 +253,6 @@ def run(args: argparse.Namespace, cfg: RunCfg, run_name: str) -> dict[str, float
         num_workers=0 if args.local else args.num_workers, use_gpu=bool(args.use_gpu) and not args.local,
         resources_per_worker=None if args.local else {"CPU": args.cpus_per_worker},
     )
-    if args.local and args.use_gpu and not torch.cuda.is_available():
-        raise UsageError("--use-gpu with --local but no CUDA device is visible")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
@@ -175,10 +266,15 @@ def run(args: argparse.Namespace, cfg: RunCfg, run_name: str) -> dict[str, float
                                                checkpoint_score_order="max"),
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
     from mlflow.tracking import MlflowClient
+
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except BaseException as err:  # a failed or interrupted run never stays RUNNING
+        end_run(MlflowClient(job["tracking_uri"]), run_id, err)
+        raise
 
     from capenext.metrics import FLOOR
 

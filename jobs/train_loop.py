@@ -57,13 +57,26 @@ def _local_keep(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def epoch_dataset(subset, data_cfg, seed: int, epoch: int, rank: int, world: int, load_image):
+    """The epoch's training pairs for this worker: class-balanced pairs of ``(seed, epoch)``, an equal
+    strided share of them, augmentation seeded by ``(seed, epoch, global pair index)``."""
+    from capenext.data import PairDataset, training_pairs
+
+    pairs = training_pairs(subset.by_category(), seed, epoch)
+    share = len(pairs) // world
+    mine = np.arange(rank, share * world, world)
+    ds = PairDataset(subset, pairs, data_cfg, train=True, seed=seed, load_image=load_image, positions=mine)
+    ds.set_epoch(epoch)
+    return ds
+
+
 def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
     from capenext.baselines import MeanPositionModel
     from capenext.checkpoint import atomic_save, load_weights, read_checkpoint, save_checkpoint
-    from capenext.data import PairDataset, episodes, training_pairs
+    from capenext.data import PairDataset, episodes
     from capenext.data.embeddings import load_bank
     from capenext.data.shards import ShardIndex
     from capenext.data.transforms import decode_image
@@ -99,6 +112,12 @@ def train_loop(config: dict[str, Any]) -> None:
         return bank.fill(batch, cfg.data.max_keypoints, image_table, model.needs_class_embedding)
 
     criterion = CapeNextLoss(cfg.optim.heatmap_weight)
+    def run_frozen(module, _inputs) -> None:  # a frozen part runs as at inference (norm statistics fixed)
+        module.eval()
+
+    for part in filter(None, job.get("freeze", "").split(",")):  # no gradient, left out of the optimiser
+        getattr(model, part).requires_grad_(False)
+        getattr(model, part).register_forward_pre_hook(run_frozen)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     start_epoch, step, best = 0, 0, -1.0
@@ -112,6 +131,10 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_rng_state(state["rng"])
         if rank == 0:
             print(f"resuming {job['run_name']} from {resume.name}: epoch {start_epoch}, step {step}", flush=True)
+    elif job.get("init_checkpoint"):  # fine-tuning: the weights only; optimiser and schedule start afresh
+        load_weights(model, read_checkpoint(job["init_checkpoint"])["model"], job["init_checkpoint"])
+        if rank == 0:
+            print(f"starting {job['run_name']} from the weights of {job['init_source']}", flush=True)
     ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     tracker = Tracker(config["tracking_uri"], run_id, active=rank == 0)
     logged = set(tracker.history("train/loss"))
@@ -127,11 +150,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         t0 = time.time()
-        pairs = training_pairs(subsets["train"].by_category(), seed, epoch)
-        share = len(pairs) // world
-        mine = np.arange(rank, share * world, world)
-        ds = PairDataset(subsets["train"], pairs, cfg.data, train=True, seed=seed, load_image=load_image,
-                         positions=mine)
+        ds = epoch_dataset(subsets["train"], cfg.data, seed, epoch, rank, world, load_image)
         loader = torch.utils.data.DataLoader(ds, batch_size=per_worker, drop_last=True, collate_fn=collate,
                                              num_workers=job["loader_workers"])
         first_step = step

@@ -129,6 +129,28 @@ def _sh(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProc
                           timeout=timeout, cwd=REPO)
 
 
+# what docs/sweep.md ("What listens where") names as listening beyond loopback: Ray's own servers, which
+# bind every interface whatever --node-ip-address says (GCS, raylet, its agents and worker processes)
+RAY_WIDE_LISTENERS = re.compile(r"gcs_server|raylet|^ray::|ray/dashboard/agent\.py|ray/_private/runtime_env/agent"
+                                r"|ray/util/client/server|ray/_private/log_monitor|ray/autoscaler|ray/dashboard/dashboard\.py")
+
+
+def _listeners(root_pids: list[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process) of every TCP listener of these processes and their descendants."""
+    import psutil
+
+    procs = {}
+    for pid in root_pids:
+        p = psutil.Process(pid)
+        for q in [p, *p.children(recursive=True)]:
+            procs[q.pid] = " ".join(q.cmdline()) or q.name()
+    out = []
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in procs:
+            out.append((conn.laddr.ip, conn.laddr.port, procs[conn.pid]))
+    return out
+
+
 def test_local_script_starts_ray_and_mlflow_then_stops_both(tmp_path):
     state = tmp_path / "local"
     env = {**os.environ, "PYTHON": sys.executable}
@@ -156,6 +178,17 @@ def test_local_script_starts_ray_and_mlflow_then_stops_both(tmp_path):
         direct = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
         assert direct.get_run(run.info.run_id).data.metrics == {"x": 1.0}
         assert _sh("status", "--dir", str(state), env=env).returncode == 0
+        # what listens where: the dashboard (job API) and MLflow on loopback only; beyond loopback only
+        # the Ray servers the docs name
+        listeners = _listeners([pids["ray"], pids["mlflow"]])
+        dash_port, mlflow_port = (int(a.rsplit(":", 1)[1]) for a in (dashboard, uri))
+        loopback = {"127.0.0.1", "::1"}
+        assert {ip for ip, port, _ in listeners if port in (dash_port, mlflow_port)} <= loopback, listeners
+        assert any(port == mlflow_port for _, port, _ in listeners)
+        wide = [(ip, port, who) for ip, port, who in listeners if ip not in loopback]
+        assert all(RAY_WIDE_LISTENERS.search(who) for _, _, who in wide), wide
+        mlflow_group = _listeners([pids["mlflow"]])
+        assert mlflow_group and all(ip in loopback for ip, _, _ in mlflow_group), mlflow_group
         again = _sh("start", "--dir", str(state), env=env)
         assert again.returncode == 2 and again.stderr.strip().startswith("error: ") and "already running" in \
             again.stderr and len(again.stderr.strip().splitlines()) == 1

@@ -158,7 +158,8 @@ def test_ray_run_resubmitted_resumes_from_its_checkpoint(prepared, ray_local, wo
     assert torch.load(latest / "state.pt", weights_only=True)["step"] == 4
 
 
-@pytest.mark.parametrize("case", ["split", "ablation", "backbone", "shards", "embeddings", "clip", "no_clip"])
+@pytest.mark.parametrize("case", ["split", "ablation", "backbone", "shards", "embeddings", "clip", "no_clip",
+                                  "quick_gelu", "image_norm", "bbox_scale", "image_size"])
 def test_bad_input_gives_one_line_before_any_worker(prepared, workdir, capsys, tmp_path, case):
     args = _args(prepared, "--local", "--run-name", "bad", "--storage-path", "runs")
     fragments = {
@@ -169,6 +170,11 @@ def test_bad_input_gives_one_line_before_any_worker(prepared, workdir, capsys, t
         "embeddings": (["--embeddings", str(tmp_path / "nowhere")], "no embeddings in"),
         "clip": (["--clip-model", "ViT-B-32"], "clip_model='tiny'"),
         "no_clip": (["--set", "model.clip_checkpoint=none"], "--clip-checkpoint"),
+        # tables made with other settings than the run's: refused, naming the field and both values
+        "quick_gelu": (["--set", "model.clip_quick_gelu=false"], "clip_quick_gelu=True, this run uses False"),
+        "image_norm": (["--set", "model.clip_image_norm=imagenet"], "clip_image_norm='clip', this run uses 'imagenet'"),
+        "bbox_scale": (["--set", "data.bbox_scale=1.6"], "bbox_scale=1.25, this run uses 1.6"),
+        "image_size": (["--set", "data.image_size=256"], "image_size=128, this run uses 256"),
     }[case]
     code, out, err = _run(args + fragments[0], capsys)
     assert code == 2
@@ -177,9 +183,106 @@ def test_bad_input_gives_one_line_before_any_worker(prepared, workdir, capsys, t
     assert not (workdir / "runs" / "bad").exists()
 
 
+def test_augmentation_of_a_pair_index_changes_per_epoch_and_repeats(prepared, monkeypatch):
+    from capenext.config import load_preset
+    from capenext.data.shards import ShardIndex
+    from jobs import train_loop
+
+    index = ShardIndex(prepared / "shards")
+    subset = index.subset(1, "train")
+    cfg = load_preset("tiny").data
+    # the same pairs in every epoch, so that only the augmentation's seed can differ
+    from capenext.data import training_pairs
+
+    pairs0 = training_pairs(subset.by_category(), 0, 0)
+    monkeypatch.setattr("capenext.data.training_pairs", lambda by_cat, seed, epoch: pairs0)
+
+    def item(epoch: int):
+        ds = train_loop.epoch_dataset(subset, cfg, 0, epoch, 0, 1, index.load_image)
+        return ds[0]
+
+    first, again, later = item(0), item(0), item(1)
+    assert torch.equal(first["img"], again["img"]) and torch.equal(first["heatmap"], again["heatmap"])
+    assert not torch.equal(first["img"], later["img"])  # epoch 1 draws another augmentation
+    assert torch.equal(item(1)["img"], later["img"])  # and draws it again the same way (a repeated run)
+
+
 def test_checkpoint_of_another_config_is_refused(prepared, local_run):
     wd, _ = local_run
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{wd / 'mlflow.db'}"}
     proc = run_cli("jobs.train", *_args(prepared, "--local", "--ablation", "baseline", "--run-name", "ref",
                                         "--storage-path", str(wd / "runs")), cwd=wd, env=env)
     assert_one_line_error(proc, "run 'ref' has a checkpoint of another config", "model.ablation")
+
+
+def _train_workers() -> list:
+    """The live Ray Train worker processes of this machine's Ray instances."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_killed_train_worker_resumes_and_logs_each_epoch_once(prepared, ray_local, workdir, capsys):
+    """SIGKILL of the Ray Train worker just after its first report, then again mid-epoch: Ray restarts the
+    worker group (--max-failures 2), the run resumes from its checkpoint each time, and the finished run's
+    MLflow history holds every epoch exactly once."""
+    import threading
+
+    runs = workdir / "runs"
+    kills: list[str] = []
+
+    def reported(n: int) -> bool:  # Ray Train names its checkpoint folders by time
+        return len(list((runs / "restart").glob("checkpoint_*/state.pt"))) >= n
+
+    def killer():
+        deadline = time.time() + 400
+        while not reported(1) and time.time() < deadline:
+            time.sleep(0.05)
+        for p in _train_workers():  # just after the first report
+            p.kill()
+            kills.append("after report")
+        while not reported(2) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # into the third epoch's steps
+        for p in _train_workers():
+            p.kill()
+            kills.append("mid-epoch")
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    code, out, err = _run(_args(prepared, "--epochs", "4", "--max-steps", "30", "--run-name", "restart",
+                                "--storage-path", "runs", "--max-failures", "2", "--val-every", "4"), capsys)
+    thread.join(timeout=30)
+    assert code == 0, err[-3000:]
+    assert "after report" in kills and "mid-epoch" in kills, kills
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run = _run_by_name(client, "restart")
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in _history(client, run.info.run_id, "train/loss")] == [0, 1, 2, 3]
+    assert "test/pck_mean" in run.data.metrics and "floor/pck_mean" in run.data.metrics
+
+
+def test_missing_backbone_weights_through_ray_fail_in_preflight_with_no_run(prepared, ray_local, workdir, capsys):
+    code, out, err = _run(_args(prepared, "--backbone-checkpoint", str(workdir / "swin.safetensors"),
+                                "--run-name", "nofile", "--storage-path", "runs"), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert "--backbone-checkpoint" in lines[0] and "swin.safetensors: no such file" in lines[0]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("capenext")
+    assert exp is None or not client.search_runs([exp.experiment_id], "tags.`capenext.run_name` = 'nofile'")
+
+
+def test_a_run_that_fails_in_its_worker_ends_failed_not_running(prepared, workdir, capsys):
+    code, out, err = _run(_args(prepared, "--local", "--epochs", "1", "--max-steps", "2", "--run-name", "nan",
+                                "--storage-path", "runs", "--max-failures", "0", "--set", "optim.lr=nan"), capsys)
+    assert code != 0
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert _run_by_name(client, "nan").info.status == "FAILED"
