@@ -151,10 +151,21 @@ def options_error(err: Exception) -> str:
 
 
 def check_options(values: dict[str, Any]) -> ServeOptions:
+    """:class:`ServeOptions` from ``values``, made absolute where the application is built: a local
+    checkpoint or CLIP file becomes its absolute path and the default MLflow store that of this working
+    directory (replicas run elsewhere); one line for a bad option."""
+    from jobs.tracking import tracking_uri
+
     try:
-        return ServeOptions(**values)
+        options = ServeOptions(**values)
     except Exception as err:  # pydantic ValidationError
         raise UsageError(f"serve options: {options_error(err)}") from None
+    changes: dict[str, Any] = {"tracking_uri": tracking_uri(options.tracking_uri)}
+    for key in ("checkpoint", "clip_checkpoint"):
+        value = getattr(options, key)
+        if value and Path(value).is_file():
+            changes[key] = str(Path(value).resolve())
+    return options.model_copy(update=changes)
 
 
 # --- request parsing (every problem is an ApiError: a status and one line) ---------------------------
@@ -294,7 +305,8 @@ class Service:
         self.predictor = Predictor(source.path, clip_checkpoint=options.clip_checkpoint, device=options.device)
         cfg = self.predictor.cfg
         self.info = {
-            "checkpoint": display_name(options.checkpoint), "run_id": source.run_id or self.predictor.meta.get("run_id"),
+            "checkpoint": display_name(options.checkpoint),
+            "run_id": source.run_id or self.predictor.meta.get("run_id"),
             "ablation": cfg.model.ablation, "backbone": cfg.model.backbone, "clip_model": cfg.model.clip_model,
             "image_embedding": cfg.model.image_embedding, "image_size": cfg.data.image_size,
             "max_keypoints": self.predictor.slots, "needs_class": bool(self.predictor.model.needs_class_embedding),

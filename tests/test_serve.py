@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 import yaml
 from PIL import Image
 
@@ -433,15 +432,18 @@ def test_page_in_a_real_browser_shows_the_prediction(server, heldout, tmp_path):
     browser = webdriver.Chrome(options=options, service=DriverService(CHROMEDRIVER))
     try:
         wait = WebDriverWait(browser, 90)
+
+        def element(css: str):  # the page renders progressively: wait for each element
+            return wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, css)))
+
         browser.get(server.url)
-        upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]")))
-        assert CHAMPION in browser.find_element(By.ID, "model-info").text
         h = heldout[2]
-        upload.send_keys(str(h["path"]))
-        browser.find_element(By.CSS_SELECTOR, "#names textarea, #names input").send_keys(", ".join(h["names"]))
-        browser.find_element(By.CSS_SELECTOR, "#class textarea, #class input").send_keys(h["class"])
-        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#image img")))  # the upload is in
-        browser.find_element(By.ID, "run").click()
+        element("#image input[type=file]").send_keys(str(h["path"]))
+        element("#names textarea, #names input").send_keys(", ".join(h["names"]))
+        element("#class textarea, #class input").send_keys(h["class"])
+        assert CHAMPION in element("#model-info").text
+        element("#image img")  # the upload is in
+        wait.until(EC.element_to_be_clickable((By.ID, "run"))).click()
         picture = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#picture img")))
         wait.until(lambda b: h["names"][0] in b.find_element(By.ID, "result").text)
         assert picture.size["width"] > 100 and picture.get_attribute("naturalWidth") not in (None, "0")
