@@ -33,7 +33,11 @@ class DataCfg:
     # ... rotation ~ clip(N(0, r), -2r, 2r) degrees, applied with probability rot_prob
     rot_sigma: float = 15.0
     rot_prob: float = 0.6
-    descriptions: str | None = None  # optional CapeX-style json: category name -> keypoint texts
+    # optional descriptions file: the reference's rules (python -m pipelines.descriptions) or a CapeX-style
+    # json of category name -> keypoint texts
+    descriptions: str | None = None
+    text_variant: str = "regular"  # which of the reference's texts a rules file gives (its test_type)
+    episodes: str = "ours"  # test episodes: "ours" (seeded sampler) or "reference" (mmpose's, from the annotation file)
     val_episodes: int = 100  # per category
     test_episodes: int = 200  # per category
     queries: int = 15  # queries per episode
@@ -47,6 +51,7 @@ class ModelCfg:
     clip_model: str = "ViT-B-32"  # open_clip model name, or "tiny"
     clip_checkpoint: str | None = None  # local file, or "random" for explicit random init
     clip_quick_gelu: bool = True  # QuickGELU, as OpenAI's CLIP weights (the reference's); False for LAION weights
+    clip_precision: str = "fp32"  # "fp32", or "fp16" as the reference runs CLIP on a GPU (CUDA only)
     # CLIP image input: "clip" (CLIP's own mean/std, ours) or "imagenet" (the reference: the
     # ImageNet-normalised crop as is; converted official checkpoints were trained that way)
     clip_image_norm: str = "clip"

@@ -14,6 +14,11 @@ evaluation job:
 Every function takes its randomness from a generator seeded by ``(seed, salt)``, where the salt is a
 stable digest of the text or category, so the same prompt gets the same noise whatever else is drawn.
 
+A fourth kind, ``reference:VARIANT``, swaps in the reference's own texts for the robustness study (its
+typo, synonym, translation, no-position and manual-rewrite variants, read from the reference by
+``python -m pipelines.descriptions``): whole categories get the variant's texts, applied to the
+annotation's names as the reference applies them (:meth:`capenext.data.mp100.Descriptions.apply`).
+
 The kinds are a registry (:func:`register_noise`, :func:`noise_kinds`, :func:`get_noise`): each
 :class:`NoiseKind` says what it changes, which options it takes and how it turns them into the
 :class:`Variant` rows an evaluation reports (``clean``, ``class``, ``typo@0.1``,
@@ -144,6 +149,15 @@ class Variant:
     wrong_class: bool = False
     word_map: dict[str, str] | None = None
     rate: float | None = None
+    # category (with the annotation's names) → its keypoint texts, for kinds that rewrite whole categories
+    category_texts: Callable[[Any], list[str]] | None = None
+
+    def texts_of(self, category: Any, annotation_category: Any | None = None) -> list[str]:
+        """The variant's keypoint texts of ``category`` (whose ``keypoints`` are the clean texts); a
+        whole-category kind starts from ``annotation_category``, the annotation's names."""
+        if self.category_texts is not None:
+            return self.category_texts(annotation_category if annotation_category is not None else category)
+        return [self.text(t) for t in category.keypoints]
 
 
 @dataclass(frozen=True)
@@ -154,8 +168,10 @@ class NoiseKind:
         name: what ``--noise`` takes.
         changes: ``"class"`` (the class prompt) or ``"keypoints"`` (the keypoint texts), or ``"nothing"``.
         help: one line for ``--help``.
-        options: the option names it takes (``rate``, ``template_map``); another kind's option is refused.
-        variants: options (``rate``, ``template_map``, ``seed``) → the result rows.
+        options: the option names it takes (``rate``, ``template_map``, ``variant``); another kind's option
+            is refused.
+        variants: options (``rate``, ``template_map``, ``seed``, ``variant``, ``descriptions``) → the result
+            rows.
         in_tables: (variant, the tables' metadata, seed) → whether the tables hold its keypoint texts.
     """
 
@@ -217,3 +233,25 @@ register_noise(NoiseKind(
     _template_rows,
     lambda v, meta, seed: meta.get("template_maps", {}).get(v.name.split(":", 1)[1]) == v.word_map,
     options=("template_map",)))
+
+
+def _reference_rows(variant: str | None = None, descriptions: str | None = None, **_: Any) -> list[Variant]:
+    from capenext.data.mp100 import TEXT_VARIANTS, load_descriptions
+
+    if variant is None:
+        raise ValueError(f"--noise reference needs a variant: --noise reference:VARIANT, one of {list(TEXT_VARIANTS)}")
+    if descriptions is None:
+        raise ValueError(f"--noise reference:{variant} reads the reference's texts from --descriptions FILE "
+                         "(python -m pipelines.descriptions --reference CHECKOUT --out FILE --variant all)")
+    desc = load_descriptions(descriptions, variant)
+    if desc.variant is None:
+        raise ValueError(f"--noise reference:{variant}: {descriptions} is a map of category name → texts, not the "
+                         "reference's rules (python -m pipelines.descriptions)")
+    return [Variant("reference", f"reference:{variant}", lambda t: t,
+                    category_texts=lambda cat: list(desc.apply(cat).keypoints))]
+
+
+register_noise(NoiseKind(
+    "reference", "keypoints", "the reference's own texts of a variant (reference:typo, reference:synonyms, ...), "
+    "from --descriptions FILE", _reference_rows,
+    lambda v, meta, seed: False, options=("variant",)))

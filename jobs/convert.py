@@ -16,6 +16,11 @@ it as ``text_backbone``), both are compared and a difference is reported. Withou
 ``--clip-checkpoint``, the official file's own CLIP is written beside the output (``OUT.clip.pt``,
 open_clip layout) and the config names it.
 
+Keypoint texts: the published weights were trained and tested with the reference's regular texts (its
+``regular_descriptions``); the output's meta says so (``keypoint_texts: reference:regular``), and
+``jobs.evaluate`` refuses the checkpoint without them (``--descriptions`` from
+``python -m pipelines.descriptions``).
+
 Loading: ``weights_only=True`` first. If the file's ``meta`` holds numpy values, it is loaded again
 with only numpy's scalar/dtype/array globals allowed (still weights_only; said on stdout). Anything
 else outside torch's allowlist is refused with one line naming the objects: a checkpoint is never
@@ -259,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         "source_meta": source_meta(meta),
         "dropped": len(conv.dropped),
         "clip": "--clip-checkpoint" if args.clip_checkpoint is not None else "official text_backbone",
+        # the texts the published weights were trained and tested with (the reference's regular_descriptions)
+        "keypoint_texts": "reference:regular",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.clip_checkpoint is None:
@@ -271,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"converted {official.name} ({kind}, {args.backbone}, sha256 {sha[:12]}): {n} tensors mapped, "
           f"{len(conv.dropped)} left out (recomputed Swin buffers, unused classifier/FFN) → {out}", flush=True)
     split_arg = f"--split {split}" if split else "--split K"
-    print(f"evaluate: python -m jobs.evaluate --checkpoint {out} {split_arg} --shards SHARDS --embeddings EMB",
-          flush=True)
+    print("texts: the published weights read the reference's regular keypoint texts: make them with python -m "
+          "pipelines.descriptions --reference CAPENEXT_CHECKOUT --out DESCRIPTIONS, and embed and evaluate with "
+          "--descriptions DESCRIPTIONS", flush=True)
+    print(f"evaluate: python -m jobs.evaluate --checkpoint {out} {split_arg} --shards SHARDS --embeddings EMB "
+          "--descriptions DESCRIPTIONS", flush=True)
     return 0
 
 

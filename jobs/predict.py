@@ -10,6 +10,10 @@ optional skeleton. For each image it prints one JSON line on stdout::
 image with the keypoints, their names and the skeleton drawn. ``--images DIR`` does every image of a
 folder (not recursive; .jpg .jpeg .png .bmp .webp .tif .tiff .gif), one line and one picture each.
 
+Keypoint texts: the names as given, or, with ``--descriptions FILE [--text-variant V]``, the texts that
+file gives the category (the reference's rules match the class name, and the keypoints file's
+``supercategory`` and ``id`` when it has them: an MP-100 category record); the JSON keeps the names.
+
 The checkpoint is a file, ``runs:/<run_id>/checkpoints/final.pt`` or a training run id (read from the
 MLflow tracking store). It runs on CPU; weights load with ``weights_only=True``. Every bad input (an
 unreadable image, no names, more than 100 names, a skeleton index out of range, a bbox outside the
@@ -65,6 +69,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="picture to write: with --image a PNG path (default ./<image stem>.keypoints.png; an "
                         "existing folder gets <stem>.keypoints.png inside), with --images a folder "
                         "(default ./predictions)")
+    p.add_argument("--descriptions", default=None,
+                   help="give the model the texts of this descriptions file (python -m pipelines.descriptions) for "
+                        "the category instead of the names (default: the training config's file, if any)")
+    p.add_argument("--text-variant", default=None,
+                   help="which of the reference's texts the descriptions file gives (default: the config's, regular)")
+    p.add_argument("--clip-precision", choices=("fp32", "fp16"), default=None,
+                   help="CLIP's precision (default: the config's, fp32); fp16 as the reference on a GPU, CUDA only")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--clip-checkpoint", default=None,
                    help="where the frozen CLIP's weights are on this machine (default: the training config's)")
@@ -90,7 +101,21 @@ def read_keypoints_file(path: Path) -> dict[str, Any]:
     skeleton = data.get("skeleton") or []
     if not isinstance(skeleton, list):
         raise ValueError(f"{path}: 'skeleton' must be a list of [a, b] index pairs")
-    return {"class": cls, "names": names, "skeleton": skeleton}
+    return {"class": cls, "names": names, "skeleton": skeleton,
+            "supercategory": str(data.get("supercategory", "")), "id": data.get("id")}
+
+
+def described(names: list[str], class_name: str | None, spec: dict[str, Any], descriptions: str | None,
+              variant: str) -> list[str]:
+    """The texts the model reads for ``names``: the names, or what the descriptions file gives the category."""
+    from capenext.data.mp100 import Category, load_descriptions
+
+    desc = load_descriptions(descriptions, variant) if descriptions else None
+    if desc is None:
+        return list(names)
+    cat = Category(spec.get("id") if isinstance(spec.get("id"), int) else -1, class_name or "",
+                   spec.get("supercategory", ""), tuple(names), ())
+    return list(desc.apply(cat, f"category {class_name!r}").keypoints)
 
 
 def image_files(args: argparse.Namespace) -> list[Path]:
@@ -132,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("no keypoint names: --keypoints is empty (e.g. --keypoints \"nose,left eye\")")
         if not all(parts):
             raise UsageError(f"--keypoints has an empty name at position {parts.index('')}: {args.keypoints!r}")
-        spec = {"class": None, "names": parts, "skeleton": []}
+        spec = {"class": None, "names": parts, "skeleton": [], "supercategory": "", "id": None}
     names = spec["names"]
     class_name = args.class_name if args.class_name is not None else spec["class"]
     skeleton = parse_skeleton(args.skeleton) if args.skeleton is not None else spec["skeleton"]
@@ -148,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         check_bbox(bbox, first.shape[1], first.shape[0])
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} but no CUDA device is visible")
+    if args.clip_precision == "fp16" and not args.device.startswith("cuda"):
+        raise UsageError("--clip-precision fp16 runs on a CUDA device only (the reference's GPU setting): add "
+                         "--device cuda, or use fp32")
+    texts = described(names, class_name, spec, args.descriptions, args.text_variant or "regular")
 
     with tempfile.TemporaryDirectory(prefix="capenext-predict-") as tmp:
         ckpt = args.checkpoint
@@ -160,10 +189,29 @@ def main(argv: list[str] | None = None) -> int:
     if predictor.model.needs_class_embedding and not class_name:
         raise UsageError(f"the checkpoint's {predictor.cfg.model.ablation!r} model reads a class name: pass "
                          "--class NAME (or 'class' in the keypoints file)")
+    cfg = predictor.cfg
+    if args.descriptions is None and cfg.data.descriptions is not None:  # the training config's texts
+        if not Path(cfg.data.descriptions).is_file():
+            raise UsageError(f"the checkpoint was trained with --descriptions {cfg.data.descriptions}, which is not on "
+                             "this machine: pass --descriptions FILE")
+        texts = described(names, class_name, spec, cfg.data.descriptions, args.text_variant or cfg.data.text_variant)
+    elif args.descriptions is None and args.text_variant is not None:
+        raise UsageError(f"--text-variant {args.text_variant} needs --descriptions FILE (python -m pipelines.descriptions)")
+    precision = args.clip_precision or cfg.model.clip_precision
+    if precision != predictor.model.clip.precision:
+        from capenext.models.clip import FrozenCLIP
+
+        if precision == "fp16" and not args.device.startswith("cuda"):
+            raise UsageError("the checkpoint's CLIP runs in fp16, on a CUDA device only: add --device cuda, or "
+                             "pass --clip-precision fp32")
+        cfg.model.clip_precision = precision
+        predictor.model.clip = FrozenCLIP.from_cfg(cfg.model).to(predictor.device)
 
     for i, path in enumerate(files):
         image = first if (i == 0 and first is not None) else load_image(path)
-        points = predictor.predict(image, names, class_name, skeleton, bbox)
+        points = predictor.predict(image, texts, class_name, skeleton, bbox)
+        for p, name in zip(points, names):  # the names as given; the model read ``texts``
+            p["name"] = name
         out = picture_path(args, path)
         out.parent.mkdir(parents=True, exist_ok=True)
         draw_keypoints(image, [[p["x"], p["y"]] for p in points], names, skeleton,

@@ -10,6 +10,9 @@ Runs the whole flow on the bundled synthetic mini MP-100, on CPU, in a few minut
 5. test PCK on the split's unseen categories, next to the per-name mean-position floor;
 6. everything is in MLflow: it prints the ``mlflow ui`` command.
 
+With ``--data-root`` (your MP-100 copy), ``--descriptions FILE`` gives the embeddings and the training
+run the regular texts of a descriptions file (``python -m pipelines.descriptions``, or a CapeX-style map).
+
 A second run reuses what the first made: the data, shards and embeddings are kept, and the training
 run resumes from its last checkpoint (a finished run goes straight to the test).
 """
@@ -22,8 +25,8 @@ import os
 import time
 from pathlib import Path
 
-from capenext.cli import run_main
-from capenext.config import load_preset
+from capenext.cli import UsageError, run_main
+from capenext.config import load_preset, override
 from capenext.metrics import FLOOR
 from capenext.data import SUBSETS, load_split
 
@@ -40,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where data, shards, embeddings, checkpoints and mlflow.db go (default ./quickstart_out)")
     p.add_argument("--data-root", type=Path, default=None,
                    help="use this MP-100-layout copy instead of generating the synthetic set")
+    p.add_argument("--descriptions", type=Path, default=None,
+                   help="with --data-root: keypoint texts from this descriptions file (python -m pipelines.descriptions)")
     p.add_argument("--split", type=int, default=1, help="MP-100 split to use, 1-5 (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic set and the run (default 0)")
     p.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
@@ -68,11 +73,11 @@ def synthetic_data(workdir: Path, seed: int) -> Path:
     return root
 
 
-def summarize(root: Path, split: int) -> list[dict]:
+def summarize(root: Path, split: int, descriptions: Path | None = None, variant: str = "regular") -> list[dict]:
     print(f"split {split} of {root}:")
     rows = []
     for subset in SUBSETS:
-        data = load_split(root, split, subset)
+        data = load_split(root, split, subset, descriptions, text_variant=variant)
         rows.append({"subset": subset, **data.summary(), "dropped": sum(data.dropped.values())})
     print(f"  {'subset':<8}{'categories':>12}{'images':>9}{'annotations':>13}{'keypoints':>11}{'dropped':>9}")
     for r in rows:
@@ -97,13 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.shard import shard
 
     args = parse_args(argv)
+    if args.descriptions is not None and args.data_root is None:
+        raise UsageError("--descriptions applies to --data-root (an MP-100 copy); the synthetic set's names are its own")
+    variant = "regular"  # the texts training reads
+    cfg_texts = {}
+    if args.descriptions is not None:
+        from capenext.data.mp100 import load_descriptions
+
+        load_descriptions(args.descriptions, variant)  # a bad file or variant: one line, before anything runs
+        cfg_texts = {"data.descriptions": str(args.descriptions.resolve()), "data.text_variant": variant}
     start = time.time()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
 
     stage(1, "data")
     root = args.data_root if args.data_root is not None else synthetic_data(work, args.seed)
-    summarize(root, args.split)
+    summarize(root, args.split, args.descriptions, variant)
 
     ray.init(num_cpus=os.cpu_count(), log_to_driver=True,
              logging_level="WARNING")
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards → {work / 'shards'}")
 
     stage(3, "CLIP embeddings (Ray Data actor pool; tiny CLIP with RANDOM weights, declared: no download)")
-    meta = embed(work / "shards", work / "embeddings", load_preset("tiny"))
+    meta = embed(work / "shards", work / "embeddings", override(load_preset("tiny"), cfg_texts))
     print(f"embeddings → {work / 'embeddings'}: {meta['counts']}")
 
     stage(4, f"training 'full' on split {args.split} with the tiny backbone (Ray Train, 1 worker)")
@@ -125,17 +139,29 @@ def main(argv: list[str] | None = None) -> int:
         "--storage-path", str(work / "runs"), "--experiment", "quickstart",
         "--cpus-per-worker", str(max(1, (os.cpu_count() or 2))),
         "--run-name", f"quickstart-split{args.split}-full-tiny",
+        *(["--descriptions", cfg_texts["data.descriptions"]] if cfg_texts else []),
     ])
     cfg = train.resolve_config(targs)
     metrics = train.run(targs, cfg, targs.run_name)
 
-    stage(5, f"test PCK on the {len(load_split(root, args.split, 'test').categories)} unseen test categories")
+    test = load_split(root, args.split, "test")
+    stage(5, f"test PCK on the {len(test.categories)} unseen test categories")
     print(results_table(metrics))
 
-    stage(6, "MLflow")
+    stage(6, "MLflow, and what to run next")
     uri = os.environ["MLFLOW_TRACKING_URI"]
+    final = work / "runs" / targs.run_name / "artifacts" / "final.pt"
+    sample = test.samples[0]
+    cat = test.categories[sample.category_id]
     print(f"runs are in {uri} (experiment 'quickstart'); look at them with:\n"
-          f"  mlflow ui --backend-store-uri {uri}")
+          f"  mlflow ui --backend-store-uri {uri}\n"
+          f"the run's checkpoint: {final} (also logged to MLflow as checkpoints/final.pt)\n"
+          f"evaluate it again (its own store, shards and tables):\n"
+          f"  MLFLOW_TRACKING_URI={uri} python -m jobs.evaluate --checkpoint {final} --split {args.split} "
+          f"--shards {work / 'shards'} --embeddings {work / 'embeddings'} --episodes 40\n"
+          f"predict on one image of an unseen category:\n"
+          f"  python -m jobs.predict --checkpoint {final} --image {test.image_path(sample)} "
+          f"--keypoints \"{','.join(cat.keypoints)}\" --class {cat.name} --out {work / 'prediction.png'}")
     print(f"\ndone in {time.time() - start:.0f} s")
     return 0
 

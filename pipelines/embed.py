@@ -10,7 +10,8 @@ are the ones the run will check for. Three parquet tables, each L2-normalised fl
   reads the shards (``read_webdataset``) and runs ``map_batches`` with a callable CLIP class on an actor
   pool; each actor takes a GPU when the cluster has one, CPUs otherwise.
 * ``classes.parquet``: ``a photo of {name}``.
-* ``keypoints.parquet``: the keypoint texts (the annotation's names, or ``data.descriptions``), ``clean``
+* ``keypoints.parquet``: the keypoint texts (the annotation's names, or ``data.descriptions`` for
+  ``data.text_variant``: ``--descriptions FILE [--text-variant V]``), ``clean``
   plus the seeded noisy variants of :mod:`capenext.noise` (``typo@R``, ``template:NAME``) that the
   robustness evaluation reads.
 
@@ -111,8 +112,7 @@ def text_tables(clip: FrozenCLIP, categories: dict[int, Category], variants_of, 
 
 def clip_of(cfg: RunCfg) -> FrozenCLIP:
     """The run's frozen CLIP: model, weights, activation and image normalisation from ``cfg.model``."""
-    m = cfg.model
-    return FrozenCLIP(m.clip_model, m.clip_checkpoint, m.clip_quick_gelu, m.clip_image_norm)
+    return FrozenCLIP.from_cfg(cfg.model)
 
 
 def image_table(index: ShardIndex, cfg: RunCfg, batch_size: int, actors: int, use_gpu: bool,
@@ -150,7 +150,7 @@ def embed(shards: Path, out: Path, cfg: RunCfg, batch_size: int = 64, typo_rates
 
     if cfg.model.clip_checkpoint is None:
         raise UsageError("pass --clip-checkpoint PATH (local CLIP weights) or --clip-checkpoint random")
-    index = ShardIndex(shards, descriptions=cfg.data.descriptions)
+    index = ShardIndex(shards, descriptions=cfg.data.descriptions, text_variant=cfg.data.text_variant)
     maps = load_template_maps(template_map)
     meta = {
         **expected_metadata(cfg),
@@ -169,6 +169,8 @@ def embed(shards: Path, out: Path, cfg: RunCfg, batch_size: int = 64, typo_rates
             return old
 
     clip = clip_of(cfg)
+    if cfg.model.clip_precision == "fp16" and torch.cuda.is_available():  # fp16 CLIP runs on CUDA only
+        clip = clip.to("cuda")
     meta["embed_dim"] = clip.embed_dim
 
     def variants_of(cat: Category) -> dict[str, list[str]]:
@@ -220,7 +222,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--image-size", type=int, default=None,
                    help="crop size the image embedding is taken from (default: the preset's data.image_size)")
     g.add_argument("--descriptions", default=None,
-                   help="keypoint texts from a description file instead of the annotations' names")
+                   help="keypoint texts from a descriptions file (python -m pipelines.descriptions, or a CapeX-style "
+                        "name → texts json) instead of the annotations' names")
+    g.add_argument("--text-variant", default=None,
+                   help="which of the reference's texts the descriptions file gives (default regular)")
     g = p.add_argument_group("the tables")
     g.add_argument("--batch-size", type=int, default=64, help="images or texts per CLIP forward (default 64)")
     g.add_argument("--typo-rates", default="0.1", help="comma-separated typo rates to precompute (default 0.1)")
@@ -237,7 +242,7 @@ def resolve_config(args: argparse.Namespace) -> RunCfg:
     return resolve(args.config, {
         "model.backbone": args.backbone, "model.clip_model": args.clip_model,
         "model.clip_checkpoint": args.clip_checkpoint, "data.image_size": args.image_size,
-        "data.descriptions": args.descriptions}, args.overrides)
+        "data.descriptions": args.descriptions, "data.text_variant": args.text_variant}, args.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,14 +42,17 @@ def checkpoint_id(checkpoint: str | None) -> str:
     return file_sha256(checkpoint)
 
 
-def text_source(descriptions: str | None) -> str:
-    """Where the keypoint texts come from: ``annotations`` (the category's names) or the sha256 of a
-    description file."""
+def text_source(descriptions: str | None, variant: str = "regular") -> str:
+    """Where the keypoint texts come from: ``annotations`` (the category's names), or a description file:
+    ``descriptions:<sha256>`` for a name → texts map, ``descriptions:<sha256>:<variant>`` for the
+    reference's rules (:func:`capenext.data.mp100.load_descriptions`)."""
+    from capenext.data.mp100 import load_descriptions
+
     if descriptions is None:
         return "annotations"
     if not Path(descriptions).is_file():
         raise FileNotFoundError(f"--descriptions {descriptions}: no such file")
-    return f"descriptions:{file_sha256(descriptions)}"
+    return load_descriptions(descriptions, variant).source_id
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,9 @@ FIELDS: tuple[Field, ...] = (
     Field("clip_image_norm", ("image",), lambda c: c.model.clip_image_norm, "--set model.clip_image_norm"),
     Field("image_size", ("image",), lambda c: c.data.image_size, "--set data.image_size"),
     Field("bbox_scale", ("image",), lambda c: c.data.bbox_scale, "--set data.bbox_scale"),
-    Field("keypoint_texts", ("text",), lambda c: text_source(c.data.descriptions), "--descriptions"),
+    Field("keypoint_texts", ("text",), lambda c: text_source(c.data.descriptions, c.data.text_variant),
+          "--descriptions/--text-variant"),
+    Field("clip_precision", ("text", "image"), lambda c: c.model.clip_precision, "--set model.clip_precision"),
 )
 
 

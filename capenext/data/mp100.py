@@ -16,6 +16,11 @@ the file (``missing="error"``), not a silent drop; a mistyped folder would other
 category without a word. ``missing="skip"`` skips and records such samples (the shard job's
 ``--skip-bad``).
 
+Keypoint texts: a category's keypoint names, or the texts of a descriptions file
+(:func:`load_descriptions`): either a CapeX-style map of category name → texts, or the reference's own
+rules as ``python -m pipelines.descriptions`` writes them, applied as the reference applies them
+(:meth:`Descriptions.apply`).
+
 A malformed file raises :class:`DataError` with one line naming the file, the annotation (or category)
 id and the problem. ``load_subset(..., problems=[])`` collects the record-level problems instead (each a
 :class:`DataError` with a ``kind``) and skips the records they concern: ``pipelines.validate`` reports
@@ -24,7 +29,9 @@ them all at once, with the same messages the loader raises.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +41,14 @@ import numpy as np
 
 SPLITS = (1, 2, 3, 4, 5)
 SUBSETS = ("train", "val", "test")
+DESCRIPTIONS_FORMAT = "capenext-descriptions/1"  # the reference's rules, as pipelines.descriptions writes them
+# the reference's text variants (its test_type): the regular texts, then the robustness study's
+TEXT_VARIANTS = ("regular", "typo", "synonyms", "translate", "no_position", "manual", "manual_v1", "manual_paw",
+                 "manual_eye", "manual_elbow", "manual_shoulder")
+RULE_FIELDS = ("supercategory", "name", "id")  # the category fields the reference's rules test
+
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 class DataError(ValueError):
@@ -185,40 +200,191 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_descriptions(path: str | Path | None) -> dict[str, list[str]]:
-    """A CapeX-style description file: category name → list of keypoint descriptions."""
+def _warn_once(message: str) -> None:
+    """One warning line per distinct message and process (categories are described in several places)."""
+    if message not in _warned:
+        _warned.add(message)
+        _log.warning("warning: %s", message)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One branch of the reference's if/elif chain: ``category[field]`` equal to one of ``values`` gives
+    ``texts``."""
+
+    field: str
+    values: tuple[Any, ...]
+    texts: tuple[str, ...]
+    line: int | None = None
+
+    def matches(self, cat: Category) -> bool:
+        return any(getattr(cat, self.field) == v for v in self.values)
+
+
+@dataclass(frozen=True)
+class Descriptions:
+    """The keypoint texts of a descriptions file, for one text variant.
+
+    Two kinds of file: a CapeX-style map ``{category name: [texts]}`` (``variant`` is ``None``; the list
+    must have one text per keypoint), or the reference's rules for ``variant`` (``rules`` in order, the
+    first that matches wins; ``otherwise`` says what a category no rule matches gets: ``"names"`` its
+    annotation names rewritten by ``replace``, ``"keep"`` its names, ``"stop"`` an error, as the reference
+    exits there).
+    """
+
+    path: str
+    sha256: str
+    variant: str | None = None
+    by_name: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+    otherwise: str = "names"
+    replace: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def source_id(self) -> str:
+        """What the embedding tables record: ``descriptions:<sha256>`` for a map, plus ``:<variant>`` for
+        the reference's rules."""
+        return f"descriptions:{self.sha256}" + (f":{self.variant}" if self.variant is not None else "")
+
+    def rule_for(self, cat: Category) -> Rule | None:
+        return next((r for r in self.rules if r.matches(cat)), None)
+
+    def apply(self, cat: Category, where: str | None = None) -> Category:
+        """``cat`` with its keypoint texts replaced as the file says (the category's skeleton, ids and
+        keypoint count never change).
+
+        The reference's rules are applied as its dataset applies them: the first matching rule's list
+        (an empty list keeps the names); no match gives the annotation names, ``_`` → space, each of them
+        rewritten by every ``replace`` pair whose ``old`` it contains (each rewrite starts from the name,
+        so the last matching pair wins, as the reference's loop). A list of another length than the
+        category's keypoints is used as the reference's model reads it, with one warning line: the first
+        K texts of a longer list; for a shorter list of L texts, keypoints L..K-1 keep their annotation
+        names, where the reference has no text (it gives them no embedding when the support hides them
+        and fails when the support shows one).
+        """
+        where = where or f"category {cat.id} ({cat.name})"
+        k = cat.num_keypoints
+        if self.variant is None:
+            texts = self.by_name.get(cat.name)
+            if texts is None:
+                return cat
+            if len(texts) != k:
+                raise DataError(f"{where}: description file gives {len(texts)} keypoint texts, category has {k}",
+                                "descriptions")
+            return Category(cat.id, cat.name, cat.supercategory, tuple(text_of(t) for t in texts), cat.skeleton)
+        rule = self.rule_for(cat)
+        if rule is None:
+            if self.otherwise == "stop":
+                raise DataError(f"{where}: no rule of the reference's {self.variant!r} texts ({self.path}) matches "
+                                "it, and the reference stops there", "descriptions")
+            if self.otherwise == "keep":
+                return cat
+            texts = [_rewrite(text_of(n), self.replace) for n in cat.keypoints]
+        elif not rule.texts:
+            return cat  # the reference keeps the names when a rule gives an empty list
+        else:
+            texts = list(rule.texts)
+        if len(texts) == k:
+            return Category(cat.id, cat.name, cat.supercategory, tuple(texts), cat.skeleton)
+        rule_of = f"the reference's {self.variant!r} texts ({Path(self.path).name}, rule at line {rule.line})"
+        if len(texts) > k:
+            _warn_once(f"{where}: {rule_of} give {len(texts)} texts for {k} keypoints; as the reference, the "
+                       f"first {k} are used")
+            texts = texts[:k]
+        elif len(texts) < k:
+            _warn_once(f"{where}: {rule_of} give {len(texts)} texts for {k} keypoints; keypoints {len(texts)}-{k - 1} "
+                       "keep their annotation names (the reference has none for them and fails on a support that "
+                       "shows one)")
+            texts = texts + list(cat.keypoints[len(texts):])
+        return Category(cat.id, cat.name, cat.supercategory, tuple(texts), cat.skeleton)
+
+
+def _rewrite(name: str, replace: tuple[tuple[str, str], ...]) -> str:
+    out = name
+    for old, new in replace:
+        if old in name:
+            out = name.replace(old, new)
+    return out
+
+
+def _rules_of(path: Path, doc: dict[str, Any], variant: str) -> dict[str, Any]:
+    variants = doc.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise DataError(f"{path}: no 'variants' in this descriptions file; write it again with "
+                        "python -m pipelines.descriptions")
+    if variant not in variants:
+        raise DataError(f"{path}: holds the reference's {sorted(variants)} texts, not {variant!r} (--text-variant); "
+                        f"write it with python -m pipelines.descriptions --variant {variant} (or all)")
+    v = variants[variant]
+    rules = v.get("rules") if isinstance(v, dict) else None
+    other = v.get("otherwise") if isinstance(v, dict) else None
+    ok = (isinstance(rules, list) and isinstance(other, dict) and other.get("kind") in ("names", "keep", "stop")
+          and all(isinstance(r, dict) and r.get("field") in RULE_FIELDS and isinstance(r.get("values"), list)
+                  and isinstance(r.get("texts"), list) and all(isinstance(t, str) for t in r["texts"])
+                  for r in rules)
+          and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                  for p in other.get("replace", [])))
+    if not ok:
+        raise DataError(f"{path}: variant {variant!r} is malformed (rules of field/values/texts and an 'otherwise' "
+                        "of kind names, keep or stop); write it again with python -m pipelines.descriptions")
+    return v
+
+
+def load_descriptions(path: str | Path | None, variant: str = "regular") -> Descriptions | None:
+    """A descriptions file (``--descriptions``) for ``variant`` (``--text-variant``); ``None`` for no file.
+
+    Either the reference's rules (``python -m pipelines.descriptions``; ``variant`` must be one the file
+    holds) or a CapeX-style map of category name → keypoint texts (no variants: only ``regular``).
+    """
     if path is None:
-        return {}
+        return None
+    if variant not in TEXT_VARIANTS:
+        raise DataError(f"unknown text variant {variant!r} (--text-variant); valid: {list(TEXT_VARIANTS)}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: description file not found (--descriptions)")
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not valid json ({err})") from None
+    sha = hashlib.sha256(raw).hexdigest()
+    if isinstance(data, dict) and "format" in data:
+        if data["format"] != DESCRIPTIONS_FORMAT:
+            raise DataError(f"{path}: format {data['format']!r} is not {DESCRIPTIONS_FORMAT!r}")
+        v = _rules_of(path, data, variant)
+        rules = tuple(Rule(r["field"], tuple(r["values"]), tuple(r["texts"]), r.get("line")) for r in v["rules"])
+        other = v["otherwise"]
+        return Descriptions(str(path), sha, variant, rules=rules, otherwise=other["kind"],
+                            replace=tuple((a, b) for a, b in other.get("replace", [])))
     ok = isinstance(data, dict) and all(
         isinstance(v, list) and all(isinstance(t, str) for t in v) for v in data.values()
     )
     if not ok:
         raise DataError(f"{path}: expected an object mapping category name to a list of strings")
-    return data
+    if variant != "regular":
+        raise DataError(f"{path}: a map of category name → texts has no variants, so --text-variant {variant} does "
+                        "not apply (variants come from python -m pipelines.descriptions)")
+    return Descriptions(str(path), sha, None, by_name={k: tuple(v) for k, v in data.items()})
 
 
-def _parse_category(path: Path, c: Any, descriptions: dict[str, list[str]]) -> Category:
+def as_descriptions(descriptions: str | Path | dict[str, list[str]] | Descriptions | None,
+                    variant: str = "regular") -> Descriptions | None:
+    """A path (read for ``variant``), a loaded :class:`Descriptions`, a name → texts dict, or ``None``."""
+    if descriptions is None or isinstance(descriptions, Descriptions):
+        return descriptions
+    if isinstance(descriptions, dict):
+        return Descriptions("(dict)", "", None, by_name={k: tuple(v) for k, v in descriptions.items()})
+    return load_descriptions(descriptions, variant)
+
+
+def _parse_category(path: Path, c: Any, descriptions: Descriptions | None) -> Category:
     where = f"{path}: category {c.get('id') if isinstance(c, dict) else c!r}"
     if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
         raise DataError(f"{where}: needs an integer 'id' and a string 'name'", "category record")
     names = c.get("keypoints")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise DataError(f"{where}: 'keypoints' must be a non-empty list of names", "keypoint names")
-    if c["name"] in descriptions:
-        texts = descriptions[c["name"]]
-        if len(texts) != len(names):
-            raise DataError(
-                f"{where}: description file gives {len(texts)} keypoint texts, category has {len(names)}",
-                "descriptions",
-            )
-        names = texts
     skeleton = c.get("skeleton") or []  # real MP-100 has categories without a skeleton
     if not isinstance(skeleton, list):
         raise DataError(f"{where}: 'skeleton' must be a list of index pairs", "skeleton edge")
@@ -232,13 +398,14 @@ def _parse_category(path: Path, c: Any, descriptions: dict[str, list[str]]) -> C
                 "skeleton index",
             )
         edges.append((int(edge[0]), int(edge[1])))
-    return Category(
+    cat = Category(
         id=c["id"],
         name=c["name"],
         supercategory=str(c.get("supercategory", "")),
         keypoints=tuple(text_of(n) for n in names),
         skeleton=tuple(edges),
     )
+    return descriptions.apply(cat, where) if descriptions is not None else cat
 
 
 def _lookup(table: dict | set, key: Any) -> Any:
@@ -252,16 +419,18 @@ def _lookup(table: dict | set, key: Any) -> Any:
 def load_subset(
     path: str | Path,
     image_root: str | Path | None = None,
-    descriptions: str | Path | dict[str, list[str]] | None = None,
+    descriptions: str | Path | dict[str, list[str]] | Descriptions | None = None,
     missing: str = "error",
     problems: list[DataError] | None = None,
+    text_variant: str = "regular",
 ) -> Subset:
     """Read and clean one MP-100 annotation file.
 
     Args:
         path: ``mp100_split{K}_{subset}.json``.
         image_root: folder ``file_name`` is relative to; default ``<path>/../../images``.
-        descriptions: CapeX-style file (or its loaded dict) overriding the keypoint names.
+        descriptions: a descriptions file (:func:`load_descriptions`, for ``text_variant``), a loaded
+            :class:`Descriptions` or a name → texts dict, overriding the keypoint names.
         missing: ``"error"`` (default) raises on a missing image file; ``"skip"`` records and skips it;
             ``"ignore"`` does not look at the files at all (shards carry the bytes).
         problems: ``None`` (default) raises the first problem with a record; a list collects every
@@ -274,7 +443,7 @@ def load_subset(
     image_root = Path(image_root) if image_root is not None else path.parent.parent / "images"
     if missing not in ("error", "skip", "ignore"):
         raise ValueError(f"missing={missing!r}; valid: error, skip, ignore")
-    desc = descriptions if isinstance(descriptions, dict) else load_descriptions(descriptions)
+    desc = as_descriptions(descriptions, text_variant)
     data = _load_json(path)
 
     def report(err: DataError) -> None:
@@ -380,11 +549,12 @@ def load_split(
     root: str | Path,
     split: int,
     subset: str,
-    descriptions: str | Path | dict[str, list[str]] | None = None,
+    descriptions: str | Path | dict[str, list[str]] | Descriptions | None = None,
     missing: str = "error",
     problems: list[DataError] | None = None,
+    text_variant: str = "regular",
 ) -> Subset:
     """``load_subset`` on ``<root>/annotations/mp100_split{split}_{subset}.json``, images under ``<root>/images``."""
     check_split(split, subset)
     return load_subset(annotation_path(root, split, subset), Path(root) / "images", descriptions, missing,
-                       problems)
+                       problems, text_variant)

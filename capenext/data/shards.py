@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from capenext.data.mp100 import Category, DataError, Sample, Subset, check_split, load_descriptions, text_of
+from capenext.data.mp100 import Category, DataError, Descriptions, Sample, Subset, as_descriptions, check_split
 from capenext.data.transforms import decode_image
 
 MANIFEST = "manifest.json"
@@ -104,18 +104,22 @@ class ShardIndex:
 
     Attributes:
         manifest: the parsed ``manifest.json``; ``digest`` its sha256; ``shard_paths`` the tar files.
-        categories: category id → :class:`Category` (keypoint texts replaced by ``descriptions`` if given).
+        categories: category id → :class:`Category` (keypoint texts replaced by ``descriptions`` if given,
+            for ``text_variant``).
+        annotation_categories: the same with the annotation's own keypoint names.
         samples: every sample, in shard order (category id, then annotation id).
         members: sample key → :class:`Member`.
     """
 
-    def __init__(self, shards_dir: str | Path, descriptions: str | Path | dict[str, list[str]] | None = None):
+    def __init__(self, shards_dir: str | Path,
+                 descriptions: str | Path | dict[str, list[str]] | Descriptions | None = None,
+                 text_variant: str = "regular"):
         self.root = Path(shards_dir)
         self.manifest = read_manifest(self.root)
         self._digest = hashlib.sha256((self.root / MANIFEST).read_bytes()).hexdigest()
-        desc = descriptions if isinstance(descriptions, dict) else load_descriptions(descriptions)
-        self.categories = {c.id: c for c in (_describe(category_from_json(d), desc)
-                                             for d in self.manifest["categories"])}
+        self.descriptions = as_descriptions(descriptions, text_variant)
+        self.annotation_categories = {c.id: c for c in map(category_from_json, self.manifest["categories"])}
+        self.categories = {cid: _describe(c, self.descriptions) for cid, c in self.annotation_categories.items()}
         self.samples: list[Sample] = []
         self.members: dict[str, Member] = {}
         for entry in self.manifest["shards"]:
@@ -224,15 +228,9 @@ class ShardIndex:
         self._files = {}
 
 
-def _describe(cat: Category, descriptions: dict[str, list[str]]) -> Category:
-    """The category with its keypoint texts replaced by a CapeX-style description file's, if it has some."""
-    texts = descriptions.get(cat.name)
-    if texts is None:
-        return cat
-    if len(texts) != cat.num_keypoints:
-        raise DataError(f"category {cat.id} ({cat.name}): description file gives {len(texts)} keypoint texts, "
-                        f"category has {cat.num_keypoints}")
-    return Category(cat.id, cat.name, cat.supercategory, tuple(text_of(t) for t in texts), cat.skeleton)
+def _describe(cat: Category, descriptions: Descriptions | None) -> Category:
+    """The category with its keypoint texts replaced as the descriptions file says, if there is one."""
+    return descriptions.apply(cat) if descriptions is not None else cat
 
 
 def iter_webdataset(shards_dir: str | Path) -> Iterator[dict[str, Any]]:

@@ -7,10 +7,23 @@ CapeNext encodes three things with one frozen CLIP (ViT-B-32, OpenAI's weights i
 
 The model comes from ``open_clip.create_model``; our own architectures (``tiny``) are JSON configs in
 ``capenext/models/clip_configs/`` registered with open_clip at import. Weights are explicit: a local
-file (``--clip-checkpoint PATH``; OpenAI TorchScript archives go through
-``open_clip.load_openai_model``) or ``"random"``; neither is an error, so a real run never uses a
-random CLIP by accident. The wrapper is always in eval mode, its parameters never require grad and
+file (``--clip-checkpoint PATH``) or ``"random"``; neither is an error, so a real run never uses a
+random CLIP by accident. A file is OpenAI's TorchScript archive (the ``ViT-B-32.pt`` the reference's
+``clip.load`` reads: a ``torch.jit`` zip whose state dict has OpenAI's key names) or a state dict in
+OpenAI's (= open_clip's) layout, plain or safetensors; either is loaded strictly into the named
+architecture (``ModelCfg.clip_model``), so a file of another model is one line naming the first
+tensor that does not fit. The wrapper is always in eval mode, its parameters never require grad and
 every encode runs under ``torch.no_grad``.
+
+As the reference runs it:
+
+* precision: ``ModelCfg.clip_precision="fp16"`` is what the reference's ``clip.load`` gives on a GPU
+  (fp16 weights, LayerNorm computed in fp32); open_clip's ``precision="fp16"`` builds the same. It runs
+  on CUDA only: on CPU, fp16 is refused with one line rather than emulated, since CPU half-precision
+  kernels are not the GPU's numerics. ``"fp32"`` (default) is the reference's CPU setting;
+* text length: a text longer than CLIP's context (77 tokens with the start and end tokens) is refused
+  with one line, as the reference's ``clip.tokenize`` refuses it (open_clip's tokenizer would cut it
+  silently).
 
 Deviation from the reference (named): the reference feeds CLIP's image tower the augmented query
 crop *still ImageNet-normalised*, resized to 224. :meth:`FrozenCLIP.encode_image` undoes the ImageNet
@@ -22,6 +35,8 @@ for the published checkpoints, which were trained that way.
 from __future__ import annotations
 
 import logging
+import pickle
+import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CLIP_CONFIG_DIR", "FrozenCLIP", "build_clip", "class_prompt"]
+__all__ = ["CLIP_CONFIG_DIR", "PRECISIONS", "FrozenCLIP", "build_clip", "class_prompt"]
 
 CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
 open_clip.add_model_config(CLIP_CONFIG_DIR)
@@ -44,6 +59,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def class_prompt(name: str) -> str:
     """The class prompt of the reference: ``a photo of {name}``, underscores → spaces."""
     return f"a photo of {name.replace('_', ' ')}"
+
+
+PRECISIONS = ("fp32", "fp16")
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # ints in OpenAI's archive, not weights
 
 
 def _is_torchscript(path: str) -> bool:
@@ -64,12 +83,56 @@ def _quiet_random_init():
         logging.disable(previous)
 
 
-def build_clip(model_name: str, checkpoint: str | None, quick_gelu: bool = True) -> nn.Module:
-    """The open_clip model ``model_name`` with weights from ``checkpoint`` (a file or ``"random"``)."""
+def _read_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    """The CLIP state dict of a local file: OpenAI's TorchScript archive or a (plain or safetensors)
+    state dict; one line when it is neither."""
+    try:
+        if _is_torchscript(checkpoint):  # OpenAI's released ViT-B-32.pt
+            with warnings.catch_warnings():  # torch deprecates torch.jit; OpenAI's archive is in its format
+                warnings.simplefilter("ignore", FutureWarning)
+                state = torch.jit.load(checkpoint, map_location="cpu").state_dict()
+        else:
+            state = open_clip.factory.load_state_dict(checkpoint)  # weights_only; unwraps 'state_dict', 'module.'
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise ValueError(f"ModelCfg.clip_checkpoint={checkpoint!r}: not a readable CLIP weights file "
+                         f"({type(err).__name__}: {' '.join(str(err).split())[:160]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"ModelCfg.clip_checkpoint={checkpoint!r}: not a state dict of tensors")
+    return {k: v for k, v in state.items() if k not in OPENAI_EXTRA_KEYS}
+
+
+def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor], checkpoint: str, model_name: str) -> None:
+    """``model.load_state_dict(state)`` when every tensor fits; else one line naming the first misfit."""
+    mine = model.state_dict()
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in mine.items()
+              if k in state and state[k].shape != v.shape]
+    missing = [k for k in mine if k not in state]
+    extra = [k for k in state if k not in mine]
+    if shapes or missing or extra:
+        parts = []
+        if shapes:
+            k, theirs, ours = shapes[0]
+            parts.append(f"{len(shapes)} tensors of another shape (e.g. {k}: {list(theirs)}, {model_name} has "
+                         f"{list(ours)})")
+        if missing:
+            parts.append(f"{len(missing)} of {model_name}'s tensors missing (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} tensors {model_name} does not have (e.g. {extra[0]})")
+        raise ValueError(f"ModelCfg.clip_checkpoint={checkpoint!r} is not a CLIP {model_name} "
+                         f"(ModelCfg.clip_model): {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def build_clip(model_name: str, checkpoint: str | None, quick_gelu: bool = True, precision: str = "fp32"
+               ) -> nn.Module:
+    """The open_clip model ``model_name`` with weights from ``checkpoint`` (a file or ``"random"``), built in
+    ``precision`` (``fp16``: open_clip's, which is the reference's GPU CLIP: fp16 weights, fp32 LayerNorm)."""
     if checkpoint is None:
         raise ValueError(
             "ModelCfg.clip_checkpoint is not set: pass --clip-checkpoint PATH (CLIP weights, a local file) "
             "or --clip-checkpoint random (explicit random init, tests and smoke runs only)")
+    if precision not in PRECISIONS:
+        raise ValueError(f"ModelCfg.clip_precision={precision!r}; valid: {list(PRECISIONS)}")
     available = open_clip.list_models()
     if model_name not in available:
         ours = sorted(p.stem for p in CLIP_CONFIG_DIR.glob("*.json"))
@@ -80,12 +143,18 @@ def build_clip(model_name: str, checkpoint: str | None, quick_gelu: bool = True)
         # random CLIP and precomputed embeddings match the model's own; the global RNG is left untouched
         with _quiet_random_init(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_CLIP_SEED)
-            return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
+            return open_clip.create_model(model_name, pretrained=None, precision=precision,
+                                          force_quick_gelu=quick_gelu)
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"ModelCfg.clip_checkpoint={checkpoint!r}: no such file (or use 'random')")
-    if _is_torchscript(checkpoint):  # OpenAI's released ViT-B-32.pt
-        return open_clip.load_openai_model(checkpoint, precision="fp32", device="cpu")
-    return open_clip.create_model(model_name, pretrained=checkpoint, force_quick_gelu=quick_gelu)
+    if _is_torchscript(checkpoint) and not quick_gelu:
+        raise ValueError(f"ModelCfg.clip_checkpoint={checkpoint!r} is OpenAI's TorchScript CLIP, trained with "
+                         "QuickGELU: set model.clip_quick_gelu=true")
+    state = _read_weights(checkpoint)
+    with _quiet_random_init():
+        model = open_clip.create_model(model_name, pretrained=None, precision=precision, force_quick_gelu=quick_gelu)
+    _load_exactly(model, state, checkpoint, model_name)  # copies cast to each parameter's dtype
+    return model
 
 
 class FrozenCLIP(nn.Module):
@@ -97,11 +166,11 @@ class FrozenCLIP(nn.Module):
     """
 
     def __init__(self, model_name: str = "ViT-B-32", checkpoint: str | None = None, quick_gelu: bool = True,
-                 image_norm: str = "clip"):
+                 image_norm: str = "clip", precision: str = "fp32"):
         super().__init__()
         if image_norm not in ("clip", "imagenet"):
             raise ValueError(f"ModelCfg.clip_image_norm={image_norm!r}; valid: ['clip', 'imagenet']")
-        self.model = build_clip(model_name, checkpoint, quick_gelu)
+        self.model = build_clip(model_name, checkpoint, quick_gelu, precision)
         self.model_name = model_name
         self.tokenizer = open_clip.get_tokenizer(model_name)
         for p in self.model.parameters():
@@ -121,6 +190,34 @@ class FrozenCLIP(nn.Module):
         self.register_buffer("_shift", shift.view(1, 3, 1, 1), persistent=False)
         self.train(False)
 
+    @classmethod
+    def from_cfg(cls, m) -> "FrozenCLIP":
+        """The frozen CLIP a :class:`~capenext.config.ModelCfg` names: model, weights, activation, image
+        normalisation and precision."""
+        return cls(m.clip_model, m.clip_checkpoint, m.clip_quick_gelu, m.clip_image_norm, m.clip_precision)
+
+    @property
+    def precision(self) -> str:
+        """``fp16`` when the weights are half precision, else ``fp32``."""
+        return "fp16" if self.model.text_projection.dtype == torch.float16 else "fp32"
+
+    def _check_device(self) -> None:
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("ModelCfg.clip_precision='fp16' runs on a CUDA device only (the reference's GPU "
+                             f"setting; here: {self.device.type}); use fp32 on CPU")
+
+    def _check_lengths(self, texts: list[str]) -> None:
+        encode = getattr(self.tokenizer, "encode", None)
+        context = getattr(self.tokenizer, "context_length", None)
+        if encode is None or not context:
+            return
+        for text in texts:
+            n = len(encode(text)) + 2  # with the start and end tokens
+            if n > context:
+                short = text if len(text) <= 60 else text[:57] + "..."
+                raise ValueError(f"text {short!r} is {n} CLIP tokens, more than the context of {context}: the "
+                                 "reference's tokenizer refuses it (open_clip would cut it); shorten it")
+
     def train(self, mode: bool = True) -> "FrozenCLIP":
         """Always eval (dropout off, as the reference's ``text_backbone.eval()``), whatever ``mode``."""
         return super().train(False)
@@ -134,6 +231,8 @@ class FrozenCLIP(nn.Module):
         """Raw texts (no template) → (T, C) L2-normalised; keypoint descriptions use this."""
         if len(texts) == 0:
             return torch.zeros(0, self.embed_dim, device=self.device)
+        self._check_device()
+        self._check_lengths(list(texts))
         tokens = self.tokenizer(list(texts)).to(self.device)  # (T, L)
         emb = self.model.encode_text(tokens).float()  # (T, C)
         return F.normalize(emb, dim=-1)
@@ -145,8 +244,12 @@ class FrozenCLIP(nn.Module):
     @torch.no_grad()
     def encode_image(self, img: torch.Tensor) -> torch.Tensor:
         """ImageNet-normalised crops (B, 3, S, S) → (B, C) L2-normalised, with CLIP's own normalisation."""
+        self._check_device()
         x = img.float() * self._scale + self._shift  # (B, 3, S, S) CLIP-normalised
         if tuple(x.shape[-2:]) != self.image_size:
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
+        conv = getattr(self.model.visual, "conv1", None)
+        if conv is not None:  # fp16: the image goes in as the weights' type, as the reference's encode_image
+            x = x.to(conv.weight.dtype)
         emb = self.model.encode_image(x).float()  # (B, C)
         return F.normalize(emb, dim=-1)
