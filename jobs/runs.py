@@ -129,11 +129,7 @@ def resolve_config(args: argparse.Namespace, backbone: str | None = None) -> Run
         raise UsageError("no CLIP weights: pass --clip-checkpoint PATH (a local file) or --clip-checkpoint "
                          "random (explicit random init, for tests and smoke runs)")
     check_texts(cfg)
-    # the training loop reads the regular texts and draws its own test episodes
-    if cfg.data.text_variant != "regular":
-        raise UsageError(f"--text-variant {cfg.data.text_variant}: training reads the regular texts; the reference's "
-                         f"other variants are for evaluation (python -m jobs.evaluate --noise "
-                         f"reference:{cfg.data.text_variant})")
+    # the training run's own test draws our episodes
     if cfg.data.episodes == "reference":
         raise UsageError("--episodes reference: the training run's own test draws our episodes; measure its "
                          "checkpoint on the reference's with python -m jobs.evaluate --episodes reference "

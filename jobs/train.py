@@ -88,7 +88,7 @@ def preflight(args: argparse.Namespace, cfg: RunCfg, run_name: str) -> dict[str,
                          "weights file; leave it out for random init)")
     if cfg.model.clip_checkpoint != "random" and not Path(cfg.model.clip_checkpoint).is_file():
         raise UsageError(f"--clip-checkpoint {cfg.model.clip_checkpoint}: no such file (or use 'random')")
-    index = ShardIndex(args.shards, descriptions=cfg.data.descriptions)
+    index = ShardIndex(args.shards, descriptions=cfg.data.descriptions, text_variant=cfg.data.text_variant)
     for subset in ("train", "val", "test"):
         if not index.subset(args.split, subset).samples:
             raise UsageError(f"split {args.split} has no {subset} samples in {args.shards}")

@@ -98,7 +98,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    index = ShardIndex(job["shards"], descriptions=cfg.data.descriptions)
+    index = ShardIndex(job["shards"], descriptions=cfg.data.descriptions, text_variant=cfg.data.text_variant)
     subsets = {name: index.subset(job["split"], name) for name in ("train", "val", "test")}
 
     def load_image(sample):
@@ -108,7 +108,11 @@ def train_loop(config: dict[str, Any]) -> None:
     image_table = needs_image_table(cfg)
     bank = load_bank(job["embeddings"], images=image_table)
 
+    masked = [0]  # support keypoints the reference's rule zeroed after augmentation, this epoch
+
     def prepare(batch: dict) -> dict:
+        if model.training and "support_masked" in batch:
+            masked[0] += int(batch["support_masked"].sum())
         return bank.fill(batch, cfg.data.max_keypoints, image_table, model.needs_class_embedding)
 
     criterion = CapeNextLoss(cfg.optim.heatmap_weight)
@@ -153,7 +157,7 @@ def train_loop(config: dict[str, Any]) -> None:
         ds = epoch_dataset(subsets["train"], cfg.data, seed, epoch, rank, world, load_image)
         loader = torch.utils.data.DataLoader(ds, batch_size=per_worker, drop_last=True, collate_fn=collate,
                                              num_workers=job["loader_workers"])
-        first_step = step
+        first_step, masked[0] = step, 0
         losses, step = train_one_epoch(
             ddp, criterion, loader, optimizer, device, prepare,
             lr_at_step=lambda s: cfg.optim.lr * lr_factor(s, epoch, cfg.optim), start_step=step,
@@ -164,6 +168,7 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics["train/lr"] = cfg.optim.lr * lr_factor(step, epoch, cfg.optim)
         metrics["train/img_per_s"] = (step - first_step) * cfg.optim.batch_size / max(elapsed, 1e-9)
         metrics["train/epoch_seconds"] = elapsed
+        metrics["train/support_masked"] = _all_mean({"n": float(masked[0])}, device)["n"] * world
         if (epoch + 1) % job["val_every"] == 0 or epoch + 1 == cfg.optim.epochs:
             val = evaluate(ddp, eval_loader(subsets["val"], cfg.data.val_episodes, episode_seed(seed, "val")),
                            device, prepare, cfg.data.image_size, thresholds=VAL_THRESHOLDS)
@@ -192,7 +197,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 shown = f"{last_val:.3f}" if last_val >= 0 else "-"
                 print(f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {metrics.get('train/loss', float('nan')):.4f}  "
-                      f"val pck@0.2 {shown}  {elapsed:.1f}s  {metrics['train/img_per_s']:.1f} img/s", flush=True)
+                      f"val pck@0.2 {shown}  {elapsed:.1f}s  {metrics['train/img_per_s']:.1f} img/s  "
+                      f"support keypoints masked {metrics['train/support_masked']:.0f}", flush=True)
             ray.train.report(report, checkpoint=checkpoint)
 
     test_loader = eval_loader(subsets["test"], cfg.data.test_episodes, episode_seed(seed, "test"))

@@ -162,7 +162,7 @@ class CapeNext(nn.Module):
         self.trim_slots = True  # compute only up to the last valid slot (see forward)
         d = cfg.dim
 
-        self.clip = FrozenCLIP(cfg.clip_model, cfg.clip_checkpoint, cfg.clip_quick_gelu, cfg.clip_image_norm)
+        self.clip = FrozenCLIP.from_cfg(cfg)
         c = self.clip.embed_dim
         self.backbone = create_backbone(cfg.backbone, dim=d, checkpoint=cfg.backbone_checkpoint,
                                         drop_path=cfg.drop_path)
