@@ -35,6 +35,24 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def not_a_checkpoint(path: str | Path) -> str:
+    """What an unreadable file is not, from its first bytes: torch's zip format, a legacy pickle, or neither."""
+    import zipfile
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path):
+        return "not a PyTorch checkpoint (a zip archive without torch's data.pkl)"
+    if head == b"PK\x03\x04":
+        return "not a whole PyTorch checkpoint (a torn zip archive: truncated, its directory missing)"
+    if head[:1] == b"\x80":
+        return "not a PyTorch checkpoint torch can read (a pickle, truncated or of another program)"
+    if not head:
+        return "not a PyTorch checkpoint (an empty file)"
+    return "not a PyTorch checkpoint (neither torch's zip format nor a pickle)"
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, cfg: RunCfg, meta: dict[str, Any] | None = None) -> None:
     atomic_save({"format": FORMAT, "config": to_dict(cfg), "model": trainable_state_dict(model),
                  "meta": dict(meta or {})}, path)
@@ -48,8 +66,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign pickles
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
-                         f"{' '.join(str(err).split())[:200]})") from None
+        raise ValueError(f"{path}: {not_a_checkpoint(path)}; torch.load said {type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:160]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not a capenext checkpoint (expected format {FORMAT!r}; convert official "
                          "weights with python -m jobs.convert)")

@@ -39,6 +39,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from capenext.checkpoint import not_a_checkpoint
 from capenext.cli import UsageError, run_main
 
 SUPPORTED_BACKBONES = ("swinv2_t",)  # the published weights are Swin V2-T
@@ -114,11 +115,11 @@ def read_official(path: Path) -> tuple[Any, list[str]]:
     except pickle.UnpicklingError as err:
         blocked = _blocked_globals(path)
         if not blocked:  # not a global outside the allowlist: the file itself is broken
-            raise ValueError(f"--official {path}: not a readable checkpoint (UnpicklingError: {_one_line(err)})"
-                             ) from None
+            raise ValueError(f"--official {path}: {not_a_checkpoint(path)}; torch.load said UnpicklingError: "
+                             f"{_one_line(err, 160)}") from None
     except Exception as err:  # truncated zips, foreign files: torch raises several types
-        raise ValueError(f"--official {path}: not a readable checkpoint ({type(err).__name__}: {_one_line(err)})"
-                         ) from None
+        raise ValueError(f"--official {path}: {not_a_checkpoint(path)}; torch.load said {type(err).__name__}: "
+                         f"{_one_line(err, 160)}") from None
     if all(name.startswith("numpy.") for name in blocked):
         allowed = list(blocked)
         for _ in range(8):  # numpy's dtype classes show up one unpickling attempt at a time
@@ -136,8 +137,8 @@ def read_official(path: Path) -> tuple[Any, list[str]]:
                     break
                 allowed += [m for m in more if m not in allowed]
             except Exception as err:
-                raise ValueError(f"--official {path}: not a readable checkpoint ({type(err).__name__}: "
-                                 f"{_one_line(err)})") from None
+                raise ValueError(f"--official {path}: {not_a_checkpoint(path)}; torch.load said "
+                                 f"{type(err).__name__}: {_one_line(err, 160)}") from None
     raise ValueError(f"--official {path}: cannot be read with weights_only=True, it holds {blocked[:5]}; "
                      "re-save its state_dict and meta as plain tensors and strings")
 

@@ -175,13 +175,14 @@ def test_corrupted_file_is_one_line_and_writes_nothing(inventories, models, tmp_
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all\n" * 100)
-    for bad in (truncated, garbage):
+    for bad, what in ((truncated, "not a whole PyTorch checkpoint (a torn zip archive"),
+                      (garbage, "not a PyTorch checkpoint (neither torch's zip format nor a pickle)")):
         proc = convert(["--official", bad, "--out", tmp_path / "out.pt"], capsys)
-        assert_one_line_error(proc, str(bad), "not a readable checkpoint")
+        assert_one_line_error(proc, str(bad), what)
     assert not (tmp_path / "out.pt").exists()
     # and as a user runs it
     proc = run_cli("jobs.convert", "--official", str(garbage), "--out", str(tmp_path / "out.pt"))
-    assert_one_line_error(proc, "not a readable checkpoint")
+    assert_one_line_error(proc, "not a PyTorch checkpoint (neither torch's zip format nor a pickle)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.pth", "good.pth", "truncated.pth"]
 
 

@@ -185,7 +185,7 @@ BAD = {
                            "checkpoint of an unknown config"),
     "unknown_backbone": (lambda t, p: {"--checkpoint": str(_unknown_config(t, p, "backbone"))},
                          "checkpoint of an unknown config"),
-    "not_a_checkpoint": (lambda t, p: {"--checkpoint": str(p / "broken.jpg")}, "not a readable checkpoint"),
+    "not_a_checkpoint": (lambda t, p: {"--checkpoint": str(p / "broken.jpg")}, "not a PyTorch checkpoint"),
     "no_class": (lambda t, p: {"--class": None}, "reads a class name: pass --class"),
 }
 

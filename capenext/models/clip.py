@@ -146,7 +146,7 @@ def build_clip(model_name: str, checkpoint: str | None, quick_gelu: bool = True,
             return open_clip.create_model(model_name, pretrained=None, precision=precision,
                                           force_quick_gelu=quick_gelu)
     if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"ModelCfg.clip_checkpoint={checkpoint!r}: no such file (or use 'random')")
+        raise FileNotFoundError(f"--clip-checkpoint {checkpoint}: no such file (or use 'random')")
     if _is_torchscript(checkpoint) and not quick_gelu:
         raise ValueError(f"ModelCfg.clip_checkpoint={checkpoint!r} is OpenAI's TorchScript CLIP, trained with "
                          "QuickGELU: set model.clip_quick_gelu=true")
