@@ -82,7 +82,7 @@ class ServeOptions(BaseModel):
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float | None = Field(None, ge=0)  # default: 1 with device cuda, else 0
     max_batch_size: int = Field(8, ge=1)
-    batch_wait_ms: float = Field(10.0, ge=0)
+    batch_wait_ms: float = Field(5.0, ge=0)
     max_ongoing_requests: int | None = Field(None, ge=1)  # per replica; default max(2 x batch, 16)
     max_upload_mb: float = Field(20.0, gt=0)
     max_pixels: int = Field(40_000_000, ge=1)
@@ -623,7 +623,7 @@ class CapeNext(Service):
         self.forward.set_max_batch_size(batching.max_batch_size)
         self.forward.set_batch_wait_timeout_s(batching.batch_wait_ms / 1000)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # reconfigure() sets both
     async def forward(self, queries: list) -> list[list[dict[str, Any]]]:
         return await self.run_model(queries)
 
@@ -698,7 +698,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=d["max_batch_size"].default,
                    help="most requests in one forward (default 8; 1 turns batching off)")
     p.add_argument("--batch-wait-ms", type=float, default=d["batch_wait_ms"].default,
-                   help="how long a request waits for others to share its forward (default 10)")
+                   help="how long a request waits for others to share its forward (default 5)")
     p.add_argument("--max-ongoing-requests", type=int, default=None,
                    help="requests a replica takes at once; more wait in the proxy (default max(2 x batch, 16))")
     p.add_argument("--max-upload-mb", type=float, default=d["max_upload_mb"].default,

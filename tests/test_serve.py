@@ -148,7 +148,7 @@ def server(ray_local, registry, synthetic_root, tmp_path_factory):
     address = ray_local.get_runtime_context().gcs_address
     srv = Server(["--checkpoint", CHAMPION, "--tracking-uri", registry["uri"], "--address", address,
                   "--data-root", str(synthetic_root), "--split", "1", "--max-batch-size", "8",
-                  "--batch-wait-ms", "20", "--max-pixels", "20000000"],
+                  "--batch-wait-ms", "50", "--max-pixels", "20000000"],
                  tmp_path_factory.mktemp("serve"))
     yield srv
     srv.stop()
