@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -119,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     root = args.data_root if args.data_root is not None else synthetic_data(work, args.seed)
     summarize(root, args.split, args.descriptions, variant)
 
+    # Ray's token-auth notice, and Ray Data's periodic progress blocks, would bury the stage lines
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(num_cpus=os.cpu_count(), log_to_driver=True,
              logging_level="WARNING")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     stage(2, "shards (Ray tasks → webdataset tars)")
     manifest = shard(root, work / "shards")
     print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards → {work / 'shards'}")

@@ -11,7 +11,9 @@ logging it) is not logged again.
 
 from __future__ import annotations
 
+import logging
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +28,21 @@ from capenext.metrics import FLOOR, THRESHOLDS, VAL_THRESHOLDS, episode_seed
 from jobs.common import collate
 from jobs.runs import CHECKPOINT_FILE, STATE_FILE, latest_checkpoint, needs_image_table, write_progress
 from jobs.tracking import Tracker
+
+
+def say(line: str) -> None:
+    """One progress line on the worker's stdout, which Ray forwards to the driver once. (Ray Train patches
+    ``print`` in its workers to go through the root logger, which with a wrapped stdout prints each line
+    twice.)"""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_ray_train() -> None:
+    """Keep Ray Train's per-report INFO records ("Reporting training result ...", "Checkpoint successfully
+    created ...") and libraries' INFO chatter (open_clip's tokenizer lookup) out of the progress."""
+    for name in ("", "ray.train", "ray.data", "open_clip"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -85,6 +102,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from capenext.models import build_model
 
     offline()
+    _quiet_ray_train()
     job, cfg = config["job"], from_dict(config["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -134,11 +152,11 @@ def train_loop(config: dict[str, Any]) -> None:
         start_epoch, step, best, run_id = state["epoch"] + 1, state["step"], state["best"], state["run_id"]
         torch.set_rng_state(state["rng"])
         if rank == 0:
-            print(f"resuming {job['run_name']} from {resume.name}: epoch {start_epoch}, step {step}", flush=True)
+            say(f"resuming {job['run_name']} from {resume.name}: epoch {start_epoch}, step {step}")
     elif job.get("init_checkpoint"):  # fine-tuning: the weights only; optimiser and schedule start afresh
         load_weights(model, read_checkpoint(job["init_checkpoint"])["model"], job["init_checkpoint"])
         if rank == 0:
-            print(f"starting {job['run_name']} from the weights of {job['init_source']}", flush=True)
+            say(f"starting {job['run_name']} from the weights of {job['init_source']}")
     ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     tracker = Tracker(config["tracking_uri"], run_id, active=rank == 0)
     logged = set(tracker.history("train/loss"))
@@ -196,9 +214,9 @@ def train_loop(config: dict[str, Any]) -> None:
                     _local_keep(target.parent, job["keep"])
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 shown = f"{last_val:.3f}" if last_val >= 0 else "-"
-                print(f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {metrics.get('train/loss', float('nan')):.4f}  "
-                      f"val pck@0.2 {shown}  {elapsed:.1f}s  {metrics['train/img_per_s']:.1f} img/s  "
-                      f"support keypoints masked {metrics['train/support_masked']:.0f}", flush=True)
+                say(f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {metrics.get('train/loss', float('nan')):.4f}  "
+                    f"val pck@0.2 {shown}  {elapsed:.1f}s  {metrics['train/img_per_s']:.1f} img/s  "
+                    f"support keypoints masked {metrics['train/support_masked']:.0f}")
             ray.train.report(report, checkpoint=checkpoint)
 
     test_loader = eval_loader(subsets["test"], cfg.data.test_episodes, episode_seed(seed, "test"))
@@ -218,8 +236,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if (artifacts / name).is_file():
                 tracker.artifact(artifacts / name, "checkpoints")
         tracker.finish()
-        print("test     " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("test/pck")),
-              flush=True)
-        print("floor    " + "  ".join(f"{k[len(FLOOR) + 1:]} {v:.4f}" for k, v in final.items()
-                                      if k.startswith(f"{FLOOR}/")), flush=True)
+        say("test     " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("test/pck")))
+        say("floor    " + "  ".join(f"{k[len(FLOOR) + 1:]} {v:.4f}" for k, v in final.items()
+                                    if k.startswith(f"{FLOOR}/")))
     ray.train.report(final, checkpoint=None)
