@@ -838,6 +838,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parity: every stage within atol {args.atol:g} + rtol {args.rtol:g} x max|ref|")
         return 0
     print(f"parity: FAILED, first at {report.first_failure}")
+    if args.perturb:
+        expected = expected_stage(args.perturb)
+        verdict = "as expected" if report.first_failure == expected else f"expected at {expected or 'unknown'}"
+        print(f"negative control ({args.perturb}): failed at {report.first_failure}, {verdict}")
     return 1
 
 
