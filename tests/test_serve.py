@@ -414,8 +414,8 @@ def test_32_concurrent_requests_are_batched_and_all_answered(server, predictor, 
     assert after["batches"] - before["batches"] < 32 and after["largest_batch"] > 1, (before, after)
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
 def test_page_in_a_real_browser_shows_the_prediction(server, heldout, tmp_path):
+    assert CHROMIUM and CHROMEDRIVER, "needs Debian's chromium and chromium-driver (.ci/run installs them)"
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
     from selenium.webdriver.common.by import By
