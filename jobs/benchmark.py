@@ -36,7 +36,7 @@ from capenext.cli import UsageError, run_main
 from capenext.config import MAX_KEYPOINTS, load_preset
 from capenext.losses import CapeNextLoss
 from capenext.models import available_backbones, build_model, parameter_counts
-from jobs import bench_embed, bench_loader, bench_serve
+from jobs import bench_embed, bench_gpu, bench_loader, bench_serve
 from jobs.common import machine
 
 
@@ -97,12 +97,18 @@ def benchmark_model(args: argparse.Namespace) -> dict:
     criterion = CapeNextLoss(run.optim.heatmap_weight)
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
 
-    full_opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    backbone_opt = torch.optim.Adam(model.backbone.parameters(), lr=1e-6)
+    fused = {"fused": True} if getattr(args, "fused_adam", False) else {}
+    full_opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6, **fused)
+    backbone_opt = torch.optim.Adam(model.backbone.parameters(), lr=1e-6, **fused)
+    # torch.compile'd views of the same modules (the optimisers hold the same parameters)
+    compiled = getattr(args, "compile", False)
+    backend = getattr(args, "compile_backend", "inductor")
+    net = torch.compile(model, backend=backend) if compiled else model
+    trunk = torch.compile(model.backbone, backend=backend) if compiled else model.backbone
 
     def backbone_step() -> None:
         with amp():
-            feat = model.backbone(batch["img"])
+            feat = trunk(batch["img"])
         loss = feat.float().pow(2).mean()
         backbone_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -112,7 +118,7 @@ def benchmark_model(args: argparse.Namespace) -> dict:
         def step() -> None:
             model.image_embedding = mode
             with amp():
-                out = model(batch)
+                out = net(batch)
             out = {k: v.float() for k, v in out.items()}
             loss = criterion(out, batch["heatmap"], batch["points"], batch["weight"], batch["weight"])["loss"]
             full_opt.zero_grad(set_to_none=True)
@@ -162,6 +168,8 @@ def benchmark_model(args: argparse.Namespace) -> dict:
         "steps_per_round": args.steps,
         "timing": "fastest single step per configuration",
         "rounds": args.rounds,
+        "compile": backend if compiled else None,
+        "fused_adam": bool(fused),
         "parameters": parameter_counts(model),
         "train_img_per_s": img_s,
         "ratio_vs_backbone": ratios,
@@ -176,7 +184,7 @@ def benchmark_model(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.benchmark",
                                      description="Benchmarks; each prints one JSON object.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{model,loader,embed,serve}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{model,loader,embed,serve,gpu-suite}")
     m = sub.add_parser("model", help="train img/s of the full model vs the backbone alone",
                        description="Train img/s of the full model (CLIP image embedding precomputed and online) "
                                    "against the backbone alone, measured in the same run; prints JSON.")
@@ -192,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration (default 2)")
     m.add_argument("--threads", type=int, default=None,
                    help="torch intra-op CPU threads (default: torch's choice); 1 is steadier on a shared machine")
+    m.add_argument("--compile", action="store_true", help="torch.compile the model and the backbone (inductor)")
+    m.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True)")
     m.set_defaults(func=benchmark_model)
     loader = sub.add_parser("loader", help="training loader from shards vs per-file pycocotools + PIL",
                             description=bench_loader.__doc__)
@@ -205,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                            description=bench_serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_serve.add_arguments(serve)
     serve.set_defaults(func=bench_serve.run)
+    gpu = sub.add_parser("gpu-suite", help="the GPU suite: model, a short training run, every CUDA path",
+                         description=bench_gpu.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_gpu.add_arguments(gpu)
+    gpu.set_defaults(func=bench_gpu.run)
     return parser
 
 

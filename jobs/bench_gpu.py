@@ -1,0 +1,510 @@
+"""The GPU suite: ``python -m jobs.benchmark gpu-suite [--device cuda|cpu] [--quick] [--out FILE]``.
+
+One prepared run that records, as one JSON object naming the machine (:func:`jobs.common.machine`):
+
+* ``model``: the model benchmark (:func:`jobs.benchmark.benchmark_model`) with the Swin V2-T backbone at
+  batch 32 and 128 (bf16 autocast on CUDA): img/s of the backbone alone and of the full model with
+  precomputed and with online CLIP image embeddings, peak memory, the ratio full(precomputed) / backbone
+  against the goal ≥ 0.85; each batch eager, with ``torch.compile`` and with fused Adam;
+* ``training``: a short ``python -m jobs.train --local`` run (``--use-gpu`` on CUDA) of Swin V2-T at random
+  weights with the preset's CLIP at random weights, on a synthetic set with MP-100's image sizes
+  (``pipelines.synthetic --mp100-sized``, then ``pipelines.shard`` and ``pipelines.embed``): img/s from
+  the run's epoch lines, GPU utilisation sampled from ``nvidia-smi`` (null without one), the CPU cores
+  busy over the run (the whole machine's, and the run's own processes'), and the projected time of 200
+  epochs of one MP-100 split (14 000 pairs an epoch) against the goal ≤ 1.5 h;
+* ``smoke``: every path with a CUDA branch once, each ``ok`` or ``failed`` with a one-line reason: the
+  embedding job (its CLIP actors take the GPU when Ray sees one), a training step with ``--image-embedding
+  online``, ``jobs.evaluate``, ``jobs.predict`` and ``jobs.serve`` (started, one request, stopped) on
+  the device.
+
+Ray starts once: this process starts a local instance and stops it at the end. The training runs, the
+synthetic set's generation and the server run as subprocesses (``RAY_ADDRESS`` names that instance); the
+shard, embedding, evaluation and prediction jobs run their ``main`` in this process, on the same
+instance, which saves an interpreter start each. Each job's output is in ``logs/`` of ``--workdir``.
+``--quick`` runs the same suite at toy sizes (tiny backbone and CLIP, a few steps, 3 images per category,
+``torch.compile`` with the ``eager`` backend at one batch size); ``--device cpu --quick`` is what the test
+suite runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capenext.cli import UsageError
+from jobs.common import machine
+
+PAIRS_PER_EPOCH = 14_000  # training pairs in one epoch of an MP-100 split
+EPOCHS = 200  # the paper's schedule
+GOAL_HOURS = 1.5
+GOAL_RATIO = 0.85
+EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) .* ([0-9.]+) img/s", re.MULTILINE)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="where the model, the training run and the smokes run (default cuda)")
+    parser.add_argument("--quick", action="store_true",
+                        help="toy sizes: tiny backbone and CLIP, a few steps and images (seconds per section)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="folder for the data, runs and logs (default: a temporary one, removed after)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps of the training run in all (default 300; 4 with --quick)")
+    parser.add_argument("--loader-workers", type=int, default=None,
+                        help="DataLoader processes of the training run (default: CPU cores - 2, at most 8; "
+                             "0 with --quick)")
+    parser.add_argument("--images-per-category", type=int, default=None,
+                        help="synthetic images per category, 20 categories (default 100; 3 with --quick)")
+
+
+# --- settings -------------------------------------------------------------------------------------------
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Sizes of every section: the real ones, or toy ones with ``--quick``."""
+    cores = os.cpu_count() or 1
+    if args.quick:
+        s = {"preset": "tiny", "backbone": "tiny", "batches": [2, 4], "bench_steps": 1, "bench_rounds": 1,
+             "bench_warmup": 1, "steps": 4, "loader_workers": 0, "images_per_category": 3,
+             "train_batch": 4, "mp100_sized": False, "compile_backend": "eager", "compile_batches": [4],
+             "threads": 1}
+    else:
+        s = {"preset": "swinv2_t", "backbone": "swinv2_t", "batches": [32, 128], "bench_steps": 5,
+             "bench_rounds": 3, "bench_warmup": 3, "steps": 300, "loader_workers": max(0, min(8, cores - 2)),
+             "images_per_category": 100, "train_batch": None, "mp100_sized": True, "compile_backend": "inductor",
+             "compile_batches": [32, 128], "threads": None}
+    for key in ("steps", "loader_workers", "images_per_category"):
+        if getattr(args, key) is not None:
+            s[key] = getattr(args, key)
+    if s["steps"] < 1 or s["loader_workers"] < 0 or s["images_per_category"] < 2:
+        raise UsageError("--steps must be >= 1, --loader-workers >= 0 and --images-per-category >= 2")
+    return s
+
+
+# --- sampling while a run goes on -------------------------------------------------------------------------
+
+
+def _cpu_jiffies() -> tuple[float, float] | None:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks (``/proc/stat``)."""
+    try:
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+class Sampler:
+    """GPU utilisation every half second (``nvidia-smi``) and the machine's CPU use between start and stop
+    (``psutil.cpu_percent`` when installed, else ``/proc/stat``), in a thread."""
+
+    def __init__(self, gpu: bool) -> None:
+        self.gpu = gpu and shutil.which("nvidia-smi") is not None
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            with contextlib.suppress(Exception):
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                self.samples.append(float(out.split()[0]))
+
+    def __enter__(self) -> Sampler:
+        try:
+            import psutil
+
+            psutil.cpu_percent(percpu=True)
+            self._psutil = psutil
+        except ImportError:
+            self._psutil = None
+        self._jiffies = _cpu_jiffies()
+        if self.gpu:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.gpu:
+            self._thread.join(timeout=10)
+        if self._psutil is not None:
+            self.cores_busy = sum(self._psutil.cpu_percent(percpu=True)) / 100
+        else:
+            end, start = _cpu_jiffies(), self._jiffies
+            self.cores_busy = None
+            if start is not None and end is not None and end[1] > start[1]:
+                self.cores_busy = (end[0] - start[0]) / (end[1] - start[1]) * (os.cpu_count() or 1)
+
+    def gpu_utilisation(self) -> dict[str, float] | None:
+        if not self.samples:
+            return None
+        return {"mean_percent": round(sum(self.samples) / len(self.samples), 1),
+                "max_percent": max(self.samples), "samples": len(self.samples)}
+
+
+# --- subprocesses ---------------------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs ``python -m MODULE ...`` in the work folder with the suite's environment; logs each command's
+    output to ``logs/NAME.log`` and remembers its wall time."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir, self.env = workdir, env
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, module: str, *argv: Any, timeout: float = 900) -> str:
+        cmd = [sys.executable, "-m", module, *map(str, argv)]
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=self.workdir, env=self.env, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{module} ran past {timeout:.0f} s") from None
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 1)
+        (self.logs / f"{name}.log").write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+        if proc.returncode != 0:
+            raise RuntimeError(f"{module} exited {proc.returncode}: {last_line(proc.stderr or proc.stdout)}")
+        return proc.stdout
+
+    def inline(self, name: str, module: str, *argv: Any) -> str:
+        """``MODULE.main(argv)`` in this process (no interpreter start, the suite's Ray instance reused);
+        what it prints is returned and logged."""
+        import importlib
+        import io
+
+        buf = io.StringIO()
+        start = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(buf):
+                code = importlib.import_module(module).main([str(a) for a in argv])
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 1)
+            (self.logs / f"{name}.log").write_text(f"$ python -m {module} {' '.join(map(str, argv))}\n"
+                                                   f"{buf.getvalue()}")
+        if code:
+            raise RuntimeError(f"{module} returned {code}: {last_line(buf.getvalue())}")
+        return buf.getvalue()
+
+
+def last_line(text: str) -> str:
+    """The most telling line of a failed command's output: its ``error:`` line, else its last one."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:") or re.match(r"^[\w.]+(Error|Exception)\b", ln)]
+    return ((errors or lines or ["no output"])[-1])[:300]
+
+
+def smoke(results: dict[str, Any], name: str, fn) -> Any:
+    """Run one smoke; record ``ok`` or ``failed`` with its one-line reason, and its wall time."""
+    start = time.perf_counter()
+    try:
+        value = fn()
+        results[name] = {"status": "ok", "detail": value if isinstance(value, str) else None}
+    except Exception as err:  # a failed smoke is a result, the suite goes on
+        results[name] = {"status": "failed", "detail": " ".join(str(err).split())[:300] or type(err).__name__}
+        value = None
+    results[name]["seconds"] = round(time.perf_counter() - start, 1)
+    return value
+
+
+# --- sections -------------------------------------------------------------------------------------------
+
+
+def model_section(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
+    """The model benchmark at each batch size: eager, ``torch.compile`` and fused Adam."""
+    from jobs.benchmark import benchmark_model
+
+    variants = {"eager": {}, "compile": {"compile": True}, "fused_adam": {"fused_adam": True}}
+    out: dict[str, Any] = {"backbone": s["backbone"], "preset": s["preset"], "runs": []}
+    for batch in s["batches"]:
+        for variant, flags in variants.items():
+            if variant == "compile" and batch not in s["compile_batches"]:
+                continue
+            ns = argparse.Namespace(device=args.device, backbone=s["backbone"], batch_size=batch,
+                                    preset=s["preset"], ablation="full", steps=s["bench_steps"],
+                                    rounds=s["bench_rounds"], warmup=s["bench_warmup"], threads=s["threads"],
+                                    compile_backend=s["compile_backend"],
+                                    **{"compile": False, "fused_adam": False, **flags})
+            start = time.perf_counter()
+            r = benchmark_model(ns)
+            out["runs"].append({
+                "batch_size": batch, "variant": variant, "precision": r["precision"],
+                "train_img_per_s": r["train_img_per_s"], "peak_memory_mb": r["peak_memory_mb"],
+                "ratio_full_precomputed_vs_backbone": r["ratio_vs_backbone"]["full_precomputed"],
+                "ratio_full_online_vs_backbone": r["ratio_vs_backbone"]["full_online"],
+                "goal_met": r["goal_met"], "seconds": round(time.perf_counter() - start, 1)})
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    out["goal_full_precomputed_ratio"] = GOAL_RATIO
+    out["precision"] = out["runs"][0]["precision"]
+    out["peak_memory_kind"] = ("cuda max_memory_allocated per configuration" if args.device == "cuda"
+                               else "process peak RSS (cumulative)")
+    return out
+
+
+def steps_per_epoch(shards: Path, batch: int) -> int:
+    """Optimizer steps one epoch of split 1 has on these shards (as ``jobs.train`` counts them)."""
+    from capenext.data import training_pairs
+    from capenext.data.shards import ShardIndex
+
+    train = ShardIndex(shards).subset(1, "train")
+    return len(training_pairs(train.by_category(), 0, 0)) // batch
+
+
+def training_section(args: argparse.Namespace, s: dict[str, Any], run: Runner, work: Path,
+                     smokes: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
+    """Synthetic set → shards → embeddings → a short training run, measured; the final checkpoint."""
+    data, shards, emb = work / "data", work / "shards", work / "emb"
+    gen = ["--out", data, "--categories", 20, "--images-per-category", s["images_per_category"], "--quiet"]
+    run("synthetic", "pipelines.synthetic", *gen, *(["--mp100-sized"] if s["mp100_sized"] else []))
+    run.inline("shard", "pipelines.shard", "--data-root", data, "--out", shards, "--quiet")
+    model_args = ["--config", s["preset"], "--clip-checkpoint", "random"]
+    smoke(smokes, "embed", lambda: last_line(run.inline("embed", "pipelines.embed", "--shards", shards, "--out", emb,
+                                                 *model_args)))
+    if smokes["embed"]["status"] != "ok":
+        raise RuntimeError(f"the embedding job failed: {smokes['embed']['detail']}")
+
+    from capenext.config import load_preset
+
+    batch = s["train_batch"] or load_preset(s["preset"]).optim.batch_size
+    natural = steps_per_epoch(shards, batch)
+    if natural < 1:
+        raise RuntimeError(f"split 1 has fewer training pairs than one batch of {batch}")
+    per_epoch = min(natural, s["steps"] if s["steps"] < 2 else max(1, s["steps"] // 2))
+    epochs = math.ceil(s["steps"] / per_epoch)
+    train_args = ["--split", 1, "--ablation", "full", "--backbone", s["backbone"], *model_args,
+                  "--shards", shards, "--embeddings", emb, "--local", "--val-every", 10**6, "--val-episodes", 1,
+                  "--test-episodes", 1, "--test-queries", 2, "--storage-path", work / "runs",
+                  "--experiment", "gpu-suite", "--cpus-per-worker", max(1, (os.cpu_count() or 1) // 2),
+                  *(["--batch-size", batch] if s["train_batch"] else []),
+                  *(["--use-gpu"] if args.device == "cuda" else [])]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    with Sampler(args.device == "cuda") as sampler:
+        log = run("train", "jobs.train", *train_args, "--run-name", "bench", "--epochs", epochs,
+                  "--max-steps", per_epoch, "--loader-workers", s["loader_workers"], timeout=1800)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    epochs_img_s = [float(m.group(3)) for m in EPOCH_LINE.finditer(log)]
+    if not epochs_img_s:
+        raise RuntimeError("the training run printed no epoch line")
+    steady = sorted(epochs_img_s[1:] or epochs_img_s)
+    img_s = steady[len(steady) // 2]  # the median epoch after the first (which warms up)
+    hours = EPOCHS * PAIRS_PER_EPOCH / img_s / 3600
+    section = {
+        "backbone": s["backbone"], "preset": s["preset"], "batch_size": batch, "epochs": epochs,
+        "steps_per_epoch": per_epoch, "steps": epochs * per_epoch, "loader_workers": s["loader_workers"],
+        "synthetic_images": 20 * s["images_per_category"], "mp100_sized_images": s["mp100_sized"],
+        "epoch_img_per_s": epochs_img_s, "img_per_s": round(img_s, 2),
+        "img_per_s_source": "median of the run's epoch lines after the first (train/img_per_s)",
+        "gpu_utilisation": sampler.gpu_utilisation(),
+        "cpu_cores_busy_machine": None if sampler.cores_busy is None else round(sampler.cores_busy, 2),
+        "cpu_cores_used_by_run": round((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+                                       / max(wall, 1e-9), 2),
+        "run_seconds": round(wall, 1),
+        "projected_hours_200_epochs": round(hours, 3),
+        "projection": f"{EPOCHS} epochs x {PAIRS_PER_EPOCH} pairs / img_per_s",
+        "goal_hours": GOAL_HOURS, "goal_met": hours <= GOAL_HOURS,
+    }
+    final = work / "runs" / "bench" / "artifacts" / "final.pt"
+
+    def online() -> str:
+        out = run("train_online", "jobs.train", *train_args, "--run-name", "online", "--image-embedding", "online",
+                  "--epochs", 1, "--max-steps", 2, "--loader-workers", 0, timeout=900)
+        found = EPOCH_LINE.findall(out)
+        if not found:
+            raise RuntimeError("the online run printed no epoch line")
+        return f"1 epoch of 2 steps, {found[-1][2]} img/s"
+
+    smoke(smokes, "train_online", online)
+    return section, final if final.is_file() else None
+
+
+def _multipart(fields: dict[str, str], image: Path) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{image.name}"\r\n'
+                 "Content-Type: image/jpeg\r\n\r\n".encode() + image.read_bytes() + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_server(cmd: list[str], run: Runner, log) -> subprocess.Popen | str:
+    """``jobs.serve`` started and serving (its line read), or why it exited before it served."""
+    proc = subprocess.Popen(cmd, cwd=run.workdir, env=run.env, stdout=subprocess.PIPE, stderr=log, text=True)
+    started = time.perf_counter()
+    for line in proc.stdout:
+        log.write(line)
+        if line.startswith("CapeNext is serving"):
+            return proc
+        if time.perf_counter() - started > 240:
+            _stop(proc)
+            raise RuntimeError("jobs.serve did not come up within 240 s")
+    proc.wait(timeout=60)
+    log.flush()
+    return (f"jobs.serve exited {proc.returncode} after {time.perf_counter() - started:.1f} s before serving: "
+            f"{last_line((run.logs / 'serve.log').read_text())}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server stops as on Ctrl-C), SIGKILL after a minute."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def serve_smoke(run: Runner, checkpoint: Path, image: Path, device: str) -> str:
+    """Start ``jobs.serve``, send one prediction request, stop it with SIGTERM (as Ctrl-C). A server that
+    exits before it serves is started once more; the answer says so."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "jobs.serve", "--checkpoint", str(checkpoint), "--device", device,
+           "--port", str(port), "--cpus-per-replica", "1"]
+    with open(run.logs / "serve.log", "w") as log:
+        proc = _start_server(cmd, run, log)
+        note = ""
+        if isinstance(proc, str):
+            note = f" (second start; the first: {proc})"
+            proc = _start_server(cmd, run, log)
+            if isinstance(proc, str):
+                raise RuntimeError(proc)
+        try:
+            body, ctype = _multipart({"keypoints": "nose,left eye", "class": "cat"}, image)
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/predict", data=body,
+                                         headers={"Content-Type": ctype})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                answer = json.loads(r.read())
+            if len(answer.get("keypoints", [])) != 2:
+                raise RuntimeError(f"unexpected answer: {json.dumps(answer)[:200]}")
+            return f"one request answered with {len(answer['keypoints'])} keypoints{note}"
+        finally:
+            _stop(proc)
+            log.write(proc.stdout.read() or "")
+
+
+def first_image(data: Path) -> Path:
+    return next(p for p in sorted((data / "images").rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
+def job_smokes(args: argparse.Namespace, run: Runner, work: Path, checkpoint: Path | None,
+               smokes: dict[str, Any]) -> None:
+    """``jobs.evaluate``, ``jobs.predict`` and ``jobs.serve`` on the device, with the run's checkpoint."""
+    def need() -> Path:
+        if checkpoint is None:
+            raise RuntimeError("no checkpoint: the training run did not finish")
+        return checkpoint
+
+    def evaluate() -> str:
+        out = run.inline("evaluate", "jobs.evaluate", "--checkpoint", need(), "--shards", work / "shards", "--split", 1,
+                  "--embeddings", work / "emb", "--episodes", 1, "--queries", 2, "--device", args.device,
+                  "--no-mlflow", "--pictures", 0, "--out", work / "evaluation", "--quiet")
+        return last_line(out)
+
+    def predict() -> str:
+        out = run.inline("predict", "jobs.predict", "--checkpoint", need(), "--image", first_image(work / "data"),
+                  "--keypoints", "nose,left eye", "--class", "cat", "--device", args.device,
+                  "--out", work / "prediction")
+        return last_line(out)
+
+    smoke(smokes, "evaluate", evaluate)
+    smoke(smokes, "predict", predict)
+    if (Path(__file__).parent / "serve.py").is_file():
+        smoke(smokes, "serve", lambda: serve_smoke(run, need(), first_image(work / "data"), args.device))
+
+
+# --- the suite ------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible here (use --device cpu --quick for the "
+                         "CPU version of the suite)")
+    s = settings(args)
+    started = time.perf_counter()
+    result: dict[str, Any] = {"benchmark": "gpu-suite", "device": args.device, "quick": bool(args.quick),
+                              "machine": machine(), "torch": torch.__version__,
+                              "cuda": torch.version.cuda if args.device == "cuda" else None}
+    result["model"] = model_section(args, s)
+
+    import ray
+
+    keep = args.workdir is not None
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="capenext-gpu-suite-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    smokes: dict[str, Any] = {}
+    try:
+        cpus = max(2, os.cpu_count() or 1)
+        ctx = ray.init(address="local", num_cpus=cpus, log_to_driver=False, include_dashboard=False,
+                       logging_level="ERROR")
+        env = {**os.environ, "RAY_ADDRESS": ctx.address_info["gcs_address"], "PYTHONUNBUFFERED": "1",
+               "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cpus // 2)))}
+        runner = Runner(work, env)
+        try:
+            result["training"], checkpoint = training_section(args, s, runner, work, smokes)
+        except Exception as err:  # recorded; the smokes that need no checkpoint still ran
+            result["training"], checkpoint = {"status": "failed", "detail": " ".join(str(err).split())[:300]}, None
+        job_smokes(args, runner, work, checkpoint, smokes)
+        result["stage_seconds"] = runner.seconds
+    finally:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    result["smoke"] = smokes
+    result["all_smokes_ok"] = all(v["status"] == "ok" for v in smokes.values())
+    result["total_seconds"] = round(time.perf_counter() - started, 1)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    summary(result)
+    return result
+
+
+def summary(result: dict[str, Any]) -> None:
+    """The goals, in words, on stderr (stdout carries the JSON)."""
+    for r in result["model"]["runs"]:
+        print(f"model batch {r['batch_size']:>4} {r['variant']:<10} full(precomputed)/backbone "
+              f"{r['ratio_full_precomputed_vs_backbone']:.3f} (goal >= {GOAL_RATIO}: "
+              f"{'met' if r['goal_met'] else 'not met'})", file=sys.stderr)
+    t = result.get("training", {})
+    if "img_per_s" in t:
+        print(f"training {t['img_per_s']} img/s: {EPOCHS} epochs of {PAIRS_PER_EPOCH} pairs in "
+              f"{t['projected_hours_200_epochs']} h (goal <= {GOAL_HOURS} h: {'met' if t['goal_met'] else 'not met'})",
+              file=sys.stderr)
+    for name, v in result["smoke"].items():
+        print(f"smoke {name:<13} {v['status']}" + (f": {v['detail']}" if v["status"] != "ok" else ""),
+              file=sys.stderr)
