@@ -188,8 +188,9 @@ def fine_tuning(args: argparse.Namespace, cfg: RunCfg, run_name: str, old: dict[
         return job
     cfg.optim.warmup_iters = short_warmup(wanted, cfg.optim.epochs, steps)
     if cfg.optim.warmup_iters != wanted:
-        print(f"note: the warm-up ({wanted} steps) is longer than the whole run ({cfg.optim.epochs} epochs x "
-              f"{steps} steps); shortened to {cfg.optim.warmup_iters} steps (optim.warmup_iters)", flush=True)
+        epochs = f"{cfg.optim.epochs} epoch{'s' * (cfg.optim.epochs != 1)}"
+        print(f"note: the warm-up of {wanted} steps is longer than the whole run ({epochs} of {steps} steps); "
+              f"optim.warmup_iters shortened to {cfg.optim.warmup_iters}", flush=True)
     source = resolve_checkpoint(spec, tracking_uri(), args.storage_path.resolve() / run_name / "init")
     check_init_weights(spec, source.path, cfg)
     return {**job, "init_checkpoint": str(source.path.resolve()), "init_source": spec,

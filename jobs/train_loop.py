@@ -134,6 +134,7 @@ def train_loop(config: dict[str, Any]) -> None:
         return bank.fill(batch, cfg.data.max_keypoints, image_table, model.needs_class_embedding)
 
     criterion = CapeNextLoss(cfg.optim.heatmap_weight)
+
     def run_frozen(module, _inputs) -> None:  # a frozen part runs as at inference (norm statistics fixed)
         module.eval()
 
