@@ -33,6 +33,10 @@ class DataCfg:
     # ... rotation ~ clip(N(0, r), -2r, 2r) degrees, applied with probability rot_prob
     rot_sigma: float = 15.0
     rot_prob: float = 0.6
+    # decode a JPEG only at the resolution its crop needs (DCT-domain 1/2, 1/4, 1/8 while the crop still
+    # reads >= 2 reduced pixels per crop pixel): a deviation from the reference's full-resolution decode
+    # in the pixels (smoother), not in the targets; False: the reference's decode
+    reduced_decode: bool = False
     # optional descriptions file: the reference's rules (python -m pipelines.descriptions) or a CapeX-style
     # json of category name -> keypoint texts
     descriptions: str | None = None

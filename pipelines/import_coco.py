@@ -1,10 +1,4 @@
-"""Plain COCO keypoint files → an MP-100-layout root: ``python -m pipelines.import_coco``.
-
-::
-
-    python -m pipelines.import_coco --coco FILE [--coco FILE ...] --images DIR --out ROOT \\
-        (--test-categories a,b [--val-categories c] | --split-file splits.json |
-         --by-image --test-fraction F [--val-fraction F] [--seed N]) [--copy] [--skeleton-base auto|0|1]
+"""Plain COCO keypoint files → an MP-100-layout root: ``python -m pipelines.import_coco`` (docs/own-data.md).
 
 The root it writes is what ``pipelines.validate``, ``pipelines.shard`` and every job after them read:
 ``ROOT/annotations/mp100_split{1..5}_{train,val,test}.json`` and ``ROOT/images/`` holding each image at
@@ -17,11 +11,9 @@ Three ways to split:
 * ``--split-file``: ``{"train": [...], "val": [...], "test": [...]}`` by category name, or a list of up
   to five such objects (splits 1, 2, ...). Without ``"train"`` the categories named nowhere train; with
   it, those are left out.
-* ``--by-image``: the same categories everywhere, held-out images: per category (an image counts for
-  the category of its first annotation) ``--test-fraction`` of the images are drawn for test and
-  ``--val-fraction`` for val, seeded by ``--seed``. The shards and the jobs select a subset's samples by
-  category id, so each category is written once per subset under its own id: train ``i``, val ``N + i``,
-  test ``2N + i`` for N categories, with the same name, keypoints and skeleton.
+* ``--by-image``: the same categories, held-out images (``--test-fraction``, ``--val-fraction`` per
+  category, seeded by ``--seed``); each category is written once per subset under its own id (train
+  ``i``, val ``N + i``, test ``2N + i``), since the shards select a subset's samples by category id.
 
 Rules of the written root: a split without val categories (or images) gets the test subset as its val
 subset, so that training can run (its best.pt is then picked on the test data; final.pt is not
@@ -29,12 +21,10 @@ affected); splits the user did not give are copies of split 1. Categories are nu
 they first appear, images and annotations 1.. in input order over all files (an image is one image per
 ``file_name``, whatever its id in each file).
 
-What real exports differ in is normalised: visibility 0/1/2 or 0/1 (kept; the data layer reads
-``min(1, v)``), ``num_keypoints`` (recomputed), ``area`` (from the bbox when missing), ``bbox`` (from the
-labelled keypoints when missing), ``width``/``height`` (read from the image when missing), 1-based
-skeletons (COCO's convention; converted), ``file_name`` with sub-folders (kept). Anything else that is
-wrong is one line naming the file and the record, and nothing is written: the root is assembled in a
-temporary folder beside ``--out`` and renamed into place at the end.
+What real exports differ in (visibility 0/1/2 or 0/1, missing ``num_keypoints``/``area``/``bbox``/size,
+1-based skeletons, sub-folders) is normalised as docs/own-data.md lists; anything else wrong is one line
+naming the file and the record, and nothing is written (the root is assembled beside ``--out``, renamed
+at the end).
 """
 
 from __future__ import annotations
