@@ -17,9 +17,8 @@ Three ways to split:
 
 Rules of the written root: a split without val categories (or images) gets the test subset as its val
 subset, so that training can run (its best.pt is then picked on the test data; final.pt is not
-affected); splits the user did not give are copies of split 1. Categories are numbered 1..N in the order
-they first appear, images and annotations 1.. in input order over all files (an image is one image per
-``file_name``, whatever its id in each file).
+affected); splits the user did not give are copies of split 1. Categories, images (one per ``file_name``)
+and annotations are numbered 1.. in input order over all files.
 
 What real exports differ in (visibility 0/1/2 or 0/1, missing ``num_keypoints``/``area``/``bbox``/size,
 1-based skeletons, sub-folders) is normalised as docs/own-data.md lists; anything else wrong is one line
