@@ -226,6 +226,30 @@ def test_target_weight_rule_matches_the_reference_written_another_way():
         assert np.array_equal(heatmap_targets(pts, vis, image_size, heatmap_size, sigma)[1], expected)
 
 
+def test_heatmaps_are_the_references_pasted_gaussian_patches():
+    rng = np.random.default_rng(1)
+    pts = np.concatenate([rng.uniform(-30, 290, (300, 2)), [[-17.0, 100.0], [270.0, -16.0], [0.0, 0.0]]])
+    vis = rng.random(len(pts)) > 0.1
+    for heatmap_size, sigma in ((64, 1.0), (32, 2.0), (48, 1.0)):  # integer σ, as the reference's configs
+        heat, weight = heatmap_targets(pts, vis, 256, heatmap_size, sigma, slots=len(pts) + 7)
+        assert heat.shape == (len(pts) + 7, heatmap_size, heatmap_size) and not heat[len(pts):].any()
+        tmp = sigma * 3  # TopDownGenerateTargetFewShot, MSRA: a (2·tmp+1)² patch pasted around the rounded point
+        size = int(2 * tmp + 1)
+        g = np.exp(-((np.arange(size)[None] - size // 2) ** 2 + (np.arange(size)[:, None] - size // 2) ** 2)
+                   / (2 * sigma ** 2))
+        for j in range(len(pts)):
+            expected = np.zeros((heatmap_size, heatmap_size))
+            if weight[j]:
+                mu = np.trunc(pts[j] / (256 / heatmap_size) + 0.5).astype(int)
+                ul = np.trunc(mu - tmp).astype(int)
+                for dy in range(size):
+                    for dx in range(size):
+                        y, x = ul[1] + dy, ul[0] + dx
+                        if 0 <= y < heatmap_size and 0 <= x < heatmap_size:
+                            expected[y, x] = g[dy, dx]
+            assert np.allclose(heat[j], expected, atol=1e-6), (heatmap_size, sigma, j)
+
+
 def test_training_support_mask_is_the_reference_rule_after_the_supports_own_draw():
     cat, query, support = spread_pair()
     cfg = DataCfg(image_size=128, heatmap_size=32)
@@ -398,3 +422,24 @@ def test_cli_reports_malformed_data_in_one_line(tmp_path, synthetic_root):
 
     proc = run_cli("jobs.quickstart", "--data-root", str(root), "--split", "9")
     assert_one_line_error(proc, "unknown split 9")
+
+
+def test_benchmarks_reference_style_affine_and_targets_equal_ours():
+    """``jobs.bench_loader``'s mmpose-0.29-style parts do the work of ours (so its timings compare)."""
+    from capenext.data.transforms import affine_matrix
+    from jobs.bench_loader import get_affine_transform, msra_target
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        center, side, rot = rng.uniform(50, 900, 2), rng.uniform(40, 1500), rng.uniform(-30, 30)
+        ref = get_affine_transform(center.astype(np.float32), np.array([side, side]) / 200, rot,
+                                   np.array([256, 256]))
+        ours = affine_matrix(center, side, rot, 256)
+        assert np.allclose(ref[:, :2], ours[:, :2], rtol=1e-5, atol=1e-6)
+        assert np.allclose(ref[:, 2], ours[:, 2], atol=5e-3 * max(1.0, 256 / side))  # float32 points
+    pts = rng.uniform(-20, 270, (100, 2))
+    vis = np.zeros((100, 3), dtype=np.float32)
+    vis[:, :2] = (rng.random(100) > 0.3)[:, None]
+    target, weight = msra_target(pts, vis, np.array([256, 256]), np.array([64, 64]), 1.0)
+    heat, ours_w = heatmap_targets(pts, vis[:, 0] > 0, 256, 64, 1.0)
+    assert np.array_equal(weight[:, 0], ours_w) and np.allclose(target, heat, atol=1e-6)

@@ -10,10 +10,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from capenext.data.source import BadImage, read_checked
-from capenext.data.transforms import decode_image, read_image
+from capenext.data.transforms import (apply_affine, crop, decode_for_crop, decode_image, read_image,
+                                      reduction_for)
 
 
 def reference_decode(data: bytes) -> np.ndarray:
@@ -144,3 +146,87 @@ def test_read_checked_reports_truncated_and_garbage_files_as_corrupt(tmp_path):
             read_checked(_file(tmp_path, data), 400, 300)
         assert err.value.kind == "corrupt image" and err.value.reason.startswith("cannot decode (")
         assert "\n" not in err.value.reason
+
+
+# --- decoding only what the crop needs (DataCfg.reduced_decode) ------------------------------------------
+
+
+def photo(h: int = 900, w: int = 1200) -> np.ndarray:
+    """A camera-sized smooth picture with a bright dot at (x, y) = (601, 403)."""
+    image = cv2.resize(picture(), (w, h), interpolation=cv2.INTER_LINEAR)
+    cv2.circle(image, (601, 403), 12, (255, 255, 255), -1)
+    return cv2.GaussianBlur(image, (0, 0), 2)
+
+
+def jpeg(image: np.ndarray, orientation: int | None = None) -> bytes:
+    tags = Image.Exif()
+    if orientation is not None:
+        tags[0x0112] = orientation
+    return encode(Image.fromarray(image), "JPEG", quality=95, exif=tags.tobytes())
+
+
+@pytest.mark.parametrize("step,expected",
+                         [(1.0, 1), (3.9, 1), (4.0, 2), (8.0, 4), (15.9, 4), (16.0, 8), (90.0, 8)])
+def test_reduction_keeps_two_reduced_pixels_per_crop_pixel(step, expected):
+    assert reduction_for(step) == expected
+
+
+def test_reduced_decode_is_libjpegs_scaled_decode_of_the_jpeg():
+    data = jpeg(photo())
+    image, r = decode_for_crop(data, "a.jpg", 1200, 900, step=9.0)
+    assert r == 4 and image.shape == (225, 300, 3)
+    reduced = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_4)
+    expected = cv2.cvtColor(reduced, cv2.COLOR_BGR2RGB)
+    assert np.array_equal(image, expected)
+
+
+@pytest.mark.parametrize("rot", [0.0, 25.0])
+def test_reduced_crop_puts_every_pixel_where_the_full_crop_does(rot):
+    data = jpeg(photo())
+    bbox = (300.0, 150.0, 600.0, 500.0)  # box side 750 px for a 64 px crop: step 11.7, r = 4
+    full = crop(decode_image(data), bbox, 64, rot_deg=rot)
+    image, r = decode_for_crop(data, "a.jpg", 1200, 900, step=1.25 * 600 / 64)
+    reduced = crop(image, bbox, 64, rot_deg=rot, reduction=r)
+    assert r == 4
+    assert np.array_equal(reduced.matrix, full.matrix) and np.array_equal(reduced.inverse, full.inverse)
+    # the dot lands on the same crop pixel, and the crops differ by the resampling only
+    x, y = apply_affine(np.array([601.0, 403.0]), full.matrix)
+    for c in (full, reduced):
+        iy, ix = np.unravel_index(c.image[0].argmax(), c.image[0].shape)
+        assert abs(ix - x) <= 1 and abs(iy - y) <= 1
+    assert np.abs(reduced.image - full.image).mean() < 0.05
+
+
+@pytest.mark.parametrize("case", ["png", "exif_orientation_6", "small_box"])
+def test_reduced_decode_falls_back_to_the_full_decode(case):
+    image = photo()
+    data = {"png": encode(Image.fromarray(image), "PNG"), "exif_orientation_6": jpeg(image, orientation=6),
+            "small_box": jpeg(image)}[case]
+    step = 2.0 if case == "small_box" else 9.0
+    h, w = reference_decode(data).shape[:2]
+    decoded, r = decode_for_crop(data, "a", w, h, step)
+    assert r == 1 and np.array_equal(decoded, reference_decode(data))
+
+
+def test_make_item_decodes_bytes_as_the_loader_and_reduced_changes_only_pixels():
+    from capenext.config import DataCfg
+    from capenext.data.dataset import make_item
+    from capenext.data.mp100 import Category, Sample
+
+    data = jpeg(photo())
+    cat = Category(1, "thing", "things", ("a", "b", "c"), ((0, 1),))
+    kp = np.array([[400, 300, 1], [601, 403, 1], [800, 600, 1]], dtype=np.float32)
+    query = Sample(1, 1, 1, "q.jpg", 1200, 900, (300.0, 150.0, 600.0, 500.0), kp)
+    support = Sample(2, 2, 1, "s.jpg", 1200, 900, (300.0, 150.0, 600.0, 500.0), kp.copy())
+    cfg = DataCfg(image_size=64, heatmap_size=16)
+
+    def item(image, cfg: DataCfg) -> dict:
+        return make_item(image, query, support, cat, cfg, np.random.default_rng([0, 0, 5]))
+
+    from_array, from_bytes = item(decode_image(data), cfg), item(data, cfg)
+    assert all(torch.equal(from_array[k], from_bytes[k]) for k in from_array)
+    reduced = item(data, DataCfg(image_size=64, heatmap_size=16, reduced_decode=True))
+    assert all(torch.equal(from_array[k], reduced[k]) for k in from_array if k != "img")
+    assert 0 < float((reduced["img"] - from_array["img"]).abs().mean()) < 0.05
+    with pytest.raises(ValueError, match=r"cannot decode the image of annotation 1 \(q\.jpg\)"):
+        item(data[:100], cfg)

@@ -16,8 +16,8 @@ from torch.utils.data import Dataset
 
 from capenext.config import DataCfg
 from capenext.data.mp100 import Category, Sample, Subset
-from capenext.data.transforms import (affine_matrix, apply_affine, box_center_scale, crop, heatmap_targets,
-                                      random_scale_rotation, read_image, target_weights)
+from capenext.data.transforms import (affine_matrix, apply_affine, box_center_scale, crop, decode_for_crop,
+                                      decode_image, heatmap_targets, random_scale_rotation, target_weights)
 
 
 def adjacency(skeleton: tuple[tuple[int, int], ...], slots: int) -> np.ndarray:
@@ -29,7 +29,7 @@ def adjacency(skeleton: tuple[tuple[int, int], ...], slots: int) -> np.ndarray:
 
 
 def make_item(
-    image: np.ndarray,
+    image: np.ndarray | bytes,
     query: Sample,
     support: Sample,
     category: Category,
@@ -38,6 +38,10 @@ def make_item(
 ) -> dict[str, Any]:
     """One training/evaluation item. ``rng`` given (training) → the reference's random scale and rotation,
     one draw for the query crop, then one for the support's.
+
+    ``image`` is the query's image, decoded (RGB uint8) or encoded (the file's bytes): encoded, it is
+    decoded here, and with ``cfg.reduced_decode`` a JPEG is decoded only at the resolution the crop needs
+    (:func:`capenext.data.transforms.decode_for_crop`).
 
     The support image is never decoded (text-only CAPE needs only its keypoints), but in training its
     keypoints go through the crop the reference would make of it (its own bbox, its own draw), and its
@@ -65,12 +69,20 @@ def make_item(
         return random_scale_rotation(rng, cfg.scale_sigma, cfg.scale_clip, cfg.rot_sigma, cfg.rot_prob)
 
     scale, rot = draw()
-    c = crop(image, query.bbox, size, cfg.bbox_scale, scale, rot)
+    reduction = 1
+    if not isinstance(image, np.ndarray):
+        where = f"the image of annotation {query.ann_id} ({query.file_name})"
+        if cfg.reduced_decode:
+            step = box_center_scale(query.bbox, cfg.bbox_scale)[1] * scale / size
+            image, reduction = decode_for_crop(bytes(image), where, query.width, query.height, step)
+        else:
+            image = decode_image(image, where)
+    c = crop(image, query.bbox, size, cfg.bbox_scale, scale, rot, reduction)
 
     q_vis = query.visible
     s_vis = support.visible
     pts = apply_affine(query.keypoints[:, :2].astype(np.float64), c.matrix)
-    heat, q_weight = heatmap_targets(pts, q_vis, size, cfg.heatmap_size, cfg.sigma)
+    heat, q_weight = heatmap_targets(pts, q_vis, size, cfg.heatmap_size, cfg.sigma, slots)
     if rng is not None:
         s_scale, s_rot = draw()
         center, side = box_center_scale(support.bbox, cfg.bbox_scale)
@@ -87,7 +99,7 @@ def make_item(
 
     return {
         "img": torch.from_numpy(c.image),
-        "heatmap": torch.from_numpy(pad(heat, cfg.heatmap_size, cfg.heatmap_size)),
+        "heatmap": torch.from_numpy(heat),
         "points": torch.from_numpy(pad(pts / size, 2)),
         "query_weight": torch.from_numpy(pad(q_weight)),
         "support_weight": torch.from_numpy(pad(s_weight)),
@@ -111,8 +123,9 @@ class PairDataset(Dataset):
     ``train=True`` applies the augmentation with a generator seeded by ``(seed, epoch, index)``, where
     index is the pair's position in the *global* ``pairs``; ``positions`` selects this worker's share of
     them, so an item is identical whichever rank (and however many ranks) load it. Call
-    :meth:`set_epoch` (and pass the epoch's pairs and share) to move on. ``load_image`` defaults to
-    reading ``subset.image_path(sample)``.
+    :meth:`set_epoch` (and pass the epoch's pairs and share) to move on. ``load_image(sample)`` returns
+    the query's image decoded, or its encoded bytes (which :func:`make_item` decodes, reduced when
+    ``cfg.reduced_decode``); it defaults to the bytes of ``subset.image_path(sample)``.
     """
 
     def __init__(
@@ -128,7 +141,7 @@ class PairDataset(Dataset):
         self.subset, self.cfg, self.train, self.seed = subset, cfg, train, seed
         self.epoch = 0
         self.set_epoch(0, pairs, positions)
-        self.load_image = load_image or (lambda s: read_image(str(subset.image_path(s))))
+        self.load_image = load_image or (lambda s: subset.image_path(s).read_bytes())
 
     def set_epoch(self, epoch: int, pairs: np.ndarray | None = None, positions: np.ndarray | None = None) -> None:
         self.epoch = epoch
