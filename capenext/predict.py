@@ -76,14 +76,22 @@ def load_image(image: ImageLike) -> np.ndarray:
 
 
 def _decode(data: bytes, where: str) -> np.ndarray:
+    """Decoded as training and evaluation decode (:func:`capenext.data.transforms.decode_image`, the
+    reference's OpenCV decode: EXIF orientation applied), after PIL has checked the file is complete
+    (OpenCV before 5 decodes a truncated JPEG, grey where data is missing)."""
+    from capenext.data.transforms import decode_image
+
     try:
-        with Image.open(io.BytesIO(data)) as im:  # decoded as the shards' images are (decode_image): load, RGB
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return np.asarray(im.convert("RGB"))
     except UnidentifiedImageError:
         raise ValueError(f"cannot read image {where}: not an image file (no format PIL can decode)") from None
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
         raise ValueError(f"cannot read image {where}: {' '.join(str(err).split())}") from None
+    try:
+        return decode_image(data, where)
+    except ValueError as err:
+        raise ValueError(f"cannot read image {where}: {str(err).removeprefix(f'cannot decode {where}: ')}") from None
 
 
 def check_names(names: Sequence[str], slots: int) -> list[str]:

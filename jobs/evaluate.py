@@ -284,7 +284,7 @@ def run_protocol(model, cfg: RunCfg, index, subset, bank, online_images: bool, d
 
     if pairs is None:
         pairs = episodes(subset.by_category(), episodes_n, queries, episode_seed)
-    ds = PairDataset(subset, pairs, cfg.data, load_image=index.load_image)
+    ds = PairDataset(subset, pairs, cfg.data, load_image=index.read_bytes)  # decoded by make_item, as in training
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=loader_workers)
     visible: list[torch.Tensor] = []
     image_table = model.needs_image_embedding and not online_images and model.image_embedding == "precomputed"

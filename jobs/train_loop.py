@@ -96,7 +96,6 @@ def train_loop(config: dict[str, Any]) -> None:
     from capenext.data import PairDataset, episodes
     from capenext.data.embeddings import load_bank
     from capenext.data.shards import ShardIndex
-    from capenext.data.transforms import decode_image
     from capenext.engine import evaluate, lr_factor, train_one_epoch
     from capenext.losses import CapeNextLoss
     from capenext.models import build_model
@@ -119,8 +118,8 @@ def train_loop(config: dict[str, Any]) -> None:
     index = ShardIndex(job["shards"], descriptions=cfg.data.descriptions, text_variant=cfg.data.text_variant)
     subsets = {name: index.subset(job["split"], name) for name in ("train", "val", "test")}
 
-    def load_image(sample):
-        return decode_image(index.read_bytes(sample), f"shard sample of annotation {sample.ann_id}")
+    def load_image(sample):  # the encoded bytes: make_item decodes them (reduced when data.reduced_decode)
+        return index.read_bytes(sample)
 
     model = build_model(cfg.model).to(device)
     image_table = needs_image_table(cfg)
