@@ -30,7 +30,6 @@ unpickled in full (that would run code from the file).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import pickle
 import re
@@ -41,6 +40,7 @@ from typing import Any
 
 from capenext.checkpoint import not_a_checkpoint
 from capenext.cli import UsageError, run_main
+from capenext.files import file_sha256
 
 SUPPORTED_BACKBONES = ("swinv2_t",)  # the published weights are Swin V2-T
 MAX_PROBLEM_LINES = 100
@@ -75,14 +75,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: OUT with suffix .clip.pt)")
     p.add_argument("--out", type=Path, required=True, help="our checkpoint to write (.pt)")
     return p.parse_args(argv)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _blocked_globals(path: Path) -> list[str]:

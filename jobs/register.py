@@ -22,7 +22,6 @@ through :func:`jobs.common.resolve_checkpoint`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from capenext.cli import UsageError, run_main
+from capenext.files import file_sha256
 
 CHECKPOINT_ARTIFACT = "checkpoint.pt"  # the name jobs.common.resolve_checkpoint fetches
 DEFAULT_EXPERIMENT = "capenext"
@@ -76,14 +76,6 @@ def _process_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def register(source: str, name: str, alias: str | None = None, tracking_uri: str | None = None) -> int:
     """Log ``source`` (a checkpoint file, ``runs:/...`` or a run id) as a LoggedModel, register it as a new
     version of ``name`` and, with ``alias``, point the alias at that version. Returns the version number.
@@ -114,7 +106,7 @@ def register(source: str, name: str, alias: str | None = None, tracking_uri: str
         run_id = run.info.run_id if run is not None else None
         experiment_id = run.info.experiment_id if run is not None else ensure_experiment(client, DEFAULT_EXPERIMENT,
                                                                                           uri)
-        sha = _sha256(src.path)
+        sha = file_sha256(src.path)
         stage = Path(tmp) / "model"
         stage.mkdir()
         shutil.copyfile(src.path, stage / CHECKPOINT_ARTIFACT)

@@ -39,16 +39,21 @@ def add_config_arguments(g) -> None:
                    help="override any config field, e.g. --set optim.lr=2e-5 (repeatable)")
 
 
-def add_training_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    """The options of one run; the sweep passes them on to each trial."""
-    g = p.add_argument_group("data")
-    g.add_argument("--shards", type=Path, required=True, help="shard folder (pipelines.shard)")
-    g.add_argument("--embeddings", type=Path, required=True, help="embedding folder (pipelines.embed)")
+def add_text_arguments(g) -> None:
+    """``--descriptions`` and ``--text-variant``: where the keypoint texts come from (also ``pipelines.embed``)."""
     g.add_argument("--descriptions", default=None,
                    help="keypoint texts from a descriptions file (python -m pipelines.descriptions, or a CapeX-style "
                         "name → texts json) instead of the annotations' names")
     g.add_argument("--text-variant", default=None,
                    help="which of the reference's texts the descriptions file gives (default regular)")
+
+
+def add_training_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """The options of one run; the sweep passes them on to each trial."""
+    g = p.add_argument_group("data")
+    g.add_argument("--shards", type=Path, required=True, help="shard folder (pipelines.shard)")
+    g.add_argument("--embeddings", type=Path, required=True, help="embedding folder (pipelines.embed)")
+    add_text_arguments(g)
     g = p.add_argument_group("model and schedule")
     add_config_arguments(g)
     if not sweep:

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from capenext.cli import UsageError, run_main
-from capenext.config import RunCfg, available_presets, resolve, to_dict
+from capenext.config import RunCfg, resolve, to_dict
 from capenext.data.embeddings import META_FILE, TABLES, expected_metadata
 from capenext.data.mp100 import Category, Sample
 from capenext.data.shards import ShardIndex
@@ -43,6 +43,7 @@ from capenext.data.transforms import crop, decode_image
 from capenext.models.clip import FrozenCLIP, class_prompt
 from capenext.noise import keypoint_variants, load_template_maps
 from jobs.common import init_ray
+from jobs.runs import add_config_arguments, add_text_arguments
 
 
 def _write_table(table: pa.Table, path: Path, meta: dict[str, Any]) -> None:
@@ -210,22 +211,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shards", type=Path, required=True, help="shard folder written by pipelines.shard")
     p.add_argument("--out", type=Path, required=True, help="output folder for the parquet tables")
     g = p.add_argument_group("the run's config (as jobs.train takes it)")
-    g.add_argument("--config", default=None,
-                   help=f"config preset (default: 'tiny' for the tiny backbone, else 'swinv2_t'); one of "
-                        f"{available_presets()}")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set data.bbox_scale=1.5 (repeatable)")
+    add_config_arguments(g)
     g.add_argument("--backbone", default=None, help="the run's backbone (picks the default preset)")
     g.add_argument("--clip-model", default=None, help="open_clip model name, or 'tiny' (default: the preset's)")
     g.add_argument("--clip-checkpoint", default=None,
                    help="local CLIP weights file, or 'random' for explicit random init (default: the preset's)")
     g.add_argument("--image-size", type=int, default=None,
                    help="crop size the image embedding is taken from (default: the preset's data.image_size)")
-    g.add_argument("--descriptions", default=None,
-                   help="keypoint texts from a descriptions file (python -m pipelines.descriptions, or a CapeX-style "
-                        "name → texts json) instead of the annotations' names")
-    g.add_argument("--text-variant", default=None,
-                   help="which of the reference's texts the descriptions file gives (default regular)")
+    add_text_arguments(g)
     g = p.add_argument_group("the tables")
     g.add_argument("--batch-size", type=int, default=64, help="images or texts per CLIP forward (default 64)")
     g.add_argument("--typo-rates", default="0.1", help="comma-separated typo rates to precompute (default 0.1)")

@@ -388,7 +388,7 @@ def test_missing_checkpoints_and_unknown_names_fail_with_the_options():
         build_model(tiny_cfg(ablation="nope"))
     with pytest.raises(ValueError, match="--clip-checkpoint"):
         build_model(tiny_cfg(clip_checkpoint=None))
-    with pytest.raises(FileNotFoundError, match="clip_checkpoint"):
+    with pytest.raises(FileNotFoundError, match="--clip-checkpoint /no/such/clip.pt: no such file"):
         build_model(tiny_cfg(clip_checkpoint="/no/such/clip.pt"))
     with pytest.raises(KeyError, match="tiny"):
         build_model(tiny_cfg(clip_model="ViT-Z-99"))
