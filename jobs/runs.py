@@ -100,6 +100,11 @@ def add_training_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> N
         g.add_argument("--run-name", default=None, help="run name, the key for resuming "
                        "(default split{K}-{ablation}-{backbone})")
         g.add_argument("--parent-run-id", default=None, help="MLflow parent run (set by the sweep)")
+        g.add_argument("--register", default=None, metavar="NAME",
+                       help="at the end, register the final checkpoint as a version of the MLflow model NAME "
+                            "(python -m jobs.register), so --checkpoint models:/NAME@ALIAS finds it")
+        g.add_argument("--register-alias", default=None, metavar="ALIAS",
+                       help="with --register: point ALIAS (e.g. champion) at the new version")
 
 
 def resolve_config(args: argparse.Namespace, backbone: str | None = None) -> RunCfg:

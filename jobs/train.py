@@ -287,8 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = resolve_config(args)
     run_name = args.run_name or f"split{args.split}-{cfg.model.ablation}-{cfg.model.backbone}"
+    if args.register_alias and not args.register:
+        raise UsageError("--register-alias needs --register NAME")
     metrics = run(args, cfg, run_name)
     print(json.dumps({"run_name": run_name, **metrics}))
+    if args.register:
+        from jobs import register
+
+        final = args.storage_path.resolve() / run_name / "artifacts" / "final.pt"
+        return register.main([str(final), "--name", args.register]
+                             + (["--alias", args.register_alias] if args.register_alias else []))
     return 0
 
 

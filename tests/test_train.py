@@ -286,3 +286,18 @@ def test_a_run_that_fails_in_its_worker_ends_failed_not_running(prepared, workdi
     assert code != 0
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     assert _run_by_name(client, "nan").info.status == "FAILED"
+
+
+def test_register_makes_the_final_checkpoint_a_registered_model(prepared, workdir, capsys, tmp_path):
+    from jobs.common import resolve_checkpoint
+
+    code, out, err = _run(_args(prepared, "--local", "--epochs", "1", "--max-steps", "2", "--run-name", "reg",
+                                "--storage-path", "runs", "--register", "tiny-reg", "--register-alias",
+                                "champion"), capsys)
+    assert code == 0, err[-3000:]
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["name"] == "tiny-reg" and record["alias"] == "champion" and record["version"] == 1
+    source = resolve_checkpoint("models:/tiny-reg@champion", os.environ["MLFLOW_TRACKING_URI"], tmp_path)
+    got = read_checkpoint(source.path)["model"]
+    want = read_checkpoint(workdir / "runs" / "reg" / "artifacts" / "final.pt")["model"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
