@@ -61,11 +61,13 @@ def _run_by_name(client: MlflowClient, name: str):
 
 @pytest.fixture(scope="session")
 def local_run(prepared, tmp_path_factory):
-    """One uninterrupted local-mode run of 3 epochs (a reference for the resume test)."""
+    """One uninterrupted local-mode run of 3 epochs (a reference for the resume test), registered at the end
+    as the MLflow model ``tiny-reg@champion``."""
     wd = tmp_path_factory.mktemp("local_run")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{wd / 'mlflow.db'}"}
     proc = run_cli("jobs.train", *_args(prepared, "--local", "--epochs", "3", "--max-steps", "4",
-                                        "--run-name", "ref", "--storage-path", str(wd / "runs")),
+                                        "--run-name", "ref", "--storage-path", str(wd / "runs"),
+                                        "--register", "tiny-reg", "--register-alias", "champion"),
                    cwd=wd, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return wd, proc
@@ -73,7 +75,7 @@ def local_run(prepared, tmp_path_factory):
 
 def test_local_mode_trains_end_to_end_and_records_in_mlflow(local_run):
     wd, proc = local_run
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = next(r for r in map(json.loads, proc.stdout.strip().splitlines()[-2:]) if "run_name" in r)
     assert {f"test/pck_{t:g}" for t in (0.05, 0.1, 0.15, 0.2, 0.25)} <= set(result)
     assert 0.0 <= result["test/pck_0.2"] <= 1.0
     client = MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
@@ -288,16 +290,13 @@ def test_a_run_that_fails_in_its_worker_ends_failed_not_running(prepared, workdi
     assert _run_by_name(client, "nan").info.status == "FAILED"
 
 
-def test_register_makes_the_final_checkpoint_a_registered_model(prepared, workdir, capsys, tmp_path):
+def test_register_makes_the_final_checkpoint_a_registered_model(local_run, tmp_path):
     from jobs.common import resolve_checkpoint
 
-    code, out, err = _run(_args(prepared, "--local", "--epochs", "1", "--max-steps", "2", "--run-name", "reg",
-                                "--storage-path", "runs", "--register", "tiny-reg", "--register-alias",
-                                "champion"), capsys)
-    assert code == 0, err[-3000:]
-    record = json.loads(out.strip().splitlines()[-1])
+    wd, proc = local_run
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
     assert record["name"] == "tiny-reg" and record["alias"] == "champion" and record["version"] == 1
-    source = resolve_checkpoint("models:/tiny-reg@champion", os.environ["MLFLOW_TRACKING_URI"], tmp_path)
+    source = resolve_checkpoint("models:/tiny-reg@champion", f"sqlite:///{wd / 'mlflow.db'}", tmp_path)
     got = read_checkpoint(source.path)["model"]
-    want = read_checkpoint(workdir / "runs" / "reg" / "artifacts" / "final.pt")["model"]
+    want = read_checkpoint(wd / "runs" / "ref" / "artifacts" / "final.pt")["model"]
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
