@@ -417,6 +417,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # the deployment must be pickled as jobs.serve's, not __main__'s, so that replicas import the module
-    from jobs.serve import main as _main
+    import jobs.serve
 
-    run_main(_main)
+    run_main(jobs.serve.main)

@@ -43,7 +43,7 @@ from capenext.config import RunCfg, to_dict
 from capenext.data.mp100 import check_split
 from jobs.common import check_cluster, init_ray
 from jobs.runs import CHECKPOINT_FILE, add_training_arguments, latest_checkpoint, needs_image_table, read_progress
-from jobs.runs import resolve_config as _resolve_config
+from jobs.runs import resolve_config  # noqa: F401  (jobs.train's public resolve_config: the sweep's and quickstart's)
 from jobs.tracking import end_run, ensure_experiment, log_params, tracking_uri
 
 
@@ -57,11 +57,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ablation", default="full", help="ablation preset (default full)")
     add_training_arguments(p)
     return p.parse_args(argv)
-
-
-def resolve_config(args: argparse.Namespace, backbone: str | None = None) -> RunCfg:
-    """Preset + named options + ``--set`` overrides → the run's full config."""
-    return _resolve_config(args, backbone)
 
 
 # --- pre-flight: everything that can be wrong, before a worker starts ------------------------------
