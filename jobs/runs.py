@@ -179,7 +179,21 @@ def run_dir(storage: Path, run_name: str) -> Path:
 
 
 def write_progress(folder: Path, progress: dict[str, Any]) -> None:
-    (folder / PROGRESS_FILE).write_text(json.dumps(progress))
+    """Write a checkpoint folder's progress last, with the size of every file in it: a folder whose copy
+    was cut short (a worker killed while Ray uploads it) does not match and is not resumed from."""
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != PROGRESS_FILE}
+    (folder / PROGRESS_FILE).write_text(json.dumps({**progress, "files": files}))
+
+
+def complete(folder: Path) -> bool:
+    """Whether a checkpoint folder holds every file its progress names, each of the size written."""
+    try:
+        files = json.loads((folder / PROGRESS_FILE).read_text()).get("files")
+    except (OSError, ValueError):
+        return not (folder / PROGRESS_FILE).exists() and (folder / STATE_FILE).is_file()
+    if files is None:  # written before sizes were recorded
+        return (folder / STATE_FILE).is_file()
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
 
 
 def read_progress(folder: Path) -> dict[str, Any]:
@@ -195,10 +209,11 @@ def read_progress(folder: Path) -> dict[str, Any]:
 
 
 def checkpoints(storage: Path, run_name: str) -> list[Path]:
-    """Every checkpoint folder of a run (one with a training state), Ray's and local mode's."""
+    """Every complete checkpoint folder of a run (one with a training state), Ray's and local mode's."""
     base = run_dir(storage, run_name)
     found = [p.parent for p in base.glob("checkpoint_*/" + STATE_FILE)]
-    return found + [p.parent for p in (base / "local").glob("checkpoint_*/" + STATE_FILE)]
+    found += [p.parent for p in (base / "local").glob("checkpoint_*/" + STATE_FILE)]
+    return [p for p in found if complete(p)]
 
 
 def latest_checkpoint(storage: Path, run_name: str) -> Path | None:

@@ -160,6 +160,24 @@ def test_ray_run_resubmitted_resumes_from_its_checkpoint(prepared, ray_local, wo
     assert torch.load(latest / "state.pt", weights_only=True)["step"] == 4
 
 
+def test_a_checkpoint_folder_cut_short_is_not_resumed_from(tmp_path):
+    """A worker killed while Ray copies its checkpoint leaves a folder with a truncated file: resuming
+    takes the newest complete folder instead."""
+    from jobs.runs import STATE_FILE, write_progress
+
+    for epoch, name in enumerate(["checkpoint_a", "checkpoint_b"]):
+        folder = tmp_path / "run" / name
+        folder.mkdir(parents=True)
+        torch.save({"step": epoch, "pad": torch.zeros(1000)}, folder / STATE_FILE)
+        write_progress(folder, {"epoch": epoch, "step": 10 * (epoch + 1), "best": 0.0, "run_id": "r"})
+    assert latest_checkpoint(tmp_path, "run").name == "checkpoint_b"
+    state = tmp_path / "run" / "checkpoint_b" / STATE_FILE
+    state.write_bytes(state.read_bytes()[:500])
+    assert latest_checkpoint(tmp_path, "run").name == "checkpoint_a"
+    (tmp_path / "run" / "checkpoint_a" / "progress.json").write_text('{"epoch": 0, "st')
+    assert latest_checkpoint(tmp_path, "run") is None
+
+
 @pytest.mark.parametrize("case", ["split", "ablation", "backbone", "shards", "embeddings", "clip", "no_clip",
                                   "quick_gelu", "image_norm", "bbox_scale", "image_size"])
 def test_bad_input_gives_one_line_before_any_worker(prepared, workdir, capsys, tmp_path, case):
