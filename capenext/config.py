@@ -84,6 +84,9 @@ class OptimCfg:
     batch_size: int = 32  # global batch, fixed whatever the number of workers
     heatmap_weight: float = 2.0  # lambda_heatmap of Eq. 11
     seed: int = 0
+    # Adam as one fused kernel over all parameters (the reference's torch.optim.Adam steps each tensor in
+    # turn): the same update, summed in another order, so weights can differ in the last bits
+    fused_adam: bool = True
 
 
 @dataclass

@@ -30,6 +30,11 @@ def lr_factor(step: int, epoch: int, optim: OptimCfg) -> float:
     return warm * decay
 
 
+def make_optimizer(params: Iterable[nn.Parameter], optim: OptimCfg) -> torch.optim.Adam:
+    """The reference's Adam (lr, weight decay); ``optim.fused_adam`` runs it as one fused kernel."""
+    return torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=optim.fused_adam)
+
+
 def to_image_pixels(points: torch.Tensor, inverse: torch.Tensor, image_size: int) -> torch.Tensor:
     """(B, K, 2) points in [0, 1] crop coordinates → image pixels through each (B, 2, 3) inverse crop."""
     xy = points * image_size  # (B, K, 2) crop pixels

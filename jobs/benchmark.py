@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from capenext.cli import UsageError, run_main
 from capenext.config import MAX_KEYPOINTS, load_preset
+from capenext.engine import make_optimizer
 from capenext.losses import CapeNextLoss
 from capenext.models import available_backbones, build_model, parameter_counts
 from jobs import bench_embed, bench_gpu, bench_loader, bench_serve
@@ -97,9 +98,10 @@ def benchmark_model(args: argparse.Namespace) -> dict:
     criterion = CapeNextLoss(run.optim.heatmap_weight)
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
 
-    fused = {"fused": True} if getattr(args, "fused_adam", False) else {}
-    full_opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6, **fused)
-    backbone_opt = torch.optim.Adam(model.backbone.parameters(), lr=1e-6, **fused)
+    chosen = getattr(args, "fused_adam", None)  # None: the preset's optim.fused_adam, as jobs.train does
+    optim = dataclasses.replace(run.optim, lr=1e-6, fused_adam=run.optim.fused_adam if chosen is None else chosen)
+    full_opt = make_optimizer([p for p in model.parameters() if p.requires_grad], optim)
+    backbone_opt = make_optimizer(model.backbone.parameters(), optim)
     # torch.compile'd views of the same modules (the optimisers hold the same parameters)
     compiled = getattr(args, "compile", False)
     backend = getattr(args, "compile_backend", "inductor")
@@ -169,7 +171,7 @@ def benchmark_model(args: argparse.Namespace) -> dict:
         "timing": "fastest single step per configuration",
         "rounds": args.rounds,
         "compile": backend if compiled else None,
-        "fused_adam": bool(fused),
+        "fused_adam": optim.fused_adam,
         "parameters": parameter_counts(model),
         "train_img_per_s": img_s,
         "ratio_vs_backbone": ratios,
@@ -201,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, default=None,
                    help="torch intra-op CPU threads (default: torch's choice); 1 is steadier on a shared machine")
     m.add_argument("--compile", action="store_true", help="torch.compile the model and the backbone (inductor)")
-    m.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True)")
+    m.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
+                   help="Adam as one fused kernel, or not (default: the preset's optim.fused_adam, as jobs.train)")
     m.set_defaults(func=benchmark_model)
     loader = sub.add_parser("loader", help="training loader from shards vs per-file pycocotools + PIL",
                             description=bench_loader.__doc__)

@@ -96,7 +96,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from capenext.data import PairDataset, episodes
     from capenext.data.embeddings import load_bank
     from capenext.data.shards import ShardIndex
-    from capenext.engine import evaluate, lr_factor, train_one_epoch
+    from capenext.engine import evaluate, lr_factor, make_optimizer, train_one_epoch
     from capenext.losses import CapeNextLoss
     from capenext.models import build_model
 
@@ -141,7 +141,7 @@ def train_loop(config: dict[str, Any]) -> None:
         getattr(model, part).requires_grad_(False)
         getattr(model, part).register_forward_pre_hook(run_frozen)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = make_optimizer(params, cfg.optim)
     start_epoch, step, best = 0, 0, -1.0
     run_id = config["run_id"]
     resume = _restore(job)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from capenext.config import OptimCfg, default_preset, load_preset, override, parse_sets, resolve
-from capenext.engine import lr_factor
+from capenext.engine import lr_factor, make_optimizer
 from capenext.metrics import PCKAccumulator, episode_seed, metric_keys, pck, pck_norm
 from capenext.noise import NoiseKind, Variant, get_noise, noise_kinds, register_noise
 
@@ -99,3 +99,23 @@ def test_noise_registry_gives_rows_and_takes_new_kinds():
         from capenext import noise
 
         noise._NOISE.pop("shout_test")
+
+
+def test_fused_adam_makes_the_reference_adams_update():
+    """optim.fused_adam (the default) steps as torch.optim.Adam does, to float rounding."""
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    weights = {}
+    for fused in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = make_optimizer(params, OptimCfg(lr=1e-2, weight_decay=1e-4, fused_adam=fused))
+        assert opt.defaults["fused"] is fused
+        for step in range(5):
+            opt.zero_grad()
+            (params[0].sin().sum() * (step + 1) + params[1].pow(2).sum()).backward()
+            opt.step()
+        weights[fused] = params
+    assert OptimCfg().fused_adam is True
+    for plain, fused in zip(weights[False], weights[True]):
+        assert not torch.equal(plain, start[0] if plain.ndim == 2 else start[1])
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
