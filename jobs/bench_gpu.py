@@ -15,7 +15,9 @@ One prepared run that records, as one JSON object naming the machine (:func:`job
 * ``smoke``: every path with a CUDA branch once, each ``ok`` or ``failed`` with a one-line reason: the
   embedding job (its CLIP actors take the GPU when Ray sees one), a training step with ``--image-embedding
   online``, ``jobs.evaluate``, ``jobs.predict`` and ``jobs.serve`` (started, one request, stopped) on
-  the device.
+  the device, and the reference's fp16 CLIP (``model.clip_precision=fp16``) against fp32 on the same
+  weights: on CUDA the cosine of their text and image embeddings must be ≥ 0.99; on CPU fp16 must be
+  refused in one line, as documented.
 
 Ray starts once: this process starts a local instance and stops it at the end. The training runs, the
 synthetic set's generation and the server run as subprocesses (``RAY_ADDRESS`` names that instance); the
@@ -415,6 +417,29 @@ def serve_smoke(run: Runner, checkpoint: Path, image: Path, device: str) -> str:
             log.write(proc.stdout.read() or "")
 
 
+def clip_fp16_smoke(device: str, quick: bool) -> str:
+    """fp16 CLIP (the reference's GPU precision) against fp32 on the same random weights."""
+    from capenext.models.clip import FrozenCLIP
+
+    name = "tiny" if quick else "ViT-B-32"
+    full = FrozenCLIP(name, "random", precision="fp32").to(device)
+    half = FrozenCLIP(name, "random", precision="fp16").to(device)
+    texts = ["left eye", "tip of the spout", "left front paw", "a photo of a cat"]
+    if device != "cuda":
+        try:
+            half.encode_text(texts)
+        except ValueError as err:
+            if "CUDA device only" in str(err):
+                return f"fp16 refused on {device}, as documented"
+        raise RuntimeError(f"fp16 CLIP on {device} was not refused in one line")
+    img = torch.randn(2, 3, *full.image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    cos = {"texts": (full.encode_text(texts) * half.encode_text(texts)).sum(-1).min().item(),
+           "images": (full.encode_image(img) * half.encode_image(img)).sum(-1).min().item()}
+    if min(cos.values()) < 0.99:
+        raise RuntimeError(f"fp16 and fp32 CLIP {name} disagree: min cosine {cos}")
+    return f"{name} fp16 vs fp32 min cosine: texts {cos['texts']:.5f}, images {cos['images']:.5f}"
+
+
 def first_image(data: Path) -> Path:
     return next(p for p in sorted((data / "images").rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
@@ -458,13 +483,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "machine": machine(), "torch": torch.__version__,
                               "cuda": torch.version.cuda if args.device == "cuda" else None}
     result["model"] = model_section(args, s)
+    smokes: dict[str, Any] = {}
+    smoke(smokes, "clip_fp16", lambda: clip_fp16_smoke(args.device, args.quick))
 
     import ray
 
     keep = args.workdir is not None
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="capenext-gpu-suite-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    smokes: dict[str, Any] = {}
     try:
         cpus = max(2, os.cpu_count() or 1)
         ctx = ray.init(address="local", num_cpus=cpus, log_to_driver=False, include_dashboard=False,

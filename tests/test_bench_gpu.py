@@ -61,10 +61,11 @@ def test_gpu_suite_quick_on_cpu(tmp_path):
     assert training["goal_met"] == (training["projected_hours_200_epochs"] <= 1.5)
 
     smokes = result["smoke"]
-    assert set(smokes) == {"embed", "train_online", "evaluate", "predict", "serve"}
+    assert set(smokes) == {"clip_fp16", "embed", "train_online", "evaluate", "predict", "serve"}
     for name, smoke in smokes.items():
         assert smoke["status"] == "ok", (name, smoke)
         assert _number(smoke["seconds"])
+    assert smokes["clip_fp16"]["detail"] == "fp16 refused on cpu, as documented"
     assert result["all_smokes_ok"] is True
     assert all(_number(v) for v in result["stage_seconds"].values())
 
