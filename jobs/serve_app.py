@@ -75,6 +75,14 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise ApiError(400, f"image refused as a decompression bomb: {err}") from None
 
 
+def _json_list(text: str, field: str) -> list:
+    """A form field that starts with ``[``, read as the JSON list it must be."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ApiError(400, f"'{field}' starts like a JSON list but is not valid JSON ({err})") from None
+
+
 def parse_names(text: str | None) -> list[str]:
     """``keypoints``: ``"nose,left eye"`` or a JSON list of strings."""
     if text is None or not text.strip():
@@ -82,11 +90,8 @@ def parse_names(text: str | None) -> list[str]:
                             "or a JSON list")
     text = text.strip()
     if text.startswith("["):
-        try:
-            names = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ApiError(400, f"'keypoints' starts like a JSON list but is not valid JSON ({err})") from None
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        names = _json_list(text, "keypoints")
+        if not all(isinstance(n, str) for n in names):
             raise ApiError(400, "'keypoints' as JSON must be a list of strings")
         names = [n.strip() for n in names]
     else:
@@ -106,13 +111,7 @@ def parse_edges(text: str | None) -> list[tuple[int, int]]:
         return []
     text = text.strip()
     if text.startswith("["):
-        try:
-            edges = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ApiError(400, f"'skeleton' starts like a JSON list but is not valid JSON ({err})") from None
-        if not isinstance(edges, list):
-            raise ApiError(400, "'skeleton' as JSON must be a list of [a, b] index pairs")
-        return edges
+        return _json_list(text, "skeleton")
     try:
         return parse_skeleton(text)
     except ValueError as err:
@@ -320,6 +319,15 @@ def build_web_app(service: Service):
             png = await asyncio.to_thread(_png, service.picture(query, points))
             return Response(png, media_type="image/png")
         return service.record(query, points)
+
+    routes = {"/healthz": "GET", "/v1/model": "GET", "/v1/predict": "POST"}
+
+    @api.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    async def unknown(rest: str, request: Request):  # before the page's mount, which would answer 404 in HTML
+        path = f"/v1/{rest}"
+        if path in routes:
+            raise ApiError(405, f"{path} takes {routes[path]}, not {request.method}")
+        raise ApiError(404, f"no API path {path}: the API has " + ", ".join(f"{m} {p}" for p, m in routes.items()))
 
     api.add_middleware(_BodyLimit, limit=service.max_upload)
     _mount_page(api, service)

@@ -355,6 +355,8 @@ BAD = {
     "too_many_names": (dict(keypoints=json.dumps([f"k{i}" for i in range(101)])), 400,
                        "101 keypoint names given, the model has 100 keypoint slots"),
     "bad_json_names": (dict(keypoints="[\"nose\", "), 400, "not valid JSON"),
+    "bad_json_skeleton": (dict(skeleton="[[0, 1], "), 400, "'skeleton' starts like a JSON list but is not valid"),
+    "skeleton_not_pairs": (dict(skeleton="[1, 2]"), 400, "skeleton edge 1 is not a pair of integer keypoint indices"),
     "skeleton_out_of_range": (dict(skeleton="0-1,1-7"), 400, "skeleton index out of range in edge 1-7"),
     "skeleton_syntax": (dict(skeleton="0:1"), 400, "is not of the form A-B"),
     "malformed_box": (dict(bbox="1,2,3"), 400, "is not four numbers"),
@@ -390,6 +392,16 @@ def test_bad_request_is_a_4xx_with_one_json_line_and_the_server_stays_up(server,
 def test_a_form_that_is_not_multipart_is_refused(server):
     r = requests.post(f"{server.url}v1/predict", json={"keypoints": ["nose"]}, timeout=30)
     assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]
+
+
+@pytest.mark.parametrize("method,path,status,fragment", [
+    ("get", "v1/predict", 405, "/v1/predict takes POST, not GET"),
+    ("post", "v1/model", 405, "/v1/model takes GET, not POST"),
+    ("get", "v1/nothing", 404, "no API path /v1/nothing: the API has GET /healthz, GET /v1/model, POST /v1/predict"),
+])
+def test_a_wrong_method_or_api_path_is_a_json_error(server, method, path, status, fragment):
+    r = getattr(requests, method)(f"{server.url}{path}", timeout=30)
+    assert r.status_code == status and r.json() == {"error": fragment}, r.text[:300]
 
 
 def test_32_concurrent_requests_are_batched_and_all_answered(server, predictor, heldout):
