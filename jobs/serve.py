@@ -309,7 +309,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on the port. SO_REUSEADDR, as Serve's proxy binds it: connections of a server
+    stopped a moment ago, still in TIME_WAIT, do not block the port; a listening socket does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True

@@ -507,3 +507,20 @@ def test_ctrl_c_stops_the_server_and_its_application(server, ray_local):
     assert serve.status().applications == {}
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{server.url}healthz", timeout=10)
+
+
+def test_port_check_passes_a_port_whose_last_connections_linger_in_time_wait():
+    """A server stopped a moment ago leaves TIME_WAIT connections on its port; Serve's proxy (uvicorn, with
+    SO_REUSEADDR) binds it anyway, so the pre-flight must not call it in use. A listening socket still is."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's listener
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert not serve_job._port_free("127.0.0.1", port)
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = listener.accept()
+        conn.close()  # the server's side closes first: its end of the connection enters TIME_WAIT
+        client.recv(1)
+        client.close()
+    assert serve_job._port_free("127.0.0.1", port)
