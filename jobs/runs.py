@@ -209,16 +209,17 @@ def read_progress(folder: Path) -> dict[str, Any]:
 
 
 def checkpoints(storage: Path, run_name: str) -> list[Path]:
-    """Every complete checkpoint folder of a run (one with a training state), Ray's and local mode's."""
+    """Every checkpoint folder of a run (one with a training state), Ray's and local mode's."""
     base = run_dir(storage, run_name)
     found = [p.parent for p in base.glob("checkpoint_*/" + STATE_FILE)]
-    found += [p.parent for p in (base / "local").glob("checkpoint_*/" + STATE_FILE)]
-    return [p for p in found if complete(p)]
+    return found + [p.parent for p in (base / "local").glob("checkpoint_*/" + STATE_FILE)]
 
 
-def latest_checkpoint(storage: Path, run_name: str) -> Path | None:
-    """The newest checkpoint folder of a run (highest step), or ``None``."""
-    found = checkpoints(storage, run_name)
+def latest_checkpoint(storage: Path, run_name: str, complete_only: bool = False) -> Path | None:
+    """The newest checkpoint folder of a run (highest step), or ``None``. With ``complete_only``, the newest
+    whose files are all there (see :func:`complete`): a worker resuming after a restart takes that one,
+    while the driver's checks read the newest as it is and say what is wrong with it."""
+    found = [p for p in checkpoints(storage, run_name) if not complete_only or complete(p)]
     if not found:
         return None
     return max(found, key=lambda p: read_progress(p)["step"])

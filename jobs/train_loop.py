@@ -58,13 +58,14 @@ def _all_mean(values: dict[str, float], device: torch.device) -> dict[str, float
 
 def _restore(job: dict[str, Any]) -> Path | None:
     """Where to resume from: Ray's restored checkpoint, else the newest one of this run on disk (local
-    mode keeps its own; a Ray worker group restarted before Ray registered the last report finds it there)."""
+    mode keeps its own; a Ray worker group restarted before Ray registered the last report finds it there,
+    passing over a folder whose upload the restart cut short)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         return Path(ckpt.path)
-    return latest_checkpoint(Path(job["storage"]), job["run_name"])
+    return latest_checkpoint(Path(job["storage"]), job["run_name"], complete_only=True)
 
 
 def _local_keep(folder: Path, keep: int) -> None:

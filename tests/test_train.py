@@ -170,12 +170,13 @@ def test_a_checkpoint_folder_cut_short_is_not_resumed_from(tmp_path):
         folder.mkdir(parents=True)
         torch.save({"step": epoch, "pad": torch.zeros(1000)}, folder / STATE_FILE)
         write_progress(folder, {"epoch": epoch, "step": 10 * (epoch + 1), "best": 0.0, "run_id": "r"})
-    assert latest_checkpoint(tmp_path, "run").name == "checkpoint_b"
+    assert latest_checkpoint(tmp_path, "run", complete_only=True).name == "checkpoint_b"
     state = tmp_path / "run" / "checkpoint_b" / STATE_FILE
     state.write_bytes(state.read_bytes()[:500])
-    assert latest_checkpoint(tmp_path, "run").name == "checkpoint_a"
+    assert latest_checkpoint(tmp_path, "run", complete_only=True).name == "checkpoint_a"
+    assert latest_checkpoint(tmp_path, "run").name == "checkpoint_b"  # the driver's checks see it, and say so
     (tmp_path / "run" / "checkpoint_a" / "progress.json").write_text('{"epoch": 0, "st')
-    assert latest_checkpoint(tmp_path, "run") is None
+    assert latest_checkpoint(tmp_path, "run", complete_only=True) is None
 
 
 @pytest.mark.parametrize("case", ["split", "ablation", "backbone", "shards", "embeddings", "clip", "no_clip",
