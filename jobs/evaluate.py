@@ -399,7 +399,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.pictures < 0:
         raise UsageError(f"--pictures must be 0 or more, got {args.pictures}")
     uri = tracking_uri()
-    client = open_client(uri, create=not args.no_mlflow)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is visible")
@@ -411,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError as err:  # unregistered ablation / backbone / CLIP in the config
             raise ValueError(f"{source.spec}: checkpoint of an unknown config ({err.args[0] if err.args else err})"
                              ) from None
+    client = open_client(uri, create=False)  # read only: None when there is no store yet
     if args.descriptions is not None:
         cfg.data.descriptions = args.descriptions
     if args.text_variant is not None:
@@ -475,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
           + f", noise {args.noise} (seed {args.seed})", file=sys.stderr, flush=True)
 
     experiment_id = None
-    if client is not None and not args.no_mlflow:
+    if not args.no_mlflow:  # the store is made only now, so a job that fails on its input leaves none behind
+        client = client if client is not None else open_client(uri)
         experiment_id = train_run.info.experiment_id if train_run is not None else ensure_experiment(
             client, args.experiment, uri)
         if train_run is None:

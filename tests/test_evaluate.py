@@ -230,3 +230,11 @@ def test_bad_input_gives_one_line(trained, store, capsys, tmp_path, case):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
     assert _evaluation_runs(store, trained) == []
+
+
+def test_a_job_that_fails_on_its_input_leaves_no_store_behind(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _evaluate(capsys, "--checkpoint", "none.pt", "--shards", "shards", "--split", "1")
+    assert code == 2 and "checkpoint not found: none.pt" in err, err
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db (nor mlartifacts/) in the working directory
