@@ -71,6 +71,7 @@ from jobs.serve_app import (  # noqa: F401  (jobs.serve's interface too)
 APP_NAME = "capenext"
 DEPLOYMENT_NAME = "CapeNext"
 DEFAULT_PORT = 8000
+STOP_TIMEOUT_S = 60.0  # the most Ctrl-C waits for Serve to stop its replicas (each gets 20 s) before Ray stops
 
 
 # --- options -----------------------------------------------------------------------------------------
@@ -337,7 +338,7 @@ def _wait_for_http(url: str, timeout: float) -> None:
 
 
 def _interrupt(signum, frame):
-    """SIGTERM stops the server as Ctrl-C does."""
+    """SIGTERM, and SIGINT however the process was started, stop the server as Ctrl-C does."""
     raise KeyboardInterrupt
 
 
@@ -383,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": args.host, "port": args.port,
                               "request_timeout_s": options.request_timeout_s})
     signal.signal(signal.SIGTERM, _interrupt)
+    # a background job of a script starts with SIGINT ignored, and would not stop on it (a server should)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         try:
             serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
@@ -406,16 +409,35 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            if already:
-                serve.delete(APP_NAME)
-            else:
-                serve.shutdown()
+            _bounded(lambda: serve.delete(APP_NAME) if already else serve.shutdown(), STOP_TIMEOUT_S)
         finally:
             ray.shutdown()
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     print("stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _bounded(stop, seconds: float) -> None:
+    """Run ``stop`` for at most ``seconds``: a Serve whose Ray processes went first (a signal sent to the
+    whole process group reaches them too) can wait forever on them; Ray's own shutdown then ends it."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            stop()
+        except BaseException as err:  # noqa: BLE001 -- re-raised in the caller's thread
+            errors.append(err)
+
+    worker = threading.Thread(target=run, name="serve-stop", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        print(f"Serve did not stop within {seconds:.0f} s; stopping Ray", file=sys.stderr, flush=True)
+    elif errors:
+        raise errors[0]
 
 
 if __name__ == "__main__":

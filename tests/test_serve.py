@@ -105,14 +105,17 @@ def predictor(trained) -> Predictor:
 class Server:
     """``python -m jobs.serve`` in a subprocess; ``url`` once it printed that it is serving."""
 
-    def __init__(self, args: list[str], cwd: Path):
+    def __init__(self, args: list[str], cwd: Path, sigint_ignored: bool = False):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = cwd / "serve.err"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("RAY_ADDRESS", None)
+        # a background job of a shell script starts with SIGINT ignored
+        start = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
         self.proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", *args, "--port", str(self.port)],
                                      cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=open(self.log, "w"),
-                                     stdin=subprocess.DEVNULL, text=True)
+                                     stdin=subprocess.DEVNULL, text=True, preexec_fn=start)
         self.banner = self._wait_for_banner()
 
     def _wait_for_banner(self) -> str:
@@ -524,3 +527,15 @@ def test_port_check_passes_a_port_whose_last_connections_linger_in_time_wait():
         client.recv(1)
         client.close()
     assert serve_job._port_free("127.0.0.1", port)
+
+
+def test_a_server_started_with_sigint_ignored_still_stops_on_it(trained, tmp_path):
+    """As a background job of a script (SIGINT ignored from the start), with its own Ray: SIGINT stops the
+    server, its Serve and its Ray, and it exits 0."""
+    srv = Server(["--checkpoint", str(trained["checkpoint"]), "--cpus-per-replica", "1"], tmp_path, sigint_ignored=True)
+    started = time.time()
+    assert srv.stop(timeout=120) == 0, srv.log.read_text()[-3000:]
+    assert time.time() - started < 90 and "stopped" in srv.log.read_text().strip().splitlines()[-3:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{srv.url}healthz", timeout=10)
+
