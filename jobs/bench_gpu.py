@@ -39,7 +39,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ import torch
 
 from capenext.cli import UsageError
 from jobs.common import machine
+from jobs.tracking import free_port
 
 PAIRS_PER_EPOCH = 14_000  # training pairs in one epoch of an MP-100 split
 EPOCHS = 200  # the paper's schedule
@@ -355,12 +355,6 @@ def _multipart(fields: dict[str, str], image: Path) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_server(cmd: list[str], run: Runner, log) -> subprocess.Popen | str:
     """``jobs.serve`` started and serving (its line read), or why it exited before it served."""
     proc = subprocess.Popen(cmd, cwd=run.workdir, env=run.env, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -392,7 +386,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def serve_smoke(run: Runner, checkpoint: Path, image: Path, device: str) -> str:
     """Start ``jobs.serve``, send one prediction request, stop it with SIGTERM (as Ctrl-C). A server that
     exits before it serves is started once more; the answer says so."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "jobs.serve", "--checkpoint", str(checkpoint), "--device", device,
            "--port", str(port), "--cpus-per-replica", "1"]
     with open(run.logs / "serve.log", "w") as log:

@@ -37,6 +37,7 @@ from jobs import predict as predict_job
 from jobs import serve as serve_job
 from jobs.common import resolve_checkpoint
 from jobs.register import register
+from jobs.tracking import free_port
 from tests.conftest import REPO
 from tests.test_evaluate import trained_run
 
@@ -44,12 +45,6 @@ MODEL = "capenext-tiny"
 CHAMPION = f"models:/{MODEL}@champion"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 STARTUP_TIMEOUT = 240  # s for the server to print its URL (Serve controller, proxy, replica, Gradio)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sha(path) -> str:
@@ -106,7 +101,7 @@ class Server:
     """``python -m jobs.serve`` in a subprocess; ``url`` once it printed that it is serving."""
 
     def __init__(self, args: list[str], cwd: Path, sigint_ignored: bool = False):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = cwd / "serve.err"
         env = {**os.environ, "PYTHONPATH": str(REPO)}

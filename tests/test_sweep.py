@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from capenext.cli import run_main
 from jobs import sweep
+from jobs.tracking import free_port
 from tests.conftest import REPO
 
 EXPERIMENT = "tinysweep"
@@ -42,12 +43,6 @@ TINY_SWEEP = ["--splits", "1-2", "--ablations", "full,baseline", "--backbones", 
               # two trials at a time: four Ray Train runs at once (each a controller, a worker and helper
               # actors) came within 1 GB of the 24 GB machine's memory beside the rest of the suite
               "--max-concurrent", "2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -62,7 +57,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def _start_head(base: Path, token: Path, env: dict, temp_dir: str, attempt: int):
     """One ``ray start --head --block`` on fresh free ports; ``(proc, ports)`` once its dashboard answers, or
     ``None`` when a port was taken between choosing and binding it (the caller retries)."""
-    ports = {opt: _free_port() for opt in ("port", "dashboard-port", "ray-client-server-port",
+    ports = {opt: free_port() for opt in ("port", "dashboard-port", "ray-client-server-port",
                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                            "runtime-env-agent-port", "metrics-export-port")}
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
