@@ -419,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bounded(stop, seconds: float) -> None:
-    """Run ``stop`` for at most ``seconds``: a Serve whose Ray processes went first (a signal sent to the
-    whole process group reaches them too) can wait forever on them; Ray's own shutdown then ends it."""
+    """Run ``stop`` for at most ``seconds``, so that a Serve controller that never answers cannot keep
+    Ctrl-C waiting; Ray's own shutdown, which follows, ends it."""
     import threading
 
     errors: list[BaseException] = []
