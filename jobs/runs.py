@@ -185,15 +185,33 @@ def write_progress(folder: Path, progress: dict[str, Any]) -> None:
     (folder / PROGRESS_FILE).write_text(json.dumps({**progress, "files": files}))
 
 
-def complete(folder: Path) -> bool:
-    """Whether a checkpoint folder holds every file its progress names, each of the size written."""
+def incomplete(folder: Path) -> str | None:
+    """What is missing from a checkpoint folder (``None`` when whole): a file its progress names that is
+    absent or of another size than written. A folder without recorded sizes (written before ``progress.json``
+    existed, or one whose ``progress.json`` had not been copied yet) needs whole torch archives: a zip's
+    directory is at its end, so a file cut short has none."""
+    import zipfile
+
     try:
         files = json.loads((folder / PROGRESS_FILE).read_text()).get("files")
-    except (OSError, ValueError):
-        return not (folder / PROGRESS_FILE).exists() and (folder / STATE_FILE).is_file()
-    if files is None:  # written before sizes were recorded
-        return (folder / STATE_FILE).is_file()
-    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+    except OSError:
+        files = None
+    except ValueError:
+        return f"{PROGRESS_FILE} is cut short"
+    for name, size in (files or dict.fromkeys((STATE_FILE, CHECKPOINT_FILE))).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if size is not None and path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes of the {size} written"
+        if size is None and not zipfile.is_zipfile(path):
+            return f"{name} is not a whole torch archive"
+    return None
+
+
+def complete(folder: Path) -> bool:
+    """Whether a checkpoint folder holds every file it was written with (see :func:`incomplete`)."""
+    return incomplete(folder) is None
 
 
 def read_progress(folder: Path) -> dict[str, Any]:
@@ -216,10 +234,23 @@ def checkpoints(storage: Path, run_name: str) -> list[Path]:
 
 
 def latest_checkpoint(storage: Path, run_name: str, complete_only: bool = False) -> Path | None:
-    """The newest checkpoint folder of a run (highest step), or ``None``. With ``complete_only``, the newest
-    whose files are all there (see :func:`complete`): a worker resuming after a restart takes that one,
-    while the driver's checks read the newest as it is and say what is wrong with it."""
-    found = [p for p in checkpoints(storage, run_name) if not complete_only or complete(p)]
-    if not found:
-        return None
-    return max(found, key=lambda p: read_progress(p)["step"])
+    """The newest complete checkpoint folder of a run (highest step), or ``None``. A folder cut short
+    (see :func:`incomplete`) is passed over: a worker killed while Ray copied it, and the restarted worker
+    went on from the one before. Without ``complete_only``, a folder cut short that is not older (by time)
+    than every complete one is returned as it is, for the driver to refuse in one line (:func:`check_resumable`)."""
+    found = checkpoints(storage, run_name)
+    whole = [p for p in found if complete(p)]
+    newest = max(whole, key=lambda p: read_progress(p)["step"], default=None)
+    if complete_only:
+        return newest
+    since = newest.stat().st_mtime if newest is not None else float("-inf")
+    torn = [p for p in found if p not in whole and p.stat().st_mtime >= since]
+    return max(torn, key=lambda p: p.stat().st_mtime) if torn else newest
+
+
+def check_resumable(folder: Path) -> None:
+    """Refuse, in one line, to resume from a checkpoint folder that is cut short."""
+    missing = incomplete(folder)
+    if missing:
+        raise UsageError(f"the newest checkpoint {folder} is cut short ({missing}): remove that folder to "
+                         "resume from the one before, or pick another --run-name")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,14 +164,29 @@ def test_ray_run_resubmitted_resumes_from_its_checkpoint(prepared, ray_local, wo
 def test_a_checkpoint_folder_cut_short_is_not_resumed_from(tmp_path):
     """A worker killed while Ray copies its checkpoint leaves a folder with a truncated file: resuming
     takes the newest complete folder instead."""
-    from jobs.runs import STATE_FILE, write_progress
+    from capenext.cli import UsageError
+    from jobs.runs import CHECKPOINT_FILE, STATE_FILE, check_resumable, write_progress
 
     for epoch, name in enumerate(["checkpoint_a", "checkpoint_b"]):
         folder = tmp_path / "run" / name
         folder.mkdir(parents=True)
         torch.save({"step": epoch, "pad": torch.zeros(1000)}, folder / STATE_FILE)
+        torch.save({"weights": torch.zeros(1000)}, folder / CHECKPOINT_FILE)
         write_progress(folder, {"epoch": epoch, "step": 10 * (epoch + 1), "best": 0.0, "run_id": "r"})
     assert latest_checkpoint(tmp_path, "run", complete_only=True).name == "checkpoint_b"
+    # a copy cut off before progress.json arrived: a truncated state and no recorded sizes
+    torn = tmp_path / "run" / "checkpoint_c"
+    torn.mkdir()
+    (torn / STATE_FILE).write_bytes((tmp_path / "run" / "checkpoint_b" / STATE_FILE).read_bytes()[:500])
+    assert latest_checkpoint(tmp_path, "run", complete_only=True).name == "checkpoint_b"
+    newest = latest_checkpoint(tmp_path, "run")  # the driver sees it, and refuses it in one line
+    assert newest.name == "checkpoint_c"
+    with pytest.raises(UsageError, match=r"checkpoint_c is cut short \(state\.pt is not a whole torch archive\)"):
+        check_resumable(newest)
+    before = (tmp_path / "run" / "checkpoint_a").stat().st_mtime - 10
+    os.utime(torn, (before, before))  # cut short before the restarted worker wrote checkpoint_b
+    assert latest_checkpoint(tmp_path, "run").name == "checkpoint_b"
+    shutil.rmtree(torn)
     state = tmp_path / "run" / "checkpoint_b" / STATE_FILE
     state.write_bytes(state.read_bytes()[:500])
     assert latest_checkpoint(tmp_path, "run", complete_only=True).name == "checkpoint_a"
