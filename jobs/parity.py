@@ -87,10 +87,10 @@ from jobs.parity_stubs import (
     BaseTransformerLayer,
     Conv2d,
     Linear,
+    NotProvided,
     Registry,
     SharedCLIP,
     TransformerLayerSequence,
-    _NotProvided,
     build_activation_layer,
     build_from_cfg,
     build_norm_layer,
@@ -148,8 +148,8 @@ REFERENCE_BARE = {
     "models": {},
     "models.models": {},
     # backbones/__init__ imports the HRNet and ViT wrappers, which the Swin V2-T model never uses
-    "models.models.backbones": {"get_hrnet_w32": _NotProvided("get_hrnet_w32"),
-                                "get_vit_backbone": _NotProvided("get_vit_backbone")},
+    "models.models.backbones": {"get_hrnet_w32": NotProvided("get_hrnet_w32"),
+                                "get_vit_backbone": NotProvided("get_vit_backbone")},
     # detectors/__init__ also imports a CapeXImgModel that capex.py does not define
     "models.models.detectors": {},
 }

@@ -128,7 +128,7 @@ def build_activation_layer(cfg: dict) -> nn.Module:
     return layers[kind](**args)
 
 
-class _NotProvided:
+class NotProvided:
     """A name the reference imports but the model's forward never uses; using it is an error."""
 
     def __init__(self, name: str):
@@ -141,7 +141,7 @@ class _NotProvided:
     def __getattr__(self, attr):
         if attr.startswith("__"):
             raise AttributeError(attr)
-        return _NotProvided(f"{self._name}.{attr}")
+        return NotProvided(f"{self._name}.{attr}")
 
 
 class _Unbuilt(BaseModule):
@@ -197,8 +197,8 @@ def stub_tree(shared: SharedCLIP | None = None) -> dict[str, dict[str, Any]]:
         "BACKBONES": backbones, "HEADS": heads, "POSENETS": posenets, "NECKS": Registry("neck"),
         "LOSSES": Registry("loss"), "MODELS": Registry("model"),
         "build_backbone": backbones.build, "build_head": heads.build, "build_posenet": posenets.build,
-        "build_neck": _NotProvided("mmpose.models.builder.build_neck"),
-        "build_loss": _NotProvided("mmpose.models.builder.build_loss"),
+        "build_neck": NotProvided("mmpose.models.builder.build_neck"),
+        "build_loss": NotProvided("mmpose.models.builder.build_loss"),
     }
     layer, sequence = Registry("transformerLayer"), Registry("transformer-layers sequence")
     attention, ffn = Registry("attention"), Registry("feed-forward Network")
@@ -219,18 +219,18 @@ def stub_tree(shared: SharedCLIP | None = None) -> dict[str, dict[str, Any]]:
         "mmcv.utils": {"Registry": Registry, "build_from_cfg": build_from_cfg},
         "mmpose": {"__version__": "stand-in (jobs.parity)"},
         "mmpose.core": {},
-        "mmpose.core.evaluation": {"keypoint_pck_accuracy": _NotProvided("keypoint_pck_accuracy")},
-        "mmpose.core.post_processing": {"transform_preds": _NotProvided("transform_preds")},
+        "mmpose.core.evaluation": {"keypoint_pck_accuracy": NotProvided("keypoint_pck_accuracy")},
+        "mmpose.core.post_processing": {"transform_preds": NotProvided("transform_preds")},
         "mmpose.models": {**builder},
         "mmpose.models.builder": builder,
         "mmpose.models.backbones": {},
-        "mmpose.models.backbones.hrnet": {"HRNet": _NotProvided("mmpose.models.backbones.hrnet.HRNet")},
+        "mmpose.models.backbones.hrnet": {"HRNet": NotProvided("mmpose.models.backbones.hrnet.HRNet")},
         "mmpose.models.detectors": {},
         "mmpose.models.detectors.base": {"BasePose": BasePose},
         "mmpose.models.utils": {},
-        "mmpose.models.utils.ops": {"resize": _NotProvided("mmpose.models.utils.ops.resize")},
+        "mmpose.models.utils.ops": {"resize": NotProvided("mmpose.models.utils.ops.resize")},
         "clip": _clip_module(shared),
-        "transformers": {n: _NotProvided(f"transformers.{n}") for n in
+        "transformers": {n: NotProvided(f"transformers.{n}") for n in
                          ("AutoModel", "AutoTokenizer", "BertModel", "BertTokenizer", "BertTokenizerFast")},
     }
 

@@ -38,3 +38,28 @@ def test_nothing_under_capenext_imports_ray_or_mlflow():
     offenders = {str(f.relative_to(LIBRARY.parent)): sorted(imported_roots(f.read_text()) & FORBIDDEN)
                  for f in files}
     assert {f: mods for f, mods in offenders.items() if mods} == {}
+
+
+JOBS = LIBRARY.parent / "jobs"
+
+
+def test_the_library_imports_neither_pipelines_nor_jobs():
+    offenders = {str(f.relative_to(LIBRARY.parent)): sorted(imported_roots(f.read_text()) & {"pipelines", "jobs"})
+                 for f in sorted(LIBRARY.rglob("*.py"))}
+    assert {f: mods for f, mods in offenders.items() if mods} == {}
+
+
+def test_training_evaluation_prediction_and_serving_import_nothing_from_pipelines():
+    users = ("train", "train_loop", "evaluate", "predict", "serve", "serve_app", "common", "runs", "tracking")
+    offenders = {name: sorted(imported_roots((JOBS / f"{name}.py").read_text()) & {"pipelines"}) for name in users}
+    assert {name: mods for name, mods in offenders.items() if mods} == {}
+
+
+def test_no_job_imports_a_private_name_of_another_module():
+    """A job calls another job's public functions only (``from jobs.train import _x`` is refused)."""
+    found = []
+    for f in sorted(JOBS.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("jobs", "pipelines"):
+                found += [f"{f.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert found == []
