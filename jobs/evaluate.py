@@ -83,8 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint file, runs:/<run_id>/checkpoints/final.pt (or best.pt), or a training "
-                        "run id (its checkpoints/final.pt), read from the MLflow tracking store")
+                   help="a checkpoint file, runs:/<run_id>/checkpoints/final.pt (or best.pt), a training run id "
+                        "(its checkpoints/final.pt), or models:/NAME@ALIAS or models:/NAME/VERSION, read from the "
+                        "MLflow tracking store")
     p.add_argument("--split", type=int, default=None,
                    help="MP-100 split 1-5 (default: the training run's split tag)")
     p.add_argument("--shards", type=Path, required=True, help="shard folder (pipelines.shard)")

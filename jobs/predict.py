@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint file, runs:/<run_id>/checkpoints/final.pt, or a training run id")
+                   help="checkpoint file, runs:/<run_id>/checkpoints/final.pt, a training run id, "
+                        "models:/NAME@ALIAS or models:/NAME/VERSION")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", type=Path, help="one image file")
     src.add_argument("--images", type=Path, metavar="DIR", help="every image in a folder")
