@@ -221,6 +221,26 @@ def test_split_forms():
     assert sweep.parse_splits("1-2,5,2") == [1, 2, 5]
 
 
+def test_every_training_option_reaches_each_trial_as_jobs_train_parses_it(tmp_path):
+    """A trial's namespace is what ``jobs.train`` would parse for it: the fine-tuning options among them."""
+    from jobs import train
+
+    options = ["--shards", str(tmp_path), "--embeddings", str(tmp_path), "--clip-checkpoint", "random",
+               "--init-checkpoint", "runs:/abc/checkpoints/final.pt", "--freeze", "backbone,encoder",
+               "--epochs", "3", "--set", "optim.lr=1e-4", "--val-episodes", "5", "--storage-path", str(tmp_path)]
+    args = sweep.parse_args(["--splits", "2", "--ablations", "baseline", "--backbones", "tiny", "--seeds", "7",
+                             *options])
+    [trial] = sweep.plan(args)
+    got = vars(sweep.trial_args(args, trial, "parent"))
+    want = vars(train.parse_args(["--split", "2", "--ablation", "baseline", "--backbone", "tiny", *options,
+                                  "--seed", "7", "--run-name", trial.run_name, "--parent-run-id", "parent"]))
+    assert {k: got.get(k) for k in want if k not in ("register", "register_alias")} == \
+        {k: v for k, v in want.items() if k not in ("register", "register_alias")}
+    assert got["init_checkpoint"] == "runs:/abc/checkpoints/final.pt" and got["freeze"] == "backbone,encoder"
+    cfg = train.resolve_config(sweep.trial_args(args, trial, None), trial.backbone)
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.seed, cfg.model.ablation) == (1e-4, 3, 7, "baseline")
+
+
 @pytest.mark.parametrize("case", ["split", "range", "ablation", "backbone", "local", "job_storage", "job_store"])
 def test_bad_sweep_gives_one_line_before_anything_starts(case, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
