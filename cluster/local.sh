@@ -53,21 +53,25 @@ TOKEN="$DIR/ray_auth_token"
 alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
 pid_of() { [[ -f "$STATE/$1.pid" ]] && cat "$STATE/$1.pid" || true; }
 
-# a free port: the preferred one when nobody listens there, else one the kernel picks
-port() {
-  "$PYTHON" - "$1" <<'EOF'
+# one free port per argument: the preferred one when nobody listens there, else one the kernel picks; all
+# are bound at once before any is released, so no two are the same
+ports() {
+  "$PYTHON" - "$@" <<'EOF'
 import socket, sys
-want = int(sys.argv[1])
-for candidate in ([want] if want else []) + [0]:
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", candidate))
-        print(s.getsockname()[1])
+held = []
+for want in map(int, sys.argv[1:]):
+    for candidate in ([want] if want else []) + [0]:
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", candidate))
+        except OSError:
+            s.close()
+            continue
+        held.append(s)
         break
-    except OSError:
-        continue
-    finally:
-        s.close()
+print(" ".join(str(s.getsockname()[1]) for s in held))
+for s in held:
+    s.close()
 EOF
 }
 
@@ -130,15 +134,18 @@ case "$cmd" in
     RAY_BIN="$(dirname "$(command -v "$PYTHON")")/ray"
     [[ -x "$RAY_BIN" ]] || RAY_BIN="$(command -v ray)" || die "no 'ray' executable beside $PYTHON or on PATH"
     [[ -f "$TOKEN" ]] || { (umask 077; "$PYTHON" -c "import secrets; print(secrets.token_hex(32))" > "$TOKEN"); }
-    RAY_PORT="$(port "${RAY_PORT:-6379}")"; DASH_PORT="$(port "${DASH_PORT:-8265}")"
-    MLFLOW_PORT="$(port "${MLFLOW_PORT:-5000}")"
+    # the three named ports, then five for Ray's agents and servers (the options below, in that order)
+    read -r RAY_PORT DASH_PORT MLFLOW_PORT AGENT_PORTS < <(ports "${RAY_PORT:-6379}" "${DASH_PORT:-8265}" \
+                                                              "${MLFLOW_PORT:-5000}" 0 0 0 0 0)
+    read -ra AGENT_PORTS <<< "$AGENT_PORTS"
     RAY_TMP="$(mktemp -d /tmp/cnray.XXXXXX)"  # short: Ray's socket paths must stay under 107 characters
     echo "$RAY_TMP" > "$STATE/ray_tmp"
     ray_args=(start --head --block --port "$RAY_PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT"
               --temp-dir "$RAY_TMP" --disable-usage-stats)
+    i=0
     for opt in ray-client-server-port dashboard-agent-listen-port dashboard-agent-grpc-port runtime-env-agent-port \
                metrics-export-port; do
-      ray_args+=("--$opt" "$(port 0)")
+      ray_args+=("--$opt" "${AGENT_PORTS[$i]}"); i=$((i + 1))
     done
     [[ -n "$NUM_CPUS" ]] && ray_args+=(--num-cpus "$NUM_CPUS")
     [[ -n "$NUM_GPUS" ]] && ray_args+=(--num-gpus "$NUM_GPUS")

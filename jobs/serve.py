@@ -240,10 +240,23 @@ def build_application(options: ServeOptions, page: dict[str, Any] | None = None)
     return CapeNext.options(**deployment_options).bind(init, page)
 
 
+def check_checkpoint(options: ServeOptions) -> None:
+    """Read the checkpoint once where the application is built, so that a missing or unreadable one fails
+    there, in one line, and not in every replica."""
+    from capenext.checkpoint import read_checkpoint
+    from jobs.common import resolve_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="capenext-serve-") as tmp:
+        read_checkpoint(resolve_checkpoint(options.checkpoint, options.tracking_uri, Path(tmp)).path)
+
+
 def app(args: dict[str, Any]):
     """The application builder of ``serve run jobs.serve:app checkpoint=X [key=value ...]`` and of a Serve
-    config's ``import_path``: ``args`` are :class:`ServeOptions` fields."""
-    return build_application(check_options(dict(args)))
+    config's ``import_path``: ``args`` are :class:`ServeOptions` fields. A missing checkpoint fails here,
+    before anything is deployed (Serve's CLI prints it with its traceback)."""
+    options = check_options(dict(args))
+    check_checkpoint(options)
+    return build_application(options)
 
 
 # --- the command line -------------------------------------------------------------------------------
@@ -345,8 +358,7 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from capenext.checkpoint import read_checkpoint
-    from jobs.common import init_ray, one_line, resolve_checkpoint
+    from jobs.common import init_ray, one_line
     from jobs.tracking import tracking_uri
 
     args = parse_args(argv)
@@ -363,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_ongoing_requests": args.max_ongoing_requests, "max_upload_mb": args.max_upload_mb,
         "max_pixels": args.max_pixels, "request_timeout_s": args.request_timeout_s, "data_root": args.data_root,
         "split": args.split})
-    with tempfile.TemporaryDirectory(prefix="capenext-serve-") as tmp:  # fail here, not in every replica
-        read_checkpoint(resolve_checkpoint(options.checkpoint, uri, Path(tmp)).path)
+    check_checkpoint(options)
     application = build_application(options)
 
     init_ray(args.address)

@@ -267,7 +267,7 @@ def test_predict_job_takes_a_models_uri(registry, predictor, heldout, tmp_path, 
 # --- the application, its builder and the cluster configs ------------------------------------------
 
 
-def test_app_builder_validates_its_args(trained):
+def test_app_builder_validates_its_args(trained, tmp_path):
     from ray.serve import Application
 
     application = serve_job.app({"checkpoint": trained["checkpoint"], "max_batch_size": "4", "autoscale": "1,3"})
@@ -278,6 +278,11 @@ def test_app_builder_validates_its_args(trained):
         with pytest.raises(Exception) as err:
             serve_job.app({"checkpoint": trained["checkpoint"], **bad})
         assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(Path(trained["checkpoint"]).read_bytes()[:1000])
+    for checkpoint, fragment in [(tmp_path / "nope.pt", "checkpoint not found"), (torn, "not a whole PyTorch")]:
+        with pytest.raises((FileNotFoundError, ValueError), match=fragment):  # where it is built, not in a replica
+            serve_job.app({"checkpoint": str(checkpoint)})
 
 
 def test_serve_config_and_rayservice_run_this_app():
