@@ -20,6 +20,9 @@ from capenext.cli import USER_ERRORS, UsageError
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 FINAL_ARTIFACT = "checkpoints/final.pt"
+# what every --checkpoint takes (resolve_checkpoint), for the jobs' --help
+CHECKPOINT_HELP = ("a checkpoint file, runs:/<run_id>/checkpoints/final.pt (or best.pt), a training run id (its "
+                   "checkpoints/final.pt), models:/NAME@ALIAS or models:/NAME/VERSION, from the MLflow store")
 
 
 # --- failures as one line ---------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from capenext.config import RunCfg
 from capenext.data.mp100 import TEXT_VARIANTS
 from capenext.metrics import THRESHOLDS, episode_seed, metric_keys
 from capenext.noise import DEFAULT_TYPO_RATE, Variant, get_noise, noise_kinds, wrong_class
-from jobs.common import collate, resolve_checkpoint
+from jobs.common import CHECKPOINT_HELP, collate, resolve_checkpoint
 from jobs.runs import check_texts, needs_image_table
 from jobs.tracking import ensure_experiment, find_run, open_client, tracking_uri
 
@@ -82,10 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "--descriptions descriptions.json --episodes reference --data-root MP100",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint file, runs:/<run_id>/checkpoints/final.pt (or best.pt), a training run id "
-                        "(its checkpoints/final.pt), or models:/NAME@ALIAS or models:/NAME/VERSION, read from the "
-                        "MLflow tracking store")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--split", type=int, default=None,
                    help="MP-100 split 1-5 (default: the training run's split tag)")
     p.add_argument("--shards", type=Path, required=True, help="shard folder (pipelines.shard)")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from capenext.cli import UsageError, run_main
+from jobs.common import CHECKPOINT_HELP
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -49,9 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "(an MP-100 category record, {\"name\", \"keypoints\", \"skeleton\"}, works too)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint file, runs:/<run_id>/checkpoints/final.pt, a training run id, "
-                        "models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", type=Path, help="one image file")
     src.add_argument("--images", type=Path, metavar="DIR", help="every image in a folder")

@@ -52,6 +52,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from ray import serve
 
 from capenext.cli import UsageError, run_main
+from jobs.common import CHECKPOINT_HELP
 from jobs.serve_app import (  # noqa: F401  (jobs.serve's interface too)
     EXAMPLES,
     MB,
@@ -278,9 +279,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "the same app under Serve's CLI: serve run jobs.serve:app checkpoint=final.pt max_batch_size=16",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint file, runs:/<run_id>/checkpoints/final.pt, a run id, models:/NAME@ALIAS or "
-                        "models:/NAME/VERSION")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--host", default="127.0.0.1",
                    help="address the HTTP proxy binds (default 127.0.0.1: this machine only; 0.0.0.0 opens it "
                         "to the network)")
