@@ -200,7 +200,7 @@ def test_resubmitted_sweep_skips_finished_resumes_unfinished_and_reports_a_faile
     assert f"found again: a re-submitted sweep" in out and f"{killed} (split 1, full, tiny): resuming from" in out
     assert "1 finished, 2 skipped (finished before), 1 failed, of 4 trials" in out, out[-4000:]
     summary = {line.split()[0]: line for line in out.splitlines() if line.startswith(f"{EXPERIMENT}-split")}
-    assert summary[torn].split()[1] == "failed" and "not a PyTorch checkpoint" in summary[torn]
+    assert summary[torn].split()[1] == "failed" and "is cut short (model.pt is 4 bytes of the" in summary[torn]
     assert summary[killed].split()[1] == "finished"
     assert f"error: 1 of 4 trials failed: {torn}" in out
 
