@@ -254,3 +254,11 @@ def check_resumable(folder: Path) -> None:
     if missing:
         raise UsageError(f"the newest checkpoint {folder} is cut short ({missing}): remove that folder to "
                          "resume from the one before, or pick another --run-name")
+
+
+def resumable_checkpoint(storage: Path, run_name: str) -> Path | None:
+    """The folder a re-run resumes from (:func:`latest_checkpoint`), refused in one line if cut short."""
+    latest = latest_checkpoint(storage, run_name)
+    if latest is not None:
+        check_resumable(latest)
+    return latest

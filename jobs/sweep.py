@@ -41,7 +41,7 @@ from capenext.cli import UsageError, offline, run_main
 from capenext.data.mp100 import SPLITS
 from jobs import train
 from jobs.common import check_cluster, one_line
-from jobs.runs import add_training_arguments, check_resumable, latest_checkpoint
+from jobs.runs import add_training_arguments, resumable_checkpoint
 from jobs.tracking import MlflowServer, ensure_experiment, sqlite_path, tracking_uri
 
 SWEEP_TAG = "capenext.sweep"  # on the parent run: the sweep's name (its experiment)
@@ -333,9 +333,7 @@ def execute(args: argparse.Namespace, trials: list[Trial], client, experiment_id
 def _describe_checkpoint(storage: Path, run_name: str) -> str:
     """``resuming from checkpoint_...``, ``new``, or why the checkpoint cannot be read (the trial says more)."""
     try:
-        latest = latest_checkpoint(storage, run_name)
-        if latest is not None:
-            check_resumable(latest)
+        latest = resumable_checkpoint(storage, run_name)
     except Exception as err:  # a torn state file: the trial's own pre-flight reports it
         return f"checkpoint unreadable ({one_line(err, 120)})"
     return f"resuming from {latest.name}" if latest is not None else "new"

@@ -42,8 +42,8 @@ from capenext.cli import UsageError, run_main
 from capenext.config import RunCfg, to_dict
 from capenext.data.mp100 import check_split
 from jobs.common import check_cluster, init_ray
-from jobs.runs import (CHECKPOINT_FILE, add_training_arguments, check_resumable, latest_checkpoint, needs_image_table,
-                       read_progress)
+from jobs.runs import (CHECKPOINT_FILE, add_training_arguments, latest_checkpoint, needs_image_table, read_progress,
+                       resumable_checkpoint)
 from jobs.runs import resolve_config  # noqa: F401  (jobs.train's public resolve_config: the sweep's and quickstart's)
 from jobs.tracking import end_run, ensure_experiment, log_params, tracking_uri
 
@@ -96,9 +96,7 @@ def preflight(args: argparse.Namespace, cfg: RunCfg, run_name: str) -> dict[str,
     if cfg.optim.batch_size % args.num_workers:
         raise UsageError(f"--batch-size {cfg.optim.batch_size} is not divisible by --num-workers "
                          f"{args.num_workers}: the global batch stays fixed across workers")
-    latest = latest_checkpoint(args.storage_path.resolve(), run_name)
-    if latest is not None:
-        check_resumable(latest)
+    latest = resumable_checkpoint(args.storage_path.resolve(), run_name)
     # through the dataclasses, so that a field added since (with its default) is no difference
     old = to_dict(read_checkpoint(latest / CHECKPOINT_FILE)["run_config"]) if latest is not None else None
     tuning = fine_tuning(args, cfg, run_name, old, index)
