@@ -5,10 +5,22 @@ A checkpoint file holds ``{"format": "capenext/1", "config": <RunCfg as dict>, "
 it is rebuilt from ``config.model.clip_checkpoint`` (a local file, or the seeded ``random`` init), which
 keeps a ViT-B-32 run's checkpoints 600 MB smaller. Training state (optimizer, epoch, step, RNG, MLflow
 run id) lives in a second file beside it, ``state.pt``, also plain tensors and containers.
+
+A training run's folder, ``<storage>/<run name>/`` (:func:`run_dir`), is also defined here::
+
+    checkpoint_*/model.pt      Ray Train's checkpoints (local mode: local/checkpoint_*/); weights + config
+    checkpoint_*/state.pt      optimiser, RNG, epoch, step, best val PCK, MLflow run id
+    checkpoint_*/progress.json epoch, step, best, run id and every file's size, written last
+    artifacts/final.pt         the finished run's weights (also logged to MLflow as checkpoints/final.pt)
+    artifacts/best.pt          the weights of the best val PCK@0.2 epoch
+
+A checkpoint folder is complete when its ``progress.json`` is there and every file it lists has the size
+written (:func:`incomplete`); a run resumes from its newest complete folder (:func:`latest_checkpoint`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,10 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from capenext.cli import UsageError
 from capenext.config import RunCfg, from_dict, to_dict
 
 FORMAT = "capenext/1"
 FROZEN_PREFIX = "clip."
+CHECKPOINT_FILE = "model.pt"
+STATE_FILE = "state.pt"
+PROGRESS_FILE = "progress.json"
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -28,11 +44,41 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
 
 
+def _replace_durably(tmp: Path, path: Path) -> None:
+    """Flush ``tmp`` to disk, rename it over ``path`` and flush the folder: after a crash the reader sees
+    the old file or the whole new one, never a name pointing at unwritten bytes."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened for reading (some network file systems)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary name beside ``path``, then a durable rename (:func:`_replace_durably`)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _replace_durably(tmp, path)
+
+
+def atomic_copy(src: str | Path, path: str | Path) -> None:
+    """Copy ``src`` to ``path`` through a temporary name and a durable rename (a reader of ``best.pt``
+    never sees half a file)."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.copyfile(src, tmp)
+    _replace_durably(tmp, path)
 
 
 def not_a_checkpoint(path: str | Path) -> str:
@@ -90,23 +136,8 @@ def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -
     return out
 
 
-# state-dict keys renamed since checkpoints were first written: old prefix → new prefix
-LEGACY_PREFIXES = {"dsfr.proj.": "projection.proj."}  # no_dsfr's projections were held under "dsfr"
-
-
-def _renamed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for old, new in LEGACY_PREFIXES.items():
-            if key.startswith(old):
-                key = new + key[len(old):]
-        out[key] = value
-    return out
-
-
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Strict load of everything but the frozen CLIP; one line naming the first problems."""
-    state = _renamed(state)
     target = getattr(model, "module", model)
     result = target.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIX)]
@@ -128,3 +159,90 @@ def load_model(path: str | Path, clip_checkpoint: str | None = None, device: str
     model = build_model(cfg.model)
     load_weights(model, ckpt["model"], str(path))
     return model.to(device).eval(), cfg, ckpt.get("meta", {})
+
+
+# --- a training run's folder ---------------------------------------------------------------------------
+
+
+def run_dir(storage: str | Path, run_name: str) -> Path:
+    """``<storage>/<run name>``: where a training run keeps its checkpoints and artifacts."""
+    return Path(storage) / run_name
+
+
+def artifacts_dir(storage: str | Path, run_name: str) -> Path:
+    """``<storage>/<run name>/artifacts``: the run's ``final.pt`` and ``best.pt``."""
+    return run_dir(storage, run_name) / "artifacts"
+
+
+def write_progress(folder: Path, progress: dict[str, Any]) -> None:
+    """Write a checkpoint folder's progress last, with the size of every file in it: a folder whose copy
+    was cut short (a worker killed while Ray uploads it) does not match and is not resumed from."""
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != PROGRESS_FILE}
+    (folder / PROGRESS_FILE).write_text(json.dumps({**progress, "files": files}))
+
+
+def incomplete(folder: Path) -> str | None:
+    """What is missing from a checkpoint folder (``None`` when whole): its ``progress.json`` (written last,
+    so a copy cut off before it arrived has none), or a file it lists that is absent or of another size
+    than written. Ray copies a folder's files in no fixed order."""
+    try:
+        files = json.loads((folder / PROGRESS_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return f"{PROGRESS_FILE} is missing"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{PROGRESS_FILE} is cut short"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes of the {size} written"
+    return None
+
+
+def complete(folder: Path) -> bool:
+    """Whether a checkpoint folder holds every file it was written with (see :func:`incomplete`)."""
+    return incomplete(folder) is None
+
+
+def read_progress(folder: Path) -> dict[str, Any]:
+    """A checkpoint folder's epoch, step, best val PCK and run id, without loading its optimiser state."""
+    return json.loads((folder / PROGRESS_FILE).read_text())
+
+
+def checkpoints(storage: Path, run_name: str) -> list[Path]:
+    """Every checkpoint folder of a run (one with a training state), Ray's and local mode's."""
+    base = run_dir(storage, run_name)
+    found = [p.parent for p in base.glob("checkpoint_*/" + STATE_FILE)]
+    return found + [p.parent for p in (base / "local").glob("checkpoint_*/" + STATE_FILE)]
+
+
+def latest_checkpoint(storage: Path, run_name: str, complete_only: bool = False) -> Path | None:
+    """The newest complete checkpoint folder of a run (highest step), or ``None``. A folder cut short
+    (see :func:`incomplete`) is passed over: a worker killed while Ray copied it, and the restarted worker
+    went on from the one before. Without ``complete_only``, a folder cut short that is not older (by time)
+    than every complete one is returned as it is, for the driver to refuse in one line (:func:`check_resumable`)."""
+    found = checkpoints(storage, run_name)
+    whole = [p for p in found if complete(p)]
+    newest = max(whole, key=lambda p: read_progress(p)["step"], default=None)
+    if complete_only:
+        return newest
+    since = newest.stat().st_mtime if newest is not None else float("-inf")
+    torn = [p for p in found if p not in whole and p.stat().st_mtime >= since]
+    return max(torn, key=lambda p: p.stat().st_mtime) if torn else newest
+
+
+def check_resumable(folder: Path) -> None:
+    """Refuse, in one line, to resume from a checkpoint folder that is cut short."""
+    missing = incomplete(folder)
+    if missing:
+        raise UsageError(f"the newest checkpoint {folder} is cut short ({missing}): remove that folder to "
+                         "resume from the one before, or pick another --run-name")
+
+
+def resumable_checkpoint(storage: Path, run_name: str) -> Path | None:
+    """The folder a re-run resumes from (:func:`latest_checkpoint`), refused in one line if cut short."""
+    latest = latest_checkpoint(storage, run_name)
+    if latest is not None:
+        check_resumable(latest)
+    return latest

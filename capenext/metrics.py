@@ -11,7 +11,7 @@ Coordinates are in original image pixels: predictions are mapped back through th
 
 Names: ``pck_0.2`` (the paper's PCK@0.2; MLflow forbids ``@``) and ``pck_mean``, under a prefix:
 ``train/``, ``val/``, ``test/`` for the model, ``floor/`` for the per-name mean-position floor
-(:mod:`capenext.baselines`); runs logged before the floor had its own prefix carry it as ``baseline/``.
+(:mod:`capenext.baselines`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ import torch
 
 from capenext.config import THRESHOLDS
 
-__all__ = ["THRESHOLDS", "VAL_THRESHOLDS", "FLOOR", "LEGACY_FLOOR", "pck", "pck_per_sample", "pck_key",
+__all__ = ["THRESHOLDS", "VAL_THRESHOLDS", "FLOOR", "pck", "pck_per_sample", "pck_key",
            "metric_keys", "pck_norm", "episode_seed", "PCKAccumulator"]
 
 VAL_THRESHOLDS = (0.2,)  # validation reports PCK@0.2 only
 FLOOR = "floor"  # prefix of the mean-position floor's metrics
-LEGACY_FLOOR = "baseline"  # the same metrics in runs logged before the rename
 MEAN = "pck_mean"
 # episode seeds relative to the run's optim.seed: validation and test draw different episodes
 EPISODE_SEED_OFFSET = {"val": 1, "test": 2}

@@ -207,7 +207,7 @@ def get_noise(name: str) -> NoiseKind:
 def _typo_rows(rate: float | None = None, seed: int = 0, **_: Any) -> list[Variant]:
     rate = DEFAULT_TYPO_RATE if rate is None else rate
     if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"--noise-rate must lie in [0, 1], got {rate}")
+        raise ValueError(f"--typo-rate must lie in [0, 1], got {rate}")
     return [Variant("typo", typo_variant(rate), lambda t: typo(t, rate, seed), rate=rate)]
 
 
@@ -224,7 +224,7 @@ register_noise(NoiseKind(
     lambda **_: [Variant("class", "class", lambda t: t, wrong_class=True)],
     lambda v, meta, seed: True))
 register_noise(NoiseKind(
-    "typo", "keypoints", f"typos in the keypoint texts at --noise-rate (default {DEFAULT_TYPO_RATE})", _typo_rows,
+    "typo", "keypoints", f"typos in the keypoint texts at --typo-rate (default {DEFAULT_TYPO_RATE})", _typo_rows,
     lambda v, meta, seed: (v.name in {typo_variant(r) for r in meta.get("typo_rates", [])}
                            and meta.get("noise_seed") == seed),
     options=("rate",)))

@@ -27,7 +27,8 @@ float rounding).
 Weights load with ``weights_only=True`` (:func:`capenext.checkpoint.read_checkpoint`); it runs on CPU.
 :meth:`Predictor.save_pretrained` / :meth:`Predictor.from_pretrained` keep a model as a folder of
 ``config.json`` (the config and meta) and ``model.safetensors`` (the trainable weights, no pickle at all).
-Every bad input raises ``ValueError`` (or ``FileNotFoundError``) with one line naming what is wrong.
+Every bad input raises ``ValueError`` (or ``FileNotFoundError``) with one line naming what is wrong; the
+rules for names, class, skeleton and box (and for reading them from text) live in :mod:`capenext.inputs`.
 """
 
 from __future__ import annotations
@@ -46,13 +47,14 @@ from PIL import Image, UnidentifiedImageError
 from capenext.checkpoint import FORMAT, load_model, load_weights, trainable_state_dict
 from capenext.config import from_dict, to_dict
 from capenext.data.dataset import adjacency
-from capenext.data.mp100 import text_of
 from capenext.data.transforms import Crop, crop
 from capenext.engine import autocast, to_image_pixels
+from capenext.inputs import (check_bbox, check_class_name, check_names, check_skeleton, parse_bbox,  # noqa: F401
+                             parse_names, parse_skeleton)
 from capenext.viz import to_rgb
 
 __all__ = ["Predictor", "Query", "check_bbox", "check_names", "check_skeleton", "load_image", "parse_bbox",
-           "parse_skeleton", "window_mass"]
+           "parse_names", "parse_skeleton", "set_clip_precision", "window_mass"]
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray
 CONFIG_FILE = "config.json"  # save_pretrained's folder: config and meta ...
@@ -94,82 +96,6 @@ def _decode(data: bytes, where: str) -> np.ndarray:
         raise ValueError(f"cannot read image {where}: {str(err).removeprefix(f'cannot decode {where}: ')}") from None
 
 
-def check_names(names: Sequence[str], slots: int) -> list[str]:
-    """The keypoint names as the model reads them (``_`` → space, stripped); one-line errors."""
-    if isinstance(names, str):
-        raise ValueError(f"names must be a list of keypoint names, got the string {names!r} "
-                         "(split it: 'nose,left eye' → ['nose', 'left eye'])")
-    names = list(names)
-    if not names:
-        raise ValueError("no keypoint names given: pass at least one name")
-    if len(names) > slots:
-        raise ValueError(f"{len(names)} keypoint names given, the model has {slots} keypoint slots "
-                         f"(at most {slots} names)")
-    texts = []
-    for i, name in enumerate(names):
-        if not isinstance(name, str) or not text_of(name):
-            raise ValueError(f"keypoint name {i} is empty or not a string ({name!r})")
-        texts.append(text_of(name))
-    return texts
-
-
-def check_skeleton(skeleton: Sequence[Sequence[int]] | None, num_names: int) -> list[tuple[int, int]]:
-    """Edges as 0-based ``(a, b)`` pairs of name indices; one-line errors for a bad pair or index."""
-    edges = []
-    for edge in skeleton or ():
-        pair = tuple(edge) if isinstance(edge, (list, tuple)) else (edge,)
-        if len(pair) != 2 or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in pair):
-            raise ValueError(f"skeleton edge {edge!r} is not a pair of integer keypoint indices")
-        a, b = int(pair[0]), int(pair[1])
-        if not (0 <= a < num_names and 0 <= b < num_names):
-            raise ValueError(f"skeleton index out of range in edge {a}-{b}: {num_names} keypoint names, "
-                             f"valid indices 0..{num_names - 1}")
-        edges.append((a, b))
-    return edges
-
-
-def check_bbox(bbox: Sequence[float] | None, width: int, height: int) -> tuple[float, float, float, float]:
-    """``(x, y, w, h)`` inside the ``width`` x ``height`` image (the whole image when ``None``)."""
-    if bbox is None:
-        return (0.0, 0.0, float(width), float(height))
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        raise ValueError(f"bbox must be 4 numbers x, y, w, h, got {bbox!r}") from None
-    if not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0:
-        raise ValueError(f"bbox {x:g},{y:g},{w:g},{h:g} must have a positive width and height")
-    if x < 0 or y < 0 or x + w > width or y + h > height:
-        raise ValueError(f"bbox {x:g},{y:g},{w:g},{h:g} lies outside the {width}x{height} image (it needs "
-                         f"0 <= x, 0 <= y, x + w <= {width}, y + h <= {height})")
-    return (x, y, w, h)
-
-
-def parse_skeleton(text: str) -> list[tuple[int, int]]:
-    """``"0-1,0-2"`` → ``[(0, 1), (0, 2)]``; one line naming a malformed edge."""
-    edges = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        a, sep, b = part.partition("-")
-        if not sep or not a.strip().isdigit() or not b.strip().isdigit():
-            raise ValueError(f"skeleton edge {part!r} is not of the form A-B with 0-based indices (e.g. 0-1,0-2)")
-        edges.append((int(a), int(b)))
-    return edges
-
-
-def parse_bbox(text: str) -> tuple[float, float, float, float]:
-    """``"x,y,w,h"`` → four floats; one line when it is not four numbers."""
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise ValueError(f"bbox {text!r} is not four numbers x,y,w,h (pixels, top-left corner and size)")
-    return values  # type: ignore[return-value]
-
-
 def window_mass(sim: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """The score: softmax(sim) mass in the 3x3 cells around each point's cell.
 
@@ -185,6 +111,25 @@ def window_mass(sim: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     col = (points[:, 0] * w).long().clamp(0, w - 1)  # (K,)
     row = (points[:, 1] * h).long().clamp(0, h - 1)
     return window[torch.arange(k), row, col].clamp(0, 1).cpu()
+
+
+def set_clip_precision(model: torch.nn.Module, cfg, device: str | torch.device) -> bool:
+    """Give ``model`` (a :class:`~capenext.models.CapeNext`) the frozen CLIP in the precision
+    ``cfg.model.clip_precision`` names when it holds another (a checkpoint trained in fp32 run with the
+    reference's fp16 CLIP, or back): the CLIP is rebuilt from ``cfg.model`` on ``device`` (open_clip's fp16
+    build, as the reference's, not a cast). fp16 runs on CUDA only: one line when ``device`` is not CUDA.
+    Returns whether the CLIP was replaced."""
+    from capenext.models.clip import FrozenCLIP
+
+    precision = cfg.model.clip_precision
+    if precision == model.clip.precision:
+        return False
+    device = torch.device(device)
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"model.clip_precision=fp16 runs on a CUDA device only (the reference's GPU setting), "
+                         f"not on {device.type}: run on cuda, or use CLIP precision fp32")
+    model.clip = FrozenCLIP.from_cfg(cfg.model).to(device)
+    return True
 
 
 @dataclass
@@ -328,9 +273,8 @@ class Predictor:
         edges = check_skeleton(skeleton, len(texts))
         rgb = load_image(image)
         box = check_bbox(bbox, rgb.shape[1], rgb.shape[0])
-        if self.model.needs_class_embedding and (not isinstance(class_name, str) or not text_of(class_name)):
-            raise ValueError(f"the {self.cfg.model.ablation!r} model reads a class name: pass class_name "
-                             f"(e.g. 'cat'), got {class_name!r}")
+        check_class_name(class_name, self.model.needs_class_embedding, self.cfg.model.ablation,
+                         f"pass class_name (e.g. 'cat'), got {class_name!r}")
         k, dev = len(texts), self.device
         c = self.crop(rgb, box)
         img = torch.from_numpy(c.image).unsqueeze(0).to(dev)  # (1, 3, S, S)

@@ -22,15 +22,16 @@ Keypoint texts: the published weights were trained and tested with the reference
 ``python -m pipelines.descriptions``).
 
 Loading: ``weights_only=True`` first. If the file's ``meta`` holds numpy values, it is loaded again
-with only numpy's scalar/dtype/array globals allowed (still weights_only; said on stdout). Anything
-else outside torch's allowlist is refused with one line naming the objects: a checkpoint is never
-unpickled in full (that would run code from the file).
+with a fixed list of numpy's array/scalar/dtype globals allowed (still weights_only; said on stdout):
+the names mmcv's numpy scalars and arrays pickle to, in numpy 1's and numpy 2's spelling, resolved from
+modules this file imports itself, never from a name in the file. Anything else (another numpy function
+such as ``numpy.load``, any other module's) is refused with one line naming it, before anything of the
+file is run: a checkpoint is never unpickled in full (that would run code from the file).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import pickle
 import re
 import sys
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from capenext.checkpoint import not_a_checkpoint
-from capenext.cli import UsageError, run_main
+from capenext.cli import UsageError, one_line, run_main
 from capenext.files import file_sha256
 
 SUPPORTED_BACKBONES = ("swinv2_t",)  # the published weights are Swin V2-T
@@ -77,7 +78,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# The numpy globals a real mmcv/mmpose checkpoint's ``meta`` needs (numpy scalars such as ``best_score``,
+# small arrays), in numpy 1's spelling (``numpy.core``: the published files) and numpy 2's (``numpy._core``).
+# A FIXED list, resolved from modules this file imports itself: a name read from the file is never imported.
+# Everything else numpy has (``numpy.load``, ``numpy.testing``'s helpers, object arrays) is refused: the
+# weights_only unpickler calls whatever it is allowed to, so one wrong name there runs code from the file.
+NUMPY_ARRAY_GLOBALS = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+                       "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+                       "numpy.ndarray", "numpy.dtype")
+# the dtypes whose instances the unpickler BUILDs (numpy's own dtype classes, ``numpy.dtypes.Float64DType`` …):
+# booleans, integers, floats, complex, bytes, str, datetime/timedelta; no object ('O') or void ('V') dtype
+NUMPY_DTYPE_CODES = "?bBhHiIlLqQefdgFDGSUMm"
+
+
+def numpy_safe_globals() -> list[tuple[Any, str]]:
+    """``(object, name)`` pairs for ``torch.serialization.safe_globals``: exactly the names above."""
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray  # numpy 2
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
+    objects = {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar, "ndarray": np.ndarray,
+               "dtype": np.dtype}
+    pairs: list[tuple[Any, str]] = [(objects[name.rpartition(".")[2]], name) for name in NUMPY_ARRAY_GLOBALS]
+    for code in NUMPY_DTYPE_CODES:
+        cls = type(np.dtype(code))
+        pairs.append((cls, f"numpy.dtypes.{cls.__name__}"))
+    return pairs
+
+
 def _blocked_globals(path: Path) -> list[str]:
+    """The globals a zip checkpoint names outside torch's own allowlist (read without unpickling anything)."""
     import torch
 
     try:
@@ -86,53 +118,57 @@ def _blocked_globals(path: Path) -> list[str]:
         return []
 
 
-def _resolve(name: str):
-    module, _, attr = name.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
+def _named_in(err: BaseException) -> list[str]:
+    """The globals or classes torch's weights_only unpickler names in its refusal."""
+    return list(dict.fromkeys(re.findall(r"(?:GLOBAL |<class ')([\w.]+)", str(err))))
 
 
-def _one_line(err: BaseException, limit: int = 200) -> str:
-    return " ".join(str(err).split())[:limit]
+def _said(err: BaseException) -> str:
+    line = one_line(err, 160)
+    return line if line.startswith(type(err).__name__) else f"{type(err).__name__}: {line}"
+
+
+def _refuse(path: Path, names: list[str]) -> ValueError:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return ValueError(f"--official {path}: cannot be read with weights_only=True, it holds {shown} (outside torch's "
+                      "tensor globals and numpy's array/scalar/dtype ones); nothing unpickled from it was run and "
+                      "nothing written: re-save its state_dict and meta as plain tensors, numbers and strings")
 
 
 def read_official(path: Path) -> tuple[Any, list[str]]:
-    """The unpickled file and notes on how it was read; one-line errors for missing or unreadable files."""
+    """The unpickled file and notes on how it was read; one-line errors for missing, unreadable or unsafe files.
+
+    ``weights_only=True`` first; if that refuses a global, the globals the file names are listed (without
+    unpickling) and anything outside :data:`NUMPY_ARRAY_GLOBALS` is refused by name; otherwise the file is
+    read again, still weights_only, with only those numpy names (and the dtype classes) allowed.
+    """
     import torch
 
     if not path.is_file():
         raise FileNotFoundError(f"--official {path}: no such file")
-    notes: list[str] = []
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), notes
-    except pickle.UnpicklingError as err:
-        blocked = _blocked_globals(path)
-        if not blocked:  # not a global outside the allowlist: the file itself is broken
-            raise ValueError(f"--official {path}: {not_a_checkpoint(path)}; torch.load said UnpicklingError: "
-                             f"{_one_line(err, 160)}") from None
+        return torch.load(path, map_location="cpu", weights_only=True), []
+    except pickle.UnpicklingError:
+        pass
     except Exception as err:  # truncated zips, foreign files: torch raises several types
-        raise ValueError(f"--official {path}: {not_a_checkpoint(path)}; torch.load said {type(err).__name__}: "
-                         f"{_one_line(err, 160)}") from None
-    if all(name.startswith("numpy.") for name in blocked):
-        allowed = list(blocked)
-        for _ in range(8):  # numpy's dtype classes show up one unpickling attempt at a time
-            try:
-                with torch.serialization.safe_globals([_resolve(n) for n in allowed]):
-                    obj = torch.load(path, map_location="cpu", weights_only=True)
-                notes.append(f"{path.name} holds numpy values: read with weights_only=True and only numpy's "
-                             f"{', '.join(sorted(allowed))} allowed")
-                return obj, notes
-            except pickle.UnpicklingError as err:
-                more = re.findall(r"(?:GLOBAL |<class ')(numpy\.[\w.]+)", str(err))
-                if not more or set(more) <= set(allowed):
-                    found = re.findall(r"(?:GLOBAL |<class ')([\w.]+)", str(err))
-                    blocked = allowed + [m for m in found if m not in allowed]
-                    break
-                allowed += [m for m in more if m not in allowed]
-            except Exception as err:
-                raise ValueError(f"--official {path}: {not_a_checkpoint(path)}; torch.load said "
-                                 f"{type(err).__name__}: {_one_line(err, 160)}") from None
-    raise ValueError(f"--official {path}: cannot be read with weights_only=True, it holds {blocked[:5]}; "
-                     "re-save its state_dict and meta as plain tensors and strings")
+        raise ValueError(f"--official {path}: {not_a_checkpoint(path)}; torch.load said {_said(err)}") from None
+    allowed = numpy_safe_globals()
+    names = {name for _, name in allowed}
+    foreign = [g for g in sorted(_blocked_globals(path)) if g not in names]
+    if foreign:  # refused before anything of the file is unpickled
+        raise _refuse(path, foreign)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _named_in(err)
+        if refused:  # a global or class outside the list (a legacy file, or an object dtype)
+            raise _refuse(path, refused) from None
+        raise ValueError(f"--official {path}: {not_a_checkpoint(path)}; torch.load said {_said(err)}") from None
+    except Exception as err:
+        raise ValueError(f"--official {path}: {not_a_checkpoint(path)}; torch.load said {_said(err)}") from None
+    return obj, [f"{path.name} holds numpy values: read with weights_only=True and only numpy's array, scalar "
+                 "and dtype globals allowed"]
 
 
 def split_checkpoint(obj: Any, path: Path) -> tuple[dict, dict, list[str]]:
@@ -161,6 +197,8 @@ def source_meta(meta: dict) -> dict[str, Any]:
     for key in META_KEYS:
         if key in meta:
             v = meta[key]
+            if hasattr(v, "item") and getattr(v, "shape", None) == ():  # a numpy scalar: its Python number
+                v = v.item()
             out[key] = v if isinstance(v, (str, int, float, bool)) else (float(v) if hasattr(v, "__float__")
                                                                           else str(v))
     return out

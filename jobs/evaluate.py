@@ -1,13 +1,14 @@
 """Test protocol and noisy-prompt robustness: ``python -m jobs.evaluate --checkpoint X --shards DIR``.
 
 Evaluates a trained checkpoint on a split's unseen test categories with the training run's own test
-protocol (per category ``data.test_episodes`` episodes × ``data.queries`` queries, episode seed
-``optim.seed + 2``, the same crops, batches and PCK code as ``jobs.train``), so ``--noise none``
-reproduces the training run's logged ``test/pck_*`` exactly. With noise (paper Tables 4 and 5; the noise
-is defined once in :mod:`capenext.noise` and seeded by ``--seed``):
+protocol, the one function :func:`capenext.protocol.run_protocol` (per category ``--episodes``
+(``data.test_episodes``) episodes × ``--queries`` (``data.queries``) queries, episode seed
+``optim.seed + 2``, the same crops and PCK code as ``jobs.train``), so ``--noise none`` reproduces the
+training run's logged ``test/pck_*`` exactly. With noise (paper Tables 4 and 5; the noise
+is defined once in :mod:`capenext.noise` and seeded by ``--noise-seed``):
 
 * ``class``: each query's class prompt becomes ``wrong_class(true name, every category name, seed)``;
-* ``typo``: each keypoint text gets typos at ``--noise-rate`` (default 0.1);
+* ``typo``: each keypoint text gets typos at ``--typo-rate`` (default 0.1);
 * ``template``: keypoint texts are rewritten by each word map of ``--template-map`` (default: the paper's
   five Table 5 maps), one result row per map;
 * ``reference:VARIANT``: the reference's own texts of that variant (``typo``, ``synonyms``, ``translate``,
@@ -18,15 +19,15 @@ Keypoint texts: the training config's (``data.descriptions``, ``data.text_varian
 (``jobs.convert``) reads the reference's regular texts: evaluating it without them (no descriptions, a
 name → texts map, another variant) is refused in one line, since its numbers would mean nothing.
 
-Episodes: ours by default (seeded); ``--episodes reference`` draws the reference's own (support, query)
+Episodes: ours by default (seeded); ``--sampler reference`` draws the reference's own (support, query)
 annotations from the split's test annotation file under ``--data-root`` (mmpose's
-``make_paired_samples``, :func:`capenext.data.episodes.reference_episodes`).
+``make_paired_samples``, :func:`capenext.protocol.reference_pairs`).
 
 Embeddings: with ``--embeddings`` the precomputed tables of ``pipelines.embed`` are used (clean, and the
 noisy variants they hold: ``typo@R`` for the rates and seed they were made with, ``template:NAME`` for
 the same map); a variant the tables do not hold, and everything without ``--embeddings``, is encoded here
 with the model's own frozen CLIP, the same texts through the same encoder, so the results agree either
-way. Image embeddings of a ``precomputed`` model are then taken from the un-augmented test crop, as the
+way (:class:`capenext.data.embeddings.EmbeddingSource`). Image embeddings of a ``precomputed`` model are then taken from the un-augmented test crop, as the
 embedding job takes them.
 
 Each result row is one MLflow run in the training run's experiment, tagged ``capenext.kind=evaluation``,
@@ -44,6 +45,7 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +57,10 @@ from capenext.config import RunCfg
 from capenext.data.mp100 import TEXT_VARIANTS
 from capenext.metrics import THRESHOLDS, episode_seed, metric_keys
 from capenext.noise import DEFAULT_TYPO_RATE, Variant, get_noise, noise_kinds, wrong_class
-from jobs.common import CHECKPOINT_HELP, collate, resolve_checkpoint
-from jobs.runs import check_texts, needs_image_table
-from jobs.tracking import ensure_experiment, find_run, open_client, tracking_uri
+from pipelines.runtime.checkpoints import CHECKPOINT_HELP, Source, resolve_checkpoint
+from pipelines.runtime.options import (add_clip_precision, add_config_option, add_device, add_noise_seed,
+                                       add_tracking_uri, positive)
+from pipelines.runtime.tracking import ensure_experiment, find_run, open_client, tracking_uri
 
 PICTURE_THRESHOLD = 0.2  # the threshold that ranks the best and worst queries in the pictures
 
@@ -76,10 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "  python -m jobs.evaluate --checkpoint runs:/<run_id>/checkpoints/final.pt --shards shards "
                "--embeddings emb\n"
                "  python -m jobs.evaluate --checkpoint <run_id> --shards shards --embeddings emb --noise typo "
-               "--noise-rate 0.2\n"
+               "--typo-rate 0.2\n"
                "  python -m jobs.evaluate --checkpoint final.pt --split 1 --shards shards --noise template\n"
                "  python -m jobs.evaluate --checkpoint capenext_split1.pt --split 1 --shards shards --embeddings emb "
-               "--descriptions descriptions.json --episodes reference --data-root MP100",
+               "--descriptions descriptions.json --sampler reference --data-root MP100",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
@@ -89,58 +92,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--embeddings", type=Path, default=None,
                    help="embedding folder (pipelines.embed) with the clean and noisy keypoint tables; without "
                         "it every embedding is encoded here with the model's CLIP")
-    p.add_argument("--descriptions", default=None,
-                   help="keypoint texts from this descriptions file (python -m pipelines.descriptions) instead of the "
-                        "training config's")
-    p.add_argument("--text-variant", default=None, choices=TEXT_VARIANTS, metavar="VARIANT",
-                   help="which of the reference's texts the descriptions file gives: "
-                        f"{', '.join(TEXT_VARIANTS)} (default: the config's, regular)")
+    add_config_option(p, "descriptions", help="keypoint texts from this descriptions file (python -m "
+                      "pipelines.descriptions) instead of the training config's")
+    add_config_option(p, "text_variant", choices=TEXT_VARIANTS, metavar="VARIANT",
+                      help=f"which of the reference's texts the descriptions file gives: {', '.join(TEXT_VARIANTS)} "
+                           "(default: the config's, regular)")
     g = p.add_argument_group("noise (paper Tables 4 and 5)")
     g.add_argument("--noise", default="none", metavar="KIND",
                    help="; ".join(f"{k + (':VARIANT' if 'variant' in get_noise(k).options else '')}: "
                                   f"{get_noise(k).help}" for k in noise_kinds()) + " (default none)")
-    g.add_argument("--noise-rate", type=float, default=None,
+    g.add_argument("--typo-rate", type=float, default=None,
                    help=f"typo rate per letter, in [0, 1] (--noise typo; default {DEFAULT_TYPO_RATE})")
     g.add_argument("--template-map", default=None,
                    help="JSON word map {\"word\": \"replacement\"} or {\"name\": {...}, ...} (--noise template; "
                         "default: each of the paper's Table 5 maps, one result row each)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0, as pipelines.embed)")
+    add_noise_seed(g)
     g = p.add_argument_group("protocol")
-    g.add_argument("--episodes", type=_episodes_arg, default=None, metavar="N|reference|ours",
-                   help="episodes per test category (default: the training config's, 200), or 'reference': the "
-                        "reference's own episodes (its sampler on the split's test annotation file; needs "
-                        "--data-root), 'ours' (the seeded sampler, default)")
+    for name in ("episodes", "queries"):
+        add_config_option(g, name, help=f"{'test episodes per category' if name == 'episodes' else 'queries per episode'}"
+                                        " (default: the training config's)")
+    add_config_option(g, "sampler", help="ours (the seeded sampler, default) or reference: the reference's own "
+                      "episodes (its sampler on the split's test annotation file; needs --data-root)")
     g.add_argument("--data-root", type=Path, default=None,
-                   help="the MP-100 copy the shards were made from (--episodes reference reads its test annotation file)")
-    g.add_argument("--queries", type=int, default=None, help="queries per episode (default: the config's, 15)")
+                   help="the MP-100 copy the shards were made from (--sampler reference reads its test annotation file)")
     g.add_argument("--episode-seed", type=int, default=None,
-                   help="seed of the episodes (default: the training run's, optim.seed + 2)")
-    g.add_argument("--batch-size", type=int, default=None, help="queries per forward (default: the config's)")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda (default cpu)")
+                   help="seed of our episodes (default: the training run's, optim.seed + 2)")
+    g.add_argument("--eval-batch-size", type=int, default=None,
+                   help="queries per forward (default: the config's optim.batch_size)")
+    add_device(g)
     g.add_argument("--clip-checkpoint", default=None,
                    help="where the frozen CLIP's weights are on this machine (default: the config's path)")
-    g.add_argument("--clip-precision", choices=("fp32", "fp16"), default=None,
-                   help="CLIP's precision (default: the config's, fp32); fp16 as the reference on a GPU, CUDA only")
+    add_clip_precision(g)
     g.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes (default 0)")
     g = p.add_argument_group("output")
     g.add_argument("--pictures", type=int, default=2,
                    help="best and worst queries per category drawn for each row (default 2; 0: none)")
     g.add_argument("--out", type=Path, default=Path("evaluation"),
                    help="folder for the pictures (default ./evaluation)")
+    add_tracking_uri(g)
     g.add_argument("--experiment", default="capenext",
                    help="MLflow experiment when the training run is not in the tracking store (default capenext)")
     g.add_argument("--no-mlflow", action="store_true", help="print the results only, log nothing")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
-
-
-def _episodes_arg(text: str) -> int | str:
-    if text in ("ours", "reference"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of episodes, 'reference' or 'ours', got {text!r}") from None
 
 
 # --- noise variants ---------------------------------------------------------------------------------
@@ -165,14 +159,14 @@ def variants(args: argparse.Namespace, descriptions: str | None = None) -> list[
     """The result rows of ``--noise`` with its options; another kind's option is one line."""
     name, variant = parse_noise(args.noise)
     kind = get_noise(name)
-    given = {"rate": args.noise_rate, "template_map": args.template_map}
-    flags = {"rate": "--noise-rate", "template_map": "--template-map"}
+    given = {"rate": args.typo_rate, "template_map": args.template_map}
+    flags = {"rate": "--typo-rate", "template_map": "--template-map"}
     for option, value in given.items():
         if value is not None and option not in kind.options:
             users = [k for k in noise_kinds() if option in get_noise(k).options]
             raise UsageError(f"{flags[option]} applies to --noise {', '.join(users)}, not --noise {args.noise}")
     try:
-        return kind.variants(rate=args.noise_rate, template_map=args.template_map, seed=args.seed, variant=variant,
+        return kind.variants(rate=args.typo_rate, template_map=args.template_map, seed=args.noise_seed, variant=variant,
                              descriptions=descriptions)
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -195,111 +189,8 @@ def check_converted_texts(spec: str, meta: dict[str, Any], cfg: RunCfg) -> None:
                          f"--reference CHECKOUT --out FILE) with --text-variant {variant}; other texts: --noise")
 
 
-class Embeddings:
-    """Keypoint, class and image embeddings for a variant: from the tables when they hold it, else
-    encoded with the model's CLIP (the same texts, the same encoder)."""
 
-    def __init__(self, model, index, tables: Path | None, meta: dict[str, Any] | None, seed: int,
-                 image_table: bool):
-        from capenext.data.embeddings import load_bank
-
-        self.model, self.index, self.tables, self.meta, self.seed = model, index, tables, meta or {}, seed
-        self.base = load_bank(tables, "clean", images=image_table) if tables is not None else None
-        self.class_ids = {c.name: c.id for c in index.categories.values()}
-
-    def in_tables(self, v: Variant) -> bool:
-        return self.tables is not None and get_noise(v.noise).in_tables(v, self.meta, self.seed)
-
-    def texts(self, v: Variant, cat) -> list[str]:
-        """The variant's keypoint texts of a category (whole-category kinds start from its annotation names)."""
-        return v.texts_of(cat, self.index.annotation_categories.get(cat.id))
-
-    def keypoints(self, v: Variant, categories) -> tuple[dict[int, torch.Tensor], str]:
-        """category id → (K, C) keypoint embeddings of the variant; and where they came from."""
-        from capenext.data.embeddings import load_bank
-
-        if self.in_tables(v):
-            table = self.base.keypoints if get_noise(v.noise).changes != "keypoints" else load_bank(
-                self.tables, v.name, images=False).keypoints
-            return {c.id: table[c.id] for c in categories}, "tables"
-        texts = [(c.id, self.texts(v, c)) for c in categories]
-        flat = [t for _, ts in texts for t in ts]
-        emb = self.model.clip.encode_text(flat).cpu()  # (sum K, C)
-        out, i = {}, 0
-        for cid, ts in texts:
-            out[cid] = emb[i: i + len(ts)]
-            i += len(ts)
-        return out, "in-process"
-
-    def classes(self, names: dict[int, str]) -> dict[int, torch.Tensor]:
-        """category id → (C,) embedding of ``a photo of {names[id]}`` (the table's row of the category of
-        that name when there are tables)."""
-        out = {}
-        for cid, name in names.items():
-            known = self.class_ids.get(name)
-            if self.base is not None and known in self.base.classes:
-                out[cid] = self.base.classes[known]
-            else:
-                out[cid] = self.model.clip.encode_class([name])[0].cpu()
-        return out
-
-
-# --- the protocol -----------------------------------------------------------------------------------
-
-
-def reference_test_pairs(data_root: Path, split: int, index, subset, num_episodes: int, queries: int
-                         ) -> np.ndarray:
-    """The reference's test episodes of the split as (query, support) indices into ``subset.samples``."""
-    from capenext.data.episodes import reference_pairs
-    from capenext.data.mp100 import annotation_path
-    from capenext.data.source import source_digest
-
-    path = annotation_path(data_root, split, "test")
-    if not path.is_file():
-        raise FileNotFoundError(f"--episodes reference: {path} not found (--data-root)")
-    recorded = index.manifest.get("source", {}).get("digest")
-    if recorded is not None and source_digest(data_root) != recorded:
-        raise ValueError(f"--data-root {data_root}: its annotation files are not the ones the shards in "
-                         f"{index.root} were made from (the manifest's source digest differs)")
-    data = json.loads(path.read_bytes())
-    in_file = {c["id"] for c in data.get("categories", [])}
-    if in_file != set(subset.categories):
-        raise ValueError(f"{path}: categories {sorted(in_file)} are not the shards' split {split} test categories "
-                         f"{sorted(subset.categories)}")
-    ann_index = {s.ann_id: i for i, s in enumerate(subset.samples)}
-    return reference_pairs(data, ann_index, num_episodes, queries, where=str(path))
-
-
-def run_protocol(model, cfg: RunCfg, index, subset, bank, online_images: bool, device: torch.device,
-                 episodes_n: int, queries: int, episode_seed: int, batch_size: int, loader_workers: int,
-                 desc: str, progress: bool, pairs: np.ndarray | None = None) -> tuple[dict[str, float], list[dict]]:
-    """``jobs.train``'s test evaluation: returns (metrics, per-query records with ``visible`` (K,)).
-    ``pairs`` ((P, 2) query, support indices) replaces our seeded episodes (the reference's)."""
-    from tqdm import tqdm
-
-    from capenext.data import PairDataset, episodes
-    from capenext.engine import evaluate
-
-    if pairs is None:
-        pairs = episodes(subset.by_category(), episodes_n, queries, episode_seed)
-    ds = PairDataset(subset, pairs, cfg.data, load_image=index.read_bytes)  # decoded by make_item, as in training
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=loader_workers)
-    visible: list[torch.Tensor] = []
-    image_table = model.needs_image_embedding and not online_images and model.image_embedding == "precomputed"
-
-    def prepare(batch: dict) -> dict:
-        batch = bank.fill(batch, cfg.data.max_keypoints, image_table, model.needs_class_embedding)
-        if online_images and model.needs_image_embedding and model.image_embedding == "precomputed":
-            batch["img_emb"] = model.clip.encode_image(batch["img"].to(device)).cpu()  # (B, C), as pipelines.embed
-        visible.append(batch["visible"])
-        return batch
-
-    records: list[dict] = []
-    batches = tqdm(loader, desc=desc, unit="batch", disable=not progress, file=sys.stderr, leave=False)
-    metrics = evaluate(model, batches, device, prepare, cfg.data.image_size, thresholds=THRESHOLDS, keep=records)
-    for r, vis in zip(records, torch.cat(visible) if visible else []):
-        r["visible"] = vis
-    return metrics, records
+# --- output ------------------------------------------------------------------------------------------
 
 
 def picture(records: list[dict], subset, index, cfg: RunCfg, n: int, title: str, path: Path) -> Path:
@@ -337,9 +228,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-# --- MLflow ------------------------------------------------------------------------------------------
-
-
 def log_row(client, experiment_id: str, tags: dict[str, str], params: dict[str, Any], metrics: dict[str, float],
             pictures: list[Path]) -> str:
     """One evaluation run: tags, params, ``test/*`` metrics, pictures; returns its id."""
@@ -360,9 +248,6 @@ def log_row(client, experiment_id: str, tags: dict[str, str], params: dict[str, 
     return run_id
 
 
-# --- driver ------------------------------------------------------------------------------------------
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     heads = [f"PCK@{t:g}" for t in THRESHOLDS] + ["mPCK"]
     keys = metric_keys("test")
@@ -374,21 +259,36 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from capenext.checkpoint import load_model
-    from capenext.data.mp100 import check_split
-    from capenext.data.shards import ShardIndex
-    from capenext.data.embeddings import EmbeddingBank, check_tables
+# --- driver ------------------------------------------------------------------------------------------
 
-    args = parse_args(argv)
-    noise_kind, _ = parse_noise(args.noise)
-    # usage errors before anything slow (the reference's texts may come from the checkpoint's config)
-    rows_spec = None if noise_kind == "reference" and args.descriptions is None else variants(args, args.descriptions)
-    sampler = args.episodes if isinstance(args.episodes, str) else None
-    count = args.episodes if isinstance(args.episodes, int) else None
-    for name, value in (("episodes", count), ("queries", args.queries), ("batch_size", args.batch_size)):
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+@dataclass
+class Evaluation:
+    """What every result row of one ``jobs.evaluate`` call shares: the model, its config, the split's test
+    categories and their episodes, the embedding source, and where rows are logged."""
+
+    source: Source
+    model: torch.nn.Module
+    cfg: RunCfg
+    device: torch.device
+    split: int
+    index: Any  # ShardIndex
+    subset: Any  # the split's test Subset
+    pairs: np.ndarray  # (P, 2) query, support indices into subset.samples
+    sampler: str
+    ep_seed: int | None  # None: the reference's episodes
+    embeddings: Any  # EmbeddingSource
+    label: str
+    training_id: str | None
+    batch_size: int
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Usage errors that need nothing loaded, before anything slow."""
+    parse_noise(args.noise)
+    for flag, value in (("--episodes", args.episodes), ("--queries", args.queries),
+                        ("--eval-batch-size", args.eval_batch_size)):
+        positive(flag, value)
     if args.data_root is not None and not args.data_root.is_dir():
         raise UsageError(f"--data-root {args.data_root}: no such folder")
     if args.clip_precision == "fp16" and args.device != "cuda":
@@ -396,11 +296,17 @@ def main(argv: list[str] | None = None) -> int:
                          "--device cuda, or use fp32")
     if args.pictures < 0:
         raise UsageError(f"--pictures must be 0 or more, got {args.pictures}")
-    uri = tracking_uri()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is visible")
 
+
+def load(args: argparse.Namespace, uri: str) -> tuple[Source, torch.nn.Module, RunCfg, dict[str, Any]]:
+    """The checkpoint, its model on the device and its config with this command's text and CLIP options."""
+    from capenext.checkpoint import load_model
+    from capenext.data.mp100 import check_texts
+    from capenext.predict import set_clip_precision
+
+    device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="capenext-eval-") as tmp:
         source = resolve_checkpoint(args.checkpoint, uri, Path(tmp))
         try:
@@ -408,31 +314,22 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError as err:  # unregistered ablation / backbone / CLIP in the config
             raise ValueError(f"{source.spec}: checkpoint of an unknown config ({err.args[0] if err.args else err})"
                              ) from None
-    client = open_client(uri, create=False)  # read only: None when there is no store yet
-    if args.descriptions is not None:
-        cfg.data.descriptions = args.descriptions
-    if args.text_variant is not None:
-        cfg.data.text_variant = args.text_variant
+    for field_, value in (("descriptions", args.descriptions), ("text_variant", args.text_variant),
+                          ("test_episodes", args.episodes), ("queries", args.queries), ("episodes", args.sampler)):
+        if value is not None:
+            setattr(cfg.data, field_, value)
+    check_texts(cfg.data)
+    check_converted_texts(source.spec, meta, cfg)
     if args.clip_precision is not None:
         cfg.model.clip_precision = args.clip_precision
-    check_texts(cfg)
-    check_converted_texts(source.spec, meta, cfg)
-    sampler = sampler or cfg.data.episodes
-    if sampler == "reference" and args.data_root is None:
-        raise UsageError("--episodes reference draws from the split's test annotation file: pass --data-root ROOT "
-                         "(the MP-100 copy the shards were made from)")
-    if rows_spec is None:
-        rows_spec = variants(args, cfg.data.descriptions)
-    if cfg.model.clip_precision != model.clip.precision:
-        from capenext.models.clip import FrozenCLIP
+    set_clip_precision(model, cfg, device)
+    return source, model, cfg, meta
 
-        if cfg.model.clip_precision == "fp16" and device.type != "cuda":
-            raise UsageError("model.clip_precision=fp16 runs on a CUDA device only: add --device cuda, or pass "
-                             "--clip-precision fp32")
-        model.clip = FrozenCLIP.from_cfg(cfg.model).to(device)
-    training_id = source.run_id or meta.get("run_id")
-    train_run = find_run(client, training_id)
-    train_tags = train_run.data.tags if train_run is not None else {}
+
+def split_of(args: argparse.Namespace, train_tags: dict[str, str], training_id: str | None, uri: str) -> int:
+    """``--split``, else the training run's split tag; a note when they differ."""
+    from capenext.data.mp100 import check_split
+
     split = args.split if args.split is not None else (int(train_tags["split"]) if "split" in train_tags else None)
     if split is None:
         raise UsageError(f"pass --split K: the checkpoint's training run ({training_id or 'unknown'}) is not in "
@@ -441,92 +338,133 @@ def main(argv: list[str] | None = None) -> int:
     if "split" in train_tags and int(train_tags["split"]) != split:
         print(f"note: the model was trained on split {train_tags['split']}; split {split}'s test categories "
               "may be among its training categories", file=sys.stderr)
+    return split
 
+
+def prepare(args: argparse.Namespace, uri: str) -> tuple[Evaluation, Any]:
+    """Everything the rows share, every input checked; and the training run (``None`` when not in the store)."""
+    from capenext.data.embeddings import EmbeddingSource, check_tables, needs_image_table
+    from capenext.data.shards import ShardIndex
+    from capenext.protocol import our_pairs, reference_pairs
+
+    source, model, cfg, meta = load(args, uri)
+    if cfg.data.episodes == "reference" and args.data_root is None:
+        raise UsageError("--sampler reference draws from the split's test annotation file: pass --data-root ROOT "
+                         "(the MP-100 copy the shards were made from)")
+    if cfg.data.episodes == "reference" and args.episode_seed is not None:
+        raise UsageError("--episode-seed seeds our episodes; the reference's are drawn with its own seed")
+    training_id = source.run_id or meta.get("run_id")
+    train_run = find_run(open_client(uri, create=False), training_id)  # read only: no store is made here
+    train_tags = train_run.data.tags if train_run is not None else {}
+    split = split_of(args, train_tags, training_id, uri)
     index = ShardIndex(args.shards, descriptions=cfg.data.descriptions, text_variant=cfg.data.text_variant)
     subset = index.subset(split, "test")
     if not subset.samples:
         raise UsageError(f"split {split} has no test samples in {args.shards}")
-    pairs = None
-    if sampler == "reference":
-        pairs = reference_test_pairs(args.data_root, split, index, subset, count or cfg.data.test_episodes,
-                                     args.queries or cfg.data.queries)
-    meta_tables = None
-    image_table = needs_image_table(cfg)
+    n, q = cfg.data.test_episodes, cfg.data.queries
+    ep_seed = None
+    if cfg.data.episodes == "reference":
+        pairs = reference_pairs(args.data_root, split, index, subset, n, q)
+    else:
+        ep_seed = episode_seed(cfg.optim.seed, "test") if args.episode_seed is None else args.episode_seed
+        pairs = our_pairs(subset, n, q, ep_seed)
+    images = needs_image_table(cfg)
+    tables = None
     if args.embeddings is not None:
-        meta_tables = check_tables(args.embeddings, cfg, index.digest, images=image_table,
-                                   remake=f"python -m pipelines.embed --shards {args.shards} --out "
-                                          f"{args.embeddings} and the training run's --config/--set")
-    emb = Embeddings(model, index, args.embeddings, meta_tables, args.seed, image_table)
-
-    episodes_n = count or cfg.data.test_episodes
-    queries = args.queries or cfg.data.queries
-    ep_seed = episode_seed(cfg.optim.seed, "test") if args.episode_seed is None else args.episode_seed
-    if pairs is not None and args.episode_seed is not None:
-        raise UsageError("--episode-seed seeds our episodes; the reference's are drawn with its own seed")
-    batch_size = args.batch_size or cfg.optim.batch_size
+        tables = check_tables(args.embeddings, cfg, index.digest, images=images,
+                              remake=f"python -m pipelines.embed --shards {args.shards} --out "
+                                     f"{args.embeddings} and the training run's --config/--set")
+    emb = EmbeddingSource(model, index, args.embeddings, tables, args.noise_seed, images)
     label = train_tags.get("capenext.run_name") or source.path.stem
-    categories = sorted(subset.categories.values(), key=lambda c: c.id)
-    all_names = [c.name for c in index.categories.values()]
-    print(f"evaluating {source.spec} ({cfg.model.ablation}, {cfg.model.backbone}) on split {split}: "
-          f"{len(categories)} test categories x {episodes_n} episodes x {queries} queries, "
-          + (f"episode seed {ep_seed}" if pairs is None else "the reference's episodes")
-          + f", noise {args.noise} (seed {args.seed})", file=sys.stderr, flush=True)
+    return Evaluation(source, model, cfg, torch.device(args.device), split, index, subset, pairs, cfg.data.episodes,
+                      ep_seed, emb, label, training_id, args.eval_batch_size or cfg.optim.batch_size), train_run
 
-    experiment_id = None
+
+def measure(ev: Evaluation, v: Variant, args: argparse.Namespace) -> tuple[dict[str, Any], list[dict]]:
+    """One result row: the variant's embeddings, the protocol, the share of prompts the noise changed."""
+    from capenext.data.embeddings import needs_image_table
+    from capenext.protocol import run_protocol
+
+    categories = sorted(ev.subset.categories.values(), key=lambda c: c.id)
+    names = {c.id: c.name for c in categories}
+    if v.wrong_class:
+        all_names = [c.name for c in ev.index.categories.values()]
+        names = {c.id: wrong_class(c.name, all_names, args.noise_seed) for c in categories}
+        changed = [names[c.id] != c.name for c in categories]
+    else:
+        changed = [new != old for c in categories for new, old in zip(ev.embeddings.texts(v, c), c.keypoints)]
+    bank, where = ev.embeddings.bank(v, categories, names)
+    online = needs_image_table(ev.cfg) and ev.embeddings.base is None
+    metrics, records = run_protocol(ev.model, ev.subset, ev.pairs, ev.cfg.data, ev.device,
+                                    load_image=ev.index.read_bytes, batch_size=ev.batch_size, bank=bank,
+                                    online_images=online, loader_workers=args.loader_workers, records=True,
+                                    progress=None if args.quiet else v.name)
+    row = {"noise": v.noise, "noise_variant": v.name,
+           "embeddings": where if not online else f"{where} (images in-process)",
+           **{f"test/{k}": val for k, val in metrics.items() if k != "count"},
+           "test/queries": metrics["count"], "noise/changed_fraction": float(np.mean(changed))}
+    return row, records
+
+
+def row_params(ev: Evaluation, v: Variant, row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """What an evaluation run records as params: the settings that change its numbers."""
+    return {"checkpoint": ev.source.spec, "noise": v.noise, "noise_variant": v.name, "noise_seed": args.noise_seed,
+            "typo_rate": v.rate if v.rate is not None else "",
+            "template_map": json.dumps(v.word_map) if v.word_map else "", "episodes": ev.cfg.data.test_episodes,
+            "queries": ev.cfg.data.queries, "episode_seed": ev.ep_seed if ev.ep_seed is not None else "",
+            "sampler": ev.sampler, "eval_batch_size": ev.batch_size,
+            "keypoint_texts": ev.cfg.data.descriptions or "annotations", "text_variant": ev.cfg.data.text_variant,
+            "clip_precision": ev.cfg.model.clip_precision, "embeddings": row["embeddings"], "split": ev.split,
+            "device": str(ev.device)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    # usage errors before anything slow (the reference's texts may come from the checkpoint's config)
+    rows_spec = None if parse_noise(args.noise)[0] == "reference" and args.descriptions is None else variants(
+        args, args.descriptions)
+    uri = tracking_uri(args.tracking_uri)
+    ev, train_run = prepare(args, uri)
+    rows_spec = rows_spec or variants(args, ev.cfg.data.descriptions)
+    print(f"evaluating {ev.source.spec} ({ev.cfg.model.ablation}, {ev.cfg.model.backbone}) on split {ev.split}: "
+          f"{len(ev.subset.categories)} test categories x {ev.cfg.data.test_episodes} episodes x "
+          f"{ev.cfg.data.queries} queries, "
+          + (f"episode seed {ev.ep_seed}" if ev.ep_seed is not None else "the reference's episodes")
+          + f", noise {args.noise} (seed {args.noise_seed})", file=sys.stderr, flush=True)
+    client = experiment_id = None
     if not args.no_mlflow:  # the store is made only now, so a job that fails on its input leaves none behind
-        client = client if client is not None else open_client(uri)
+        client = open_client(uri)
         experiment_id = train_run.info.experiment_id if train_run is not None else ensure_experiment(
             client, args.experiment, uri)
         if train_run is None:
-            print(f"note: training run {training_id or '(unknown)'} is not in {uri}; logging to experiment "
+            print(f"note: training run {ev.training_id or '(unknown)'} is not in {uri}; logging to experiment "
                   f"{args.experiment!r}", file=sys.stderr)
-
     results = []
     for v in rows_spec:
         t0 = time.time()
-        kp, source_kind = emb.keypoints(v, categories)
-        names = {c.id: c.name for c in categories}
-        if v.wrong_class:
-            names = {c.id: wrong_class(c.name, all_names, args.seed) for c in categories}
-            changed = [names[c.id] != c.name for c in categories]
-        else:
-            changed = [new != old for c in categories for new, old in zip(emb.texts(v, c), c.keypoints)]
-        bank = EmbeddingBank(keypoints=kp, classes=emb.classes(names),
-                             images=emb.base.images if emb.base is not None else {})
-        online = image_table and emb.base is None
-        metrics, records = run_protocol(model, cfg, index, subset, bank, online, device, episodes_n, queries,
-                                        ep_seed, batch_size, args.loader_workers, v.name, not args.quiet, pairs)
-        row = {"noise": v.noise, "noise_variant": v.name, "embeddings": source_kind if not online else
-               f"{source_kind} (images in-process)",
-               **{f"test/{k}": val for k, val in metrics.items() if k != "count"},
-               "test/queries": metrics["count"], "noise/changed_fraction": float(np.mean(changed))}
+        row, records = measure(ev, v, args)
         pics = []
         if args.pictures > 0 and records:
-            title = (f"{label} · split {split} · {v.name} · test PCK@0.2 {metrics['pck_0.2']:.3f} · best and "
+            title = (f"{ev.label} · split {ev.split} · {v.name} · test PCK@0.2 {row['test/pck_0.2']:.3f} · best and "
                      f"worst queries by PCK@{PICTURE_THRESHOLD:g}")
-            pics.append(picture(records, subset, index, cfg, args.pictures, title,
-                                args.out / _safe(label) / f"{_safe(v.name)}.png"))
+            pics.append(picture(records, ev.subset, ev.index, ev.cfg, args.pictures, title,
+                                args.out / _safe(ev.label) / f"{_safe(v.name)}.png"))
             row["picture"] = str(pics[0])
         if experiment_id is not None:
-            tags = {"capenext.kind": "evaluation", "training_run_id": training_id or "", "noise": v.noise,
-                    "noise_variant": v.name, "split": str(split), "ablation": cfg.model.ablation,
-                    "backbone": cfg.model.backbone, "mlflow.runName": f"{label}-eval-{v.name}",
-                    "training_run_name": label}
-            params = {"checkpoint": source.spec, "noise": v.noise, "noise_variant": v.name,
-                      "noise_seed": args.seed, "noise_rate": v.rate if v.rate is not None else "",
-                      "template_map": json.dumps(v.word_map) if v.word_map else "", "episodes": episodes_n,
-                      "queries": queries, "episode_seed": ep_seed if pairs is None else "",
-                      "episodes_sampler": sampler, "batch_size": batch_size,
-                      "keypoint_texts": cfg.data.descriptions or "annotations", "text_variant": cfg.data.text_variant,
-                      "clip_precision": cfg.model.clip_precision, "embeddings": row["embeddings"], "split": split}
+            tags = {"capenext.kind": "evaluation", "training_run_id": ev.training_id or "", "noise": v.noise,
+                    "noise_variant": v.name, "split": str(ev.split), "ablation": ev.cfg.model.ablation,
+                    "backbone": ev.cfg.model.backbone, "mlflow.runName": f"{ev.label}-eval-{v.name}",
+                    "training_run_name": ev.label}
             mkeys = [k for k in row if k.startswith(("test/", "noise/"))]
-            row["run_id"] = log_row(client, experiment_id, tags, params, {k: row[k] for k in mkeys}, pics)
+            row["run_id"] = log_row(client, experiment_id, tags, row_params(ev, v, row, args),
+                                    {k: row[k] for k in mkeys}, pics)
         results.append(row)
         print(f"{v.name}: PCK@0.2 {row['test/pck_0.2']:.4f}, mPCK {row['test/pck_mean']:.4f} "
               f"({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
-
     print(table(results))
-    print(json.dumps({"checkpoint": source.spec, "training_run_id": training_id, "split": split, "rows": results}))
+    print(json.dumps({"checkpoint": ev.source.spec, "training_run_id": ev.training_id, "split": ev.split,
+                      "rows": results}))
     return 0
 
 

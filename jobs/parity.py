@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from capenext.cli import UsageError, run_main
-from jobs.parity_stages import (
+from jobs.conversion.stages import (
     DEFAULT_PERTURB,
     MAX_SLOTS,
     Capture,
@@ -79,7 +79,7 @@ from jobs.parity_stages import (
     select,
     stages,
 )
-from jobs.parity_stubs import (
+from jobs.conversion.stubs import (
     REFERENCE_ROOTS,
     STUB_ROOTS,
     BaseModule,

@@ -14,10 +14,12 @@ Keypoint texts: the names as given, or, with ``--descriptions FILE [--text-varia
 file gives the category (the reference's rules match the class name, and the keypoints file's
 ``supercategory`` and ``id`` when it has them: an MP-100 category record); the JSON keeps the names.
 
-The checkpoint is a file, ``runs:/<run_id>/checkpoints/final.pt`` or a training run id (read from the
-MLflow tracking store). It runs on CPU; weights load with ``weights_only=True``. Every bad input (an
-unreadable image, no names, more than 100 names, a skeleton index out of range, a bbox outside the
-image, a checkpoint of an unknown config) is one ``error:`` line and exit code 2.
+The checkpoint is a file, ``runs:/<run_id>/checkpoints/final.pt``, a training run id or a registered model
+(``models:/NAME@ALIAS``), read from the MLflow store ``--tracking-uri``. It runs on CPU (or ``--device
+cuda``); weights load with ``weights_only=True``. The names, class, skeleton and box are read and checked by
+:mod:`capenext.inputs`, as the server reads them. Every bad input (an unreadable image, no names, more than
+100 names, a skeleton index out of range, a bbox outside the image, a checkpoint of an unknown config) is
+one ``error:`` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from capenext.cli import UsageError, run_main
-from jobs.common import CHECKPOINT_HELP
+from pipelines.runtime.checkpoints import CHECKPOINT_HELP
+from pipelines.runtime.options import add_clip_precision, add_config_option, add_device, add_tracking_uri
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -69,53 +71,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="picture to write: with --image a PNG path (default ./<image stem>.keypoints.png; an "
                         "existing folder gets <stem>.keypoints.png inside), with --images a folder "
                         "(default ./predictions)")
-    p.add_argument("--descriptions", default=None,
-                   help="give the model the texts of this descriptions file (python -m pipelines.descriptions) for "
-                        "the category instead of the names (default: the training config's file, if any)")
-    p.add_argument("--text-variant", default=None,
-                   help="which of the reference's texts the descriptions file gives (default: the config's, regular)")
-    p.add_argument("--clip-precision", choices=("fp32", "fp16"), default=None,
-                   help="CLIP's precision (default: the config's, fp32); fp16 as the reference on a GPU, CUDA only")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--clip-checkpoint", default=None,
-                   help="where the frozen CLIP's weights are on this machine (default: the training config's)")
+    add_config_option(p, "descriptions",
+                      help="give the model the texts of this descriptions file (python -m pipelines.descriptions) "
+                           "for the category instead of the names (default: the training config's file, if any)")
+    add_config_option(p, "text_variant",
+                      help="which of the reference's texts the descriptions file gives (default: the config's, "
+                           "regular)")
+    add_clip_precision(p)
+    add_device(p)
+    add_config_option(p, "clip_checkpoint",
+                      help="where the frozen CLIP's weights are on this machine (default: the training config's)")
+    add_tracking_uri(p)
     return p.parse_args(argv)
-
-
-def read_keypoints_file(path: Path) -> dict[str, Any]:
-    """``{"class", "names", "skeleton"}`` (or an MP-100 category record); one-line errors."""
-    if not path.is_file():
-        raise FileNotFoundError(f"keypoints file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid json ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object {{\"class\", \"names\", \"skeleton\"}}")
-    names = data.get("names", data.get("keypoints"))
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{path}: 'names' must be a list of strings (the keypoint names)")
-    cls = data.get("class", data.get("name"))
-    if cls is not None and not isinstance(cls, str):
-        raise ValueError(f"{path}: 'class' must be a string")
-    skeleton = data.get("skeleton") or []
-    if not isinstance(skeleton, list):
-        raise ValueError(f"{path}: 'skeleton' must be a list of [a, b] index pairs")
-    return {"class": cls, "names": names, "skeleton": skeleton,
-            "supercategory": str(data.get("supercategory", "")), "id": data.get("id")}
-
-
-def described(names: list[str], class_name: str | None, spec: dict[str, Any], descriptions: str | None,
-              variant: str) -> list[str]:
-    """The texts the model reads for ``names``: the names, or what the descriptions file gives the category."""
-    from capenext.data.mp100 import Category, load_descriptions
-
-    desc = load_descriptions(descriptions, variant) if descriptions else None
-    if desc is None:
-        return list(names)
-    cat = Category(spec.get("id") if isinstance(spec.get("id"), int) else -1, class_name or "",
-                   spec.get("supercategory", ""), tuple(names), ())
-    return list(desc.apply(cat, f"category {class_name!r}").keypoints)
 
 
 def image_files(args: argparse.Namespace) -> list[Path]:
@@ -144,26 +111,22 @@ def picture_path(args: argparse.Namespace, image: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from capenext.predict import (Predictor, check_bbox, check_names, check_skeleton, load_image, parse_bbox,
-                                  parse_skeleton)
+    from capenext.config import MAX_KEYPOINTS
+    from capenext.inputs import (check_bbox, check_class_name, check_names, check_skeleton, keypoint_texts,
+                                 parse_bbox, parse_names, parse_skeleton, read_keypoints_file)
+    from capenext.predict import Predictor, load_image, set_clip_precision
     from capenext.viz import draw_keypoints
 
     args = parse_args(argv)
     if args.keypoints_file is not None:
         spec = read_keypoints_file(args.keypoints_file)
     else:
-        parts = [n.strip() for n in args.keypoints.split(",")]
-        if not any(parts):
-            raise UsageError("no keypoint names: --keypoints is empty (e.g. --keypoints \"nose,left eye\")")
-        if not all(parts):
-            raise UsageError(f"--keypoints has an empty name at position {parts.index('')}: {args.keypoints!r}")
-        spec = {"class": None, "names": parts, "skeleton": [], "supercategory": "", "id": None}
+        spec = {"class": None, "names": parse_names(args.keypoints, "--keypoints"), "skeleton": [],
+                "supercategory": "", "id": None}
     names = spec["names"]
     class_name = args.class_name if args.class_name is not None else spec["class"]
     skeleton = parse_skeleton(args.skeleton) if args.skeleton is not None else spec["skeleton"]
-    bbox = parse_bbox(args.bbox) if args.bbox is not None else None
-    from capenext.config import MAX_KEYPOINTS
-
+    bbox = parse_bbox(args.bbox)
     check_names(names, MAX_KEYPOINTS)  # cheap checks before the model loads (again against the model's slots)
     check_skeleton(skeleton, len(names))
     files = image_files(args)
@@ -171,41 +134,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.image is not None:  # one image: a bad file or box fails before the model loads
         first = load_image(files[0])
         check_bbox(bbox, first.shape[1], first.shape[0])
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} but no CUDA device is visible")
-    if args.clip_precision == "fp16" and not args.device.startswith("cuda"):
+    if args.clip_precision == "fp16" and args.device != "cuda":
         raise UsageError("--clip-precision fp16 runs on a CUDA device only (the reference's GPU setting): add "
                          "--device cuda, or use fp32")
-    texts = described(names, class_name, spec, args.descriptions, args.text_variant or "regular")
+
+    def texts_from(descriptions: str | None, variant: str) -> list[str]:
+        return keypoint_texts(names, class_name, descriptions, variant, spec["supercategory"], spec["id"])
+
+    texts = texts_from(args.descriptions, args.text_variant or "regular")
 
     with tempfile.TemporaryDirectory(prefix="capenext-predict-") as tmp:
         ckpt = args.checkpoint
         if not Path(ckpt).is_file():
-            from jobs.common import resolve_checkpoint
-            from jobs.tracking import tracking_uri
+            from pipelines.runtime.checkpoints import resolve_checkpoint
+            from pipelines.runtime.tracking import tracking_uri
 
-            ckpt = resolve_checkpoint(ckpt, tracking_uri(), Path(tmp)).path
+            ckpt = resolve_checkpoint(ckpt, tracking_uri(args.tracking_uri), Path(tmp)).path
         predictor = Predictor(ckpt, clip_checkpoint=args.clip_checkpoint, device=args.device)
-    if predictor.model.needs_class_embedding and not class_name:
-        raise UsageError(f"the checkpoint's {predictor.cfg.model.ablation!r} model reads a class name: pass "
-                         "--class NAME (or 'class' in the keypoints file)")
     cfg = predictor.cfg
+    check_class_name(class_name, predictor.model.needs_class_embedding, cfg.model.ablation,
+                     "pass --class NAME (or 'class' in the keypoints file)")
     if args.descriptions is None and cfg.data.descriptions is not None:  # the training config's texts
         if not Path(cfg.data.descriptions).is_file():
             raise UsageError(f"the checkpoint was trained with --descriptions {cfg.data.descriptions}, which is not on "
                              "this machine: pass --descriptions FILE")
-        texts = described(names, class_name, spec, cfg.data.descriptions, args.text_variant or cfg.data.text_variant)
+        texts = texts_from(cfg.data.descriptions, args.text_variant or cfg.data.text_variant)
     elif args.descriptions is None and args.text_variant is not None:
         raise UsageError(f"--text-variant {args.text_variant} needs --descriptions FILE (python -m pipelines.descriptions)")
-    precision = args.clip_precision or cfg.model.clip_precision
-    if precision != predictor.model.clip.precision:
-        from capenext.models.clip import FrozenCLIP
-
-        if precision == "fp16" and not args.device.startswith("cuda"):
-            raise UsageError("the checkpoint's CLIP runs in fp16, on a CUDA device only: add --device cuda, or "
-                             "pass --clip-precision fp32")
-        cfg.model.clip_precision = precision
-        predictor.model.clip = FrozenCLIP.from_cfg(cfg.model).to(predictor.device)
+    if args.clip_precision is not None:
+        cfg.model.clip_precision = args.clip_precision
+    set_clip_precision(predictor.model, cfg, predictor.device)
 
     for i, path in enumerate(files):
         image = first if (i == 0 and first is not None) else load_image(path)

@@ -26,10 +26,15 @@ import os
 import time
 from pathlib import Path
 
+from capenext.checkpoint import artifacts_dir
 from capenext.cli import UsageError, run_main
-from capenext.config import load_preset, override
-from capenext.metrics import FLOOR
+from capenext.config import resolve
 from capenext.data import SUBSETS, load_split
+from capenext.metrics import FLOOR
+from jobs.training import driver
+from jobs.training.spec import TrainRun
+from pipelines.runtime.options import add_tracking_uri
+from pipelines.runtime.tracking import tracking_uri
 
 STAGES = 6
 
@@ -49,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", type=int, default=1, help="MP-100 split to use, 1-5 (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic set and the run (default 0)")
     p.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    add_tracking_uri(p, "MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db, the quickstart's own store")
     return p.parse_args(argv)
 
 
@@ -95,12 +101,39 @@ def results_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def training_run(args: argparse.Namespace, work: Path, cfg_texts: dict[str, str], uri: str) -> TrainRun:
+    """The quickstart's training run: ``full`` with the tiny backbone and random tiny CLIP, one Ray Train
+    worker holding every CPU, validation every 4 epochs on 20 episodes, the test on 40."""
+    cfg = resolve("tiny", {"model.ablation": "full", "model.backbone": "tiny", "model.clip_model": "tiny",
+                           "model.clip_checkpoint": "random", "optim.epochs": args.epochs, "optim.seed": args.seed,
+                           "data.val_episodes": 20, "data.test_episodes": 40, **cfg_texts}, [])
+    return TrainRun(cfg=cfg, split=args.split, shards=work / "shards", embeddings=work / "embeddings",
+                    run_name=f"quickstart-split{args.split}-full-tiny", storage=work / "runs",
+                    experiment="quickstart", tracking_uri=uri, val_every=4,
+                    cpus_per_worker=float(max(1, os.cpu_count() or 2)))
+
+
+def next_steps(run: TrainRun, root: Path, uri: str) -> str:
+    """The commands that look at, evaluate and predict with the run just made."""
+    test = load_split(root, run.split, "test")
+    final = artifacts_dir(run.storage, run.run_name) / "final.pt"
+    sample = test.samples[0]
+    cat = test.categories[sample.category_id]
+    return (f"runs are in {uri} (experiment 'quickstart'); look at them with:\n"
+            f"  mlflow ui --backend-store-uri {uri}\n"
+            f"the run's checkpoint: {final} (also logged to MLflow as checkpoints/final.pt)\n"
+            f"evaluate it again (its own store, shards and tables):\n"
+            f"  python -m jobs.evaluate --checkpoint {final} --split {run.split} --shards {run.shards} "
+            f"--embeddings {run.embeddings} --episodes {run.cfg.data.test_episodes} --tracking-uri {uri}\n"
+            f"predict on one image of an unseen category:\n"
+            f"  python -m jobs.predict --checkpoint {final} --image {test.image_path(sample)} "
+            f"--keypoints \"{','.join(cat.keypoints)}\" --class {cat.name} --out {run.storage.parent / 'prediction.png'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     import ray
 
-    from jobs import train
-    from pipelines.embed import embed
-    from pipelines.shard import shard
+    from pipelines import embed, shard
 
     args = parse_args(argv)
     if args.descriptions is not None and args.data_root is None:
@@ -115,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work / 'mlflow.db'}")
 
     stage(1, "data")
     root = args.data_root if args.data_root is not None else synthetic_data(work, args.seed)
@@ -122,50 +156,25 @@ def main(argv: list[str] | None = None) -> int:
 
     # Ray's token-auth notice, and Ray Data's periodic progress blocks, would bury the stage lines
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=True,
-             logging_level="WARNING")
+    ray.init(num_cpus=os.cpu_count(), log_to_driver=True, logging_level="WARNING")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     stage(2, "shards (Ray tasks → webdataset tars)")
-    manifest = shard(root, work / "shards")
+    manifest = shard.run(root, work / "shards")
     print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards → {work / 'shards'}")
 
     stage(3, "CLIP embeddings (Ray Data actor pool; tiny CLIP with RANDOM weights, declared: no download)")
-    meta = embed(work / "shards", work / "embeddings", override(load_preset("tiny"), cfg_texts))
+    run = training_run(args, work, cfg_texts, uri)
+    meta = embed.run(work / "shards", work / "embeddings", run.cfg)
     print(f"embeddings → {work / 'embeddings'}: {meta['counts']}")
 
     stage(4, f"training 'full' on split {args.split} with the tiny backbone (Ray Train, 1 worker)")
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-    targs = train.parse_args([
-        "--split", str(args.split), "--ablation", "full", "--backbone", "tiny",
-        "--shards", str(work / "shards"), "--embeddings", str(work / "embeddings"),
-        "--clip-model", "tiny", "--clip-checkpoint", "random", "--epochs", str(args.epochs),
-        "--seed", str(args.seed), "--val-every", "4", "--val-episodes", "20", "--test-episodes", "40",
-        "--storage-path", str(work / "runs"), "--experiment", "quickstart",
-        "--cpus-per-worker", str(max(1, (os.cpu_count() or 2))),
-        "--run-name", f"quickstart-split{args.split}-full-tiny",
-        *(["--descriptions", cfg_texts["data.descriptions"]] if cfg_texts else []),
-    ])
-    cfg = train.resolve_config(targs)
-    metrics = train.run(targs, cfg, targs.run_name)
+    metrics = driver.run(run)
 
-    test = load_split(root, args.split, "test")
-    stage(5, f"test PCK on the {len(test.categories)} unseen test categories")
+    stage(5, f"test PCK on the {len(load_split(root, args.split, 'test').categories)} unseen test categories")
     print(results_table(metrics))
 
     stage(6, "MLflow, and what to run next")
-    uri = os.environ["MLFLOW_TRACKING_URI"]
-    final = work / "runs" / targs.run_name / "artifacts" / "final.pt"
-    sample = test.samples[0]
-    cat = test.categories[sample.category_id]
-    print(f"runs are in {uri} (experiment 'quickstart'); look at them with:\n"
-          f"  mlflow ui --backend-store-uri {uri}\n"
-          f"the run's checkpoint: {final} (also logged to MLflow as checkpoints/final.pt)\n"
-          f"evaluate it again (its own store, shards and tables):\n"
-          f"  MLFLOW_TRACKING_URI={uri} python -m jobs.evaluate --checkpoint {final} --split {args.split} "
-          f"--shards {work / 'shards'} --embeddings {work / 'embeddings'} --episodes 40\n"
-          f"predict on one image of an unseen category:\n"
-          f"  python -m jobs.predict --checkpoint {final} --image {test.image_path(sample)} "
-          f"--keypoints \"{','.join(cat.keypoints)}\" --class {cat.name} --out {work / 'prediction.png'}")
+    print(next_steps(run, root, uri))
     print(f"\ndone in {time.time() - start:.0f} s")
     return 0
 

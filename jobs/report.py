@@ -35,9 +35,9 @@ import pandas as pd
 
 from capenext.cli import UsageError, run_main
 from capenext.data.mp100 import SPLITS
-from capenext.metrics import FLOOR, LEGACY_FLOOR, THRESHOLDS, metric_keys, pck_key
-from jobs import report_plots as plots
-from jobs.tracking import find_run, open_client, require_store, tracking_uri
+from capenext.metrics import FLOOR, THRESHOLDS, metric_keys, pck_key
+from jobs.reports import plots
+from pipelines.runtime.tracking import find_run, open_client, require_store, tracking_uri
 
 DASH = "—"
 PUBLISHED = "paper (published)"
@@ -45,7 +45,7 @@ FLOOR_LABEL = "mean-position floor"
 MAIN = f"test/{pck_key(0.2)}"
 MPCK = metric_keys("test", thresholds=())[0]  # test/pck_mean
 CURVE_KEYS = ("train/loss", f"val/{pck_key(0.2)}")
-PAPER = json.loads(resources.files("jobs").joinpath("paper_results.json").read_text(encoding="utf-8"))
+PAPER = json.loads(resources.files("jobs.reports").joinpath("paper_results.json").read_text(encoding="utf-8"))
 BACKBONE_NAMES = {**PAPER["backbones"], "tiny": "tiny (tests)"}  # the paper's names, in its Table 1 order
 METHODS = tuple(PAPER["methods"].items())  # Table 1: (ablation, method)
 CLASS_NOISE = "class"  # the noise of Table 4; every other noise variant is a column of Table 5
@@ -139,14 +139,8 @@ def _cells(raw: pd.DataFrame) -> pd.DataFrame:
 
 
 def _metrics(raw: pd.DataFrame) -> pd.DataFrame:
-    """The ``metrics.*`` columns without the prefix; legacy ``baseline/`` floor metrics read as ``floor/``
-    (a run that has both keeps its ``floor/`` value)."""
-    m = raw[[c for c in raw if c.startswith("metrics.")]].rename(columns=lambda c: c[len("metrics."):])
-    for legacy in [c for c in m if c.startswith(f"{LEGACY_FLOOR}/")]:
-        key = f"{FLOOR}/{legacy[len(LEGACY_FLOOR) + 1:]}"
-        m[key] = m[key].fillna(m[legacy]) if key in m else m[legacy]
-        m = m.drop(columns=legacy)
-    return m
+    """The ``metrics.*`` columns without the prefix."""
+    return raw[[c for c in raw if c.startswith("metrics.")]].rename(columns=lambda c: c[len("metrics."):])
 
 
 def training_frame(raw: pd.DataFrame) -> pd.DataFrame:
@@ -164,14 +158,12 @@ def evaluation_frame(client, raw: pd.DataFrame, trained: pd.DataFrame, parent: s
     else the evaluation run's own tags."""
     raw = raw[raw.status == "FINISHED"].sort_values("start_time", kind="stable")
     metrics = _metrics(raw)
-    found = [k for k in ("test/pck_0.2", "eval/pck_0.2", "pck_0.2") if k in metrics]
-    found += [k for k in metrics if k.endswith("pck_0.2")]
+    found = [k for k in ("test/pck_0.2",) if k in metrics]
     noise = _column(raw, "tags.noise").fillna("")
     ev = pd.DataFrame({"run_id": raw.run_id, "noise": noise, "variant": _column(raw, "tags.noise_variant")
                        .fillna(noise), "pck": metrics[found].bfill(axis=1).iloc[:, 0] if found else math.nan,
                        "training_run_id": _column(raw, "tags.training_run_id").fillna(""),
-                       "noise_seed": _column(raw, "params.seed").fillna(_column(raw, "params.noise_seed"))
-                       .fillna(raw.run_id)}, index=raw.index)
+                       "noise_seed": _column(raw, "params.noise_seed").fillna(raw.run_id)}, index=raw.index)
     ev = ev[(ev.variant != "") & ev.pck.notna()]
     known = trained.set_index("run_id")[CELL]
     if parent is None:  # training runs of other experiments, as the store has them

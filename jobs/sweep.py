@@ -27,22 +27,22 @@ options, are one line before anything starts.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import re
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from capenext.cli import UsageError, offline, run_main
+from capenext.checkpoint import resumable_checkpoint
+from capenext.cli import UsageError, offline, one_line, run_main
 from capenext.data.mp100 import SPLITS
-from jobs import train
-from jobs.common import check_cluster, one_line
-from jobs.runs import add_training_arguments, resumable_checkpoint
-from jobs.tracking import MlflowServer, ensure_experiment, sqlite_path, tracking_uri
+from jobs.training import driver
+from jobs.training.spec import TrainRun, add_arguments, from_args, resolve_config
+from pipelines.runtime.cluster import check_cluster
+from pipelines.runtime.tracking import MlflowServer, ensure_experiment, sqlite_path, tracking_uri
 
 SWEEP_TAG = "capenext.sweep"  # on the parent run: the sweep's name (its experiment)
 KIND_TAG = "capenext.kind"  # "sweep" on the parent run
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="""examples:
   python -m jobs.sweep --splits 1-5 --ablations full,no_hcmi,no_dsfr,no_lw,baseline,img_only,cls_only \\
       --shards /shared/shards --embeddings /shared/emb --storage-path /shared/runs \\
-      --clip-checkpoint /shared/weights/ViT-B-32.pt --use-gpu --experiment mp100
+      --clip-checkpoint /shared/weights/ViT-B-32.pt --device cuda --experiment mp100
   ray job submit --working-dir . --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}}' \\
       -- python -m jobs.sweep --splits 1-5 --ablations full,baseline ...   (docs/sweep.md)
 
@@ -87,7 +87,7 @@ in the job's working directory, which Ray deletes.""",
     g.add_argument("--max-concurrent", type=int, default=None,
                    help="trials running at once (default: what the cluster's GPUs, or CPUs, hold: "
                         "GPUs // --num-workers, or CPUs // (--num-workers x --cpus-per-worker))")
-    add_training_arguments(p, sweep=True)
+    add_arguments(p, sweep=True)
     return p.parse_args(argv)
 
 
@@ -156,14 +156,14 @@ def run_name_of(experiment: str, split: int, ablation: str, backbone: str, seed:
     return name if seed is None else f"{name}-seed{seed}"
 
 
-def trial_args(args: argparse.Namespace, trial: Trial, parent_run_id: str | None) -> argparse.Namespace:
-    """The ``jobs.train`` namespace of one trial: the sweep's training options plus its own keys."""
-    ns = copy.copy(args)
-    ns.split, ns.ablation, ns.backbone = trial.split, trial.ablation, trial.backbone
-    ns.run_name, ns.parent_run_id = trial.run_name, parent_run_id
+def trial_run(args: argparse.Namespace, trial: Trial, parent_run_id: str | None) -> TrainRun:
+    """The training run of one trial: the sweep's training options with the trial's split, ablation,
+    backbone, seed and name."""
+    named = {"ablation": trial.ablation, "backbone": trial.backbone}
     if trial.seed is not None:
-        ns.seed = trial.seed
-    return ns
+        named["seed"] = trial.seed
+    cfg = resolve_config(args, **named)
+    return from_args(args, cfg, trial.split, trial.run_name, parent_run_id)
 
 
 def plan(args: argparse.Namespace) -> list[Trial]:
@@ -188,22 +188,21 @@ def plan(args: argparse.Namespace) -> list[Trial]:
                 for seed in seeds or [None]:
                     t = Trial(split, ablation, backbone, seed, run_name_of(args.experiment, split, ablation,
                                                                            backbone, seed))
-                    t.epochs = train.resolve_config(trial_args(args, t, None), backbone).optim.epochs
+                    t.epochs = trial_run(args, t, None).cfg.optim.epochs
                     trials.append(t)
     return trials
 
 
-def run_trial(args: argparse.Namespace, tracking: str) -> dict[str, Any]:
-    """The body of one trial's Ray task: ``jobs.train.run`` with the sweep's tracking server.
+def run_trial(run: TrainRun, tracking: str) -> dict[str, Any]:
+    """The body of one trial's Ray task: the training driver with the sweep's tracking server.
 
     Never raises: a failure comes back as ``{"status": "failed", "reason": <one line>}``.
     """
-    os.environ["MLFLOW_TRACKING_URI"] = tracking  # jobs.tracking.tracking_uri() reads it in this worker
+    os.environ["MLFLOW_TRACKING_URI"] = tracking  # what MLflow's own clients in this worker read
     offline()  # a Ray task is an entry point of its own
     start = time.time()
     try:
-        cfg = train.resolve_config(args, args.backbone)
-        metrics = train.run(args, cfg, args.run_name)
+        metrics = driver.run(replace(run, tracking_uri=tracking))
         return {"status": "finished", "metrics": metrics, "seconds": time.time() - start}
     except BaseException as err:  # noqa: BLE001 - a trial's failure is data for the summary, not a crash
         if isinstance(err, KeyboardInterrupt):
@@ -216,7 +215,7 @@ def default_concurrency(args: argparse.Namespace) -> int:
     import ray
 
     total = ray.cluster_resources()
-    if args.use_gpu:
+    if args.device == "cuda":
         return max(1, int(total.get("GPU", 0) // max(1, args.num_workers)))
     return max(1, int(total.get("CPU", 0) // max(1e-9, args.num_workers * args.cpus_per_worker)))
 
@@ -303,7 +302,7 @@ def execute(args: argparse.Namespace, trials: list[Trial], client, experiment_id
                 how = _describe_checkpoint(args.storage_path, t.run_name)
                 print(f"[start] {t.run_name} (split {t.split}, {t.ablation}, {t.backbone}"
                       f"{'' if t.seed is None else f', seed {t.seed}'}): {how}", flush=True)
-                ref = task.options(name=f"trial:{t.run_name}").remote(trial_args(args, t, parent_id), tracking)
+                ref = task.options(name=f"trial:{t.run_name}").remote(trial_run(args, t, parent_id), tracking)
                 running[ref] = (t, time.time())
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
@@ -384,7 +383,7 @@ def sweep(args: argparse.Namespace) -> list[Trial]:
     trials = plan(args)
     args.shards, args.embeddings = args.shards.resolve(), args.embeddings.resolve()
     args.storage_path = args.storage_path.resolve()
-    uri = tracking_uri()
+    uri = tracking_uri(args.tracking_uri)
     db = sqlite_path(uri)
     check_job_paths(args, db)
     print(f"sweep {args.experiment!r}: {len(trials)} trials (splits {args.splits}, ablations {args.ablations}, "
@@ -393,7 +392,7 @@ def sweep(args: argparse.Namespace) -> list[Trial]:
 
     server = None
     if db is not None:
-        source = ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
+        source = ("--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
                   else "MLFLOW_TRACKING_URI is unset, so the default store")
         server = MlflowServer(db)
         print(f"MLflow: {source} {uri} is a SQLite store; concurrent trials must not write one SQLite file, so "
@@ -413,10 +412,10 @@ def sweep(args: argparse.Namespace) -> list[Trial]:
         print(f"Ray: {nodes} node{'s' * (nodes != 1)}, {ray.cluster_resources().get('CPU', 0):g} CPUs, "
               f"{ray.cluster_resources().get('GPU', 0):g} GPUs", flush=True)
         if server is not None and nodes > 1:
-            raise UsageError(f"MLFLOW_TRACKING_URI {tracking_uri()} is a SQLite store, but the Ray cluster has "
+            raise UsageError(f"the tracking URI {uri} is a SQLite store, but the Ray cluster has "
                              f"{nodes} nodes: trials elsewhere cannot reach a server on 127.0.0.1; run an mlflow "
                              "server every node reaches and set MLFLOW_TRACKING_URI=http://HOST:PORT")
-        check_cluster(args.num_workers, args.cpus_per_worker, args.use_gpu)
+        check_cluster(args.num_workers, args.cpus_per_worker, args.device == "cuda")
         if server is not None:
             t0 = server.started
             uri = server.wait()

@@ -21,9 +21,9 @@ affected); splits the user did not give are copies of split 1. Categories, image
 and annotations are numbered 1.. in input order over all files.
 
 What real exports differ in (visibility 0/1/2 or 0/1, missing ``num_keypoints``/``area``/``bbox``/size,
-1-based skeletons, sub-folders) is normalised as docs/own-data.md lists; anything else wrong is one line
-naming the file and the record, and nothing is written (the root is assembled beside ``--out``, renamed
-at the end).
+1-based skeletons, sub-folders) is normalised as docs/own-data.md lists; anything else wrong (a NaN or
+infinite box, an image that resolves outside ``--images``) is one line naming the file and the record, and
+nothing is written (the root is assembled beside ``--out``, renamed at the end).
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def _file_base(path: Path, cats: list[dict[str, Any]]) -> int | None:
 
 def _relative(path: Path, image: dict[str, Any], images_dir: Path) -> str:
     """``file_name`` as a '/'-separated path relative to ``--images`` (an absolute one inside it is made
-    relative)."""
+    relative); one that resolves outside ``--images`` (``..``, a symlink out of it) is refused."""
     name = str(image["file_name"]).replace("\\", "/")
     p = PurePosixPath(name)
     if p.is_absolute():
@@ -177,6 +177,9 @@ def _relative(path: Path, image: dict[str, Any], images_dir: Path) -> str:
     parts = [part for part in p.parts if part not in ("", ".")]
     if not parts or ".." in parts:
         raise DataError(f"{path}: image {image['id']}: file_name {name!r} must be a path inside --images")
+    real = images_dir.joinpath(*parts).resolve()
+    if not real.is_relative_to(images_dir.resolve()):
+        raise DataError(f"{path}: image {image['id']}: {name} resolves to {real}, outside --images (a symlink)")
     return "/".join(parts)
 
 
@@ -252,8 +255,7 @@ def read_exports(paths: list[Path], images_dir: Path, skeleton_base: str = "auto
                 raise DataError(f"{where}: two categories with this id")
             edges, numbering = _skeleton(path, c, len(kp_names), skeleton_base, file_base)
             one_based |= numbering == 1
-            cat = Category(len(names) + 1, c["name"], str(c.get("supercategory") or ""), list(kp_names), edges,
-                           where)
+            cat = Category(len(names) + 1, c["name"], str(c.get("supercategory") or ""), list(kp_names), edges, where)
             known = names.get(cat.name)
             if known is None:
                 names[cat.name] = cat
@@ -308,12 +310,14 @@ def read_exports(paths: list[Path], images_dir: Path, skeleton_base: str = "auto
             bbox = a.get("bbox")
             if bbox is None:
                 bbox = _bbox_from_points(kps, image.width, image.height)
-            elif not (isinstance(bbox, list) and len(bbox) == 4
-                      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-                raise DataError(f"{where}: bbox must be 4 numbers [x, y, w, h], got {bbox!r:.60}")
+            elif not (isinstance(bbox, list) and len(bbox) == 4 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in bbox)):
+                raise DataError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r:.60}")
             area = a.get("area")
             if not isinstance(area, (int, float)) or isinstance(area, bool):
                 area = float(bbox[2]) * float(bbox[3])
+            elif not np.isfinite(area):
+                raise DataError(f"{where}: area must be a finite number, got {area!r}")
             new_id = len(merged.annotations) + 1
             record = {"id": new_id, "image_id": image.id, "category_id": cat.id, "bbox": list(bbox),
                       "keypoints": kps, "num_keypoints": sum(v > 0 for v in kps[2::3]), "area": area,
@@ -335,8 +339,7 @@ def _find(merged: Merged, name: str, where: str) -> Category:
     cat = by_name.get(name) or next((c for c in by_name.values() if text_of(c.name) == text_of(name)), None)
     if cat is None:
         listed = ", ".join(sorted(by_name))
-        raise UsageError(f"{where}: no category {name!r} in {', '.join(map(str, merged.files))} "
-                         f"(categories: {listed})")
+        raise UsageError(f"{where}: no category {name!r} in {', '.join(map(str, merged.files))} (categories: {listed})")
     return cat
 
 
@@ -350,8 +353,7 @@ class Split:
     notes: list[str] = field(default_factory=list)  # printed with the summary
 
 
-def by_categories(merged: Merged, test: list[str], val: list[str], train: list[str] | None,
-                  where: str) -> Split:
+def by_categories(merged: Merged, test: list[str], val: list[str], train: list[str] | None, where: str) -> Split:
     """A category-disjoint split by category names (``train=None``: every category not in test or val)."""
     chosen: dict[int, str] = {}
     groups = {"test": test, "val": val, "train": train or []}
@@ -479,7 +481,7 @@ def write_root(merged: Merged, splits: list[Split], out: Path, copy: bool, info:
             for subset in SUBSETS:
                 data = _coco(split, subset, merged, {**info, "split": k, "subset": subset, **copied})
                 used.update(im["id"] for im in data["images"])
-                annotation_path(tmp, k, subset).write_text(json.dumps(data, separators=(",", ":")))
+                annotation_path(tmp, k, subset).write_text(json.dumps(data, separators=(",", ":"), allow_nan=False))
         _place_images(merged, used, tmp / "images", copy)
         summary = summarize(tmp, len(splits))
         (tmp / RECORD).write_text(json.dumps({**info, "splits_given": len(splits), "summary": summary}, indent=1))
@@ -499,10 +501,8 @@ def summarize(root: Path, splits_given: int) -> dict[str, Any]:
     for k in range(1, splits_given + 1):
         for subset in SUBSETS:
             sub = load_subset(annotation_path(root, k, subset), root / "images")
-            out.setdefault(str(k), {})[subset] = {
-                **sub.summary(), "dropped": sum(sub.dropped.values()),
-                "names": sorted({c.name for c in sub.categories.values()}),
-            }
+            out.setdefault(str(k), {})[subset] = {**sub.summary(), "dropped": sum(sub.dropped.values()),
+                                                  "names": sorted({c.name for c in sub.categories.values()})}
     return out
 
 
@@ -572,8 +572,7 @@ def import_coco(args: argparse.Namespace) -> dict[str, Any]:
     merged = read_exports(args.coco, args.images, args.skeleton_base)
     if args.by_image:
         splits = [by_images(merged, args.test_fraction, args.val_fraction, args.seed)]
-        mode = {"mode": "by-image", "test_fraction": args.test_fraction, "val_fraction": args.val_fraction,
-                "seed": args.seed}
+        mode = {"mode": "by-image", **{k: getattr(args, k) for k in ("test_fraction", "val_fraction", "seed")}}
     elif args.split_file is not None:
         splits = read_split_file(args.split_file, merged)
         mode = {"mode": "split-file", "split_file": str(args.split_file)}

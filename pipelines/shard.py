@@ -45,7 +45,7 @@ from capenext.data.mp100 import DataError, Sample
 from capenext.data.shards import FORMAT, MANIFEST, SHARD_NAME, category_json, image_ext, sample_key
 from capenext.data.source import BadImage, Source, annotation_files, collect, read_checked, source_digest
 from capenext.files import file_sha256, write_atomic
-from jobs.common import init_ray
+from pipelines.runtime.cluster import init_ray
 
 DEFAULT_SHARD_SIZE = 1000
 _TAR = dict(mtime=0, user="capenext", group="capenext", mode=0o444)  # reproducible member headers
@@ -191,7 +191,7 @@ def _tidy(out: Path, plans: list[ShardPlan]) -> None:
 # ---------------------------------------------------------------- the job
 
 
-def shard(
+def run(
     data_root: str | Path,
     out: str | Path,
     shard_size: int = DEFAULT_SHARD_SIZE,
@@ -364,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         result = verify(args.out, args.data_root)
         print(f"ok: {result['shards']} shards, {result['samples']} samples match {args.out / MANIFEST}")
         return 0
-    manifest = shard(args.data_root, args.out, args.shard_size, args.skip_bad, args.address,
-                     progress=not args.quiet)
+    manifest = run(args.data_root, args.out, args.shard_size, args.skip_bad, args.address,
+                   progress=not args.quiet)
     print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards, "
           f"{len(manifest['skipped'])} skipped → {args.out / MANIFEST}")
     return 0

@@ -60,8 +60,9 @@ with ``--mp100-sized``). The default (20 categories x 30 images) takes a few
 seconds; ``--full-size`` (100 categories x 180 images) is meant for benchmarks.
 Files are written under a temporary name and moved into place, so re-running into
 the same folder overwrites cleanly. The templates, the polysemous names and the
-glyph shapes and fills are data, read from ``synthetic_templates.json`` beside this
-module. ``pipelines.synthetic_render`` draws the images.
+glyph shapes and fills are data, read from ``synthetic_templates.json`` by
+``pipelines.synthetic_categories`` (the templates and :class:`Category`);
+``pipelines.synthetic_render`` draws the images.
 """
 
 from __future__ import annotations
@@ -71,8 +72,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -81,14 +80,14 @@ from tqdm import tqdm
 
 from capenext.cli import UsageError, run_main
 from capenext.data.mp100 import SPLITS, SUBSETS, annotation_path
+from pipelines.synthetic_categories import (GLYPH_FILLS, GLYPH_KEYS, GLYPH_SHAPES, MAX_CATEGORIES, Category,
+                                            make_categories)
 from pipelines.synthetic_render import Glyphs, Instance, draw_scene
 
 MIN_CATEGORIES = 10
-TEMPLATES_PATH = Path(__file__).with_name("synthetic_templates.json")
 
 _SIZES = {False: (128, 256), True: (256, 512)}
 _DEFAULT_COUNTS = {False: (20, 30), True: (100, 180)}
-_STREAM_NAMES = 1_000_001
 _STREAM_SPLITS = 1_000_002
 _JPEG_QUALITY = 90
 # --mp100-sized: long side, camera aspect ratios (long / short) and their odds, landscape odds,
@@ -98,153 +97,10 @@ _CAMERA_ASPECTS = ((4 / 3, 0.4), (3 / 2, 0.3), (16 / 9, 0.2), (1.0, 0.1))
 _LANDSCAPE = 0.75
 _MP100_QUALITY = (85, 95)
 _UNIT_SIDE = 192
+GLYPHS = Glyphs.from_specs(GLYPH_SHAPES, GLYPH_FILLS, len(GLYPH_KEYS))  # the look of each vocabulary entry
 
 
-# --------------------------------------------------------------------------- templates and glyphs
-
-
-@dataclass(frozen=True)
-class Part:
-    """One named part of a template: nominal position (y down), parent, articulation."""
-
-    name: str
-    x: float
-    y: float
-    parent: str | None = None
-    optional: bool = False
-    joint: float = 0.0  # the part turns around its parent by up to this many degrees
-
-
-@dataclass(frozen=True)
-class Template:
-    """A supercategory: a tree of parts, how to draw its body, and its category names."""
-
-    supercategory: str
-    head: str  # the word every category name of the supercategory ends with
-    modifiers: tuple[str, ...]
-    parts: tuple[Part, ...]
-    extra_edges: tuple[tuple[str, str], ...] = ()
-    polygons: tuple[tuple[str, ...], ...] = ()
-    discs: tuple[tuple[str, float], ...] = ()  # (part, radius) filled circles
-    limb: float = 0.12  # width of the limbs along skeleton edges
-    max_rotation: float = 20.0
-
-    @cached_property
-    def index(self) -> dict[str, int]:
-        """Part name -> index."""
-        return {part.name: i for i, part in enumerate(self.parts)}
-
-    @cached_property
-    def parents(self) -> tuple[int, ...]:
-        """Parent index of each part (-1 for the root); parents always come first."""
-        index = self.index
-        return tuple(-1 if p.parent is None else index[p.parent] for p in self.parts)
-
-
-def _template(spec: dict) -> Template:
-    """A template from its json entry (lists become tuples, parts become ``Part``)."""
-    return Template(**{**spec, "modifiers": tuple(spec["modifiers"]),
-                       "parts": tuple(Part(**part) for part in spec["parts"]),
-                       "extra_edges": tuple(map(tuple, spec.get("extra_edges", ()))),
-                       "polygons": tuple(map(tuple, spec.get("polygons", ()))),
-                       "discs": tuple(map(tuple, spec.get("discs", ())))})
-
-
-_DATA = json.loads(TEMPLATES_PATH.read_text())
-POLYSEMOUS = frozenset(_DATA["polysemous"])
-TEMPLATES = tuple(_template(spec) for spec in _DATA["templates"])
-MAX_CATEGORIES = sum(len(t.modifiers) for t in TEMPLATES)
-# every distinct look: (name, "") for plain names, (name, supercategory) for polysemous ones
-GLYPH_KEYS = tuple(sorted({(p.name, t.supercategory if p.name in POLYSEMOUS else "")
-                           for t in TEMPLATES for p in t.parts}))
-_GLYPH_INDEX = {key: i for i, key in enumerate(GLYPH_KEYS)}
-GLYPHS = Glyphs.from_specs(_DATA["glyph_shapes"], _DATA["glyph_fills"], len(GLYPH_KEYS))
-
-
-def glyph_id(name: str, supercategory: str) -> int:
-    """The glyph drawn at keypoint ``name``: shared across supercategories unless polysemous."""
-    return _GLYPH_INDEX[(name, supercategory if name in POLYSEMOUS else "")]
-
-
-# --------------------------------------------------------------------------- categories
-
-
-@dataclass(frozen=True)
-class Category:
-    """One category: a template perturbed once (proportions, kept parts, look)."""
-
-    index: int
-    id: int
-    name: str
-    template: Template
-    kept: tuple[int, ...]  # template part indices annotated in this category
-    nominal: np.ndarray  # (parts, 2) perturbed nominal layout
-    limb: float
-    hue: float
-    joint_scale: float
-    textures: np.ndarray  # probabilities of plain, stripes, spots, checks
-
-    @cached_property
-    def keypoints(self) -> list[str]:
-        """Keypoint names in annotation order."""
-        return [self.template.parts[i].name for i in self.kept]
-
-    @cached_property
-    def glyphs(self) -> tuple[int, ...]:
-        """The glyph drawn at each keypoint, in annotation order."""
-        return tuple(glyph_id(name, self.template.supercategory) for name in self.keypoints)
-
-    @cached_property
-    def skeleton(self) -> list[list[int]]:
-        """0-based edges: each kept part to its nearest kept ancestor, plus the template's extras."""
-        parents, position = self.template.parents, {part: k for k, part in enumerate(self.kept)}
-
-        def kept_ancestor(i: int) -> int:
-            while i >= 0 and i not in position:
-                i = parents[i]
-            return i
-
-        edges = [[position[kept_ancestor(parents[i])], position[i]]
-                 for i in self.kept if kept_ancestor(parents[i]) >= 0]
-        index = self.template.index
-        edges += [[position[index[a]], position[index[b]]] for a, b in self.template.extra_edges
-                  if index[a] in position and index[b] in position]
-        return edges
-
-    def coco(self) -> dict:
-        """The COCO ``categories`` entry."""
-        return {"id": self.id, "name": self.name, "supercategory": self.template.supercategory,
-                "keypoints": self.keypoints, "skeleton": self.skeleton}
-
-
-def _categories(seed: int, count: int) -> list[Category]:
-    """Build ``count`` categories over min(8, count // 2) supercategories (>= 2 each)."""
-    templates = TEMPLATES[: min(len(TEMPLATES), count // 2)]
-    names_rng = np.random.default_rng([seed, _STREAM_NAMES])
-    modifiers = [list(names_rng.permutation(t.modifiers)) for t in templates]
-
-    def build(index: int) -> Category:
-        template = templates[index % len(templates)]
-        rng = np.random.default_rng([seed, index, 0])
-        optional = [i for i, p in enumerate(template.parts) if p.optional]
-        kept = sorted({i for i, p in enumerate(template.parts) if not p.optional}
-                      | {i for i in optional if rng.random() < 0.5})
-        layout = np.array([(p.x, p.y) for p in template.parts])
-        nominal = layout * rng.uniform(0.75, 1.3, 2) + rng.normal(0.0, 0.05, layout.shape)
-        return Category(
-            index=index,
-            id=index + 1 + index // 6,  # gaps, as in MP-100's category ids
-            name=f"{modifiers[index % len(templates)][index // len(templates)]}_{template.head}",
-            template=template,
-            kept=tuple(kept),
-            nominal=nominal,
-            limb=float(rng.uniform(0.8, 1.25)),
-            hue=float(rng.random()),
-            joint_scale=float(rng.uniform(0.7, 1.3)),
-            textures=rng.dirichlet(np.ones(4)),
-        )
-
-    return [build(i) for i in range(count)]
+# --------------------------------------------------------------------------- splits
 
 
 def _assign_splits(categories: list[Category], seed: int) -> dict[int, dict[str, list[Category]]]:
@@ -377,7 +233,7 @@ def generate(out: str | Path, seed: int = 0, categories: int | None = None,
                          "(--images-per-category)")
     start, out = time.perf_counter(), Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
-    cats = _categories(seed, categories)
+    cats = make_categories(seed, categories)
     images: dict[int, list[dict]] = {c.id: [] for c in cats}
     annotations: dict[int, list[dict]] = {c.id: [] for c in cats}
     with tqdm(total=categories * images_per_category, unit="img", desc="synthetic MP-100",

@@ -9,7 +9,7 @@ keypoints show and the body mask, from which the caller writes the annotations.
 
 Every random choice is drawn from the caller's ``numpy`` generator in a fixed order,
 so a seeded generator gives the same pixels. ``unit`` scales strokes and texture
-periods with the image. Categories are ``pipelines.synthetic.Category`` objects, whose
+periods with the image. Categories are ``pipelines.synthetic_categories.Category`` objects, whose
 ``glyphs`` give the glyph drawn at each kept keypoint.
 """
 
@@ -19,13 +19,11 @@ import colorsys
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-if TYPE_CHECKING:
-    from pipelines.synthetic import Category
+from pipelines.synthetic_categories import Category
 
 _BAR = np.array([(-0.9, -0.2), (0.9, -0.2), (0.9, 0.2), (-0.9, 0.2)])
 

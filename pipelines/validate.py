@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from capenext.cli import run_main
-from capenext.data.mp100 import SPLITS, SUBSETS, DataError
+from capenext.data.mp100 import SPLITS, SUBSETS, DataError, unsafe_file_name
 from capenext.data.source import BadImage, Source, collect, read_checked
 
 ERROR, WARNING = "error", "warning"
@@ -99,6 +99,8 @@ def referenced_images(source: Source, problems: list[Problem]) -> list[ImageInfo
             name, w, h = im.get("file_name"), im.get("width"), im.get("height")
             if not isinstance(name, str) or not isinstance(w, int) or not isinstance(h, int):
                 continue  # reported by the data layer already
+            if unsafe_file_name(name) is not None:
+                continue  # outside the image folder: reported by the data layer, never opened here
             known = infos.setdefault(name, ImageInfo(name, w, h, used.get(name, [])))
             if (known.width, known.height) != (w, h):
                 problems.append(Problem(

@@ -54,12 +54,11 @@ def prepared(synthetic_root, ray_local, tmp_path_factory) -> Path:
     """Shards (``prepared / "shards"``) and tiny random-CLIP embeddings (``prepared / "emb"``, crop 128)
     of the synthetic set, made once per session; tests must not modify them."""
     from capenext.config import load_preset
-    from pipelines.embed import embed
-    from pipelines.shard import shard
+    from pipelines import embed, shard
 
     base = tmp_path_factory.mktemp("prepared")
-    shard(synthetic_root, base / "shards", progress=False)
-    embed(base / "shards", base / "emb", load_preset("tiny"), batch_size=64, progress=False)
+    shard.run(synthetic_root, base / "shards", progress=False)
+    embed.run(base / "shards", base / "emb", load_preset("tiny"), batch_size=64, progress=False)
     return base
 
 

@@ -26,7 +26,8 @@ LOCAL_SH = CLUSTER / "local.sh"
 
 
 def _load(name: str) -> dict:
-    return yaml.safe_load((CLUSTER / name).read_text())
+    """The file's first YAML document (the KubeRay files carry their NetworkPolicy as a second one)."""
+    return next(yaml.safe_load_all((CLUSTER / name).read_text()))
 
 
 def test_every_yaml_parses_and_no_ray_ml_image():
@@ -86,7 +87,7 @@ def test_rayjob_runs_the_sweep_on_a_gpu_worker_group_and_shuts_down():
     args = sweep.parse_args(argv[3:])
     assert sweep.parse_splits(args.splits) == [1, 2, 3, 4, 5]
     assert set(args.ablations.split(",")) == set(available_ablations())
-    assert args.use_gpu
+    assert args.device == "cuda"
     for path in (args.shards, args.embeddings, args.storage_path, Path(args.clip_checkpoint)):
         assert str(path).startswith("/mnt/shared/"), path
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
@@ -107,6 +108,133 @@ def test_rayjob_runs_the_sweep_on_a_gpu_worker_group_and_shuts_down():
         mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
         claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
         assert mounts.get("/mnt/shared") in claims
+
+
+# --- who reaches what (issue 25): token auth, loopback binds, NetworkPolicy, pinned installs ---------------
+
+KUBERAY = ("rayjob.yaml", "rayservice.yaml")
+RAY_CONFIGS = ("ray-cluster.yaml", *KUBERAY)
+
+
+def _docs(name: str) -> list[dict]:
+    return list(yaml.safe_load_all((CLUSTER / name).read_text()))
+
+
+def _ray_cluster_spec(doc: dict) -> dict:
+    return doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+
+
+def _pods(doc: dict) -> list[dict]:
+    cluster = _ray_cluster_spec(doc)
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+
+
+def _commands(name: str) -> list[str]:
+    """Every shell command a ray-up config runs (on the hosts, in the containers, to start Ray)."""
+    cfg = _load(name)
+    return [c for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                          "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+            for c in cfg.get(key) or []]
+
+
+# (the KubeRay dashboards face the operator through the head Service: there the NetworkPolicy test below)
+@pytest.mark.parametrize("name", ["ray-cluster.yaml", "serve.yaml", "local.sh", "README.md"])
+def test_no_dashboard_or_mlflow_on_every_interface(name):
+    text = (CLUSTER / name).read_text()
+    commands = _commands(name) if name == "ray-cluster.yaml" else [text]
+    for c in commands:
+        assert not re.search(r"--(dashboard-)?host[= ]+[\"']?(0\.0\.0\.0|::)(?=[\s\"']|$)", c), (name, c)
+    if name == "ray-cluster.yaml":
+        head = " ".join(_load(name)["head_start_ray_commands"])
+        assert "--dashboard-host=127.0.0.1" in head
+        assert re.search(r"mlflow server .*--host \$\(hostname -I", head)  # the head's private address
+    if name == "serve.yaml":
+        assert _load(name)["http_options"]["host"] == "127.0.0.1"
+    if name == "local.sh":
+        assert "--dashboard-host 127.0.0.1" in text and "--host 127.0.0.1" in text
+
+
+def test_ray_up_config_turns_on_token_auth_from_a_file_only_the_user_reads():
+    cfg = _load("ray-cluster.yaml")
+    env = dict(re.findall(r"--env (\w+)=(\S+)", " ".join(cfg["docker"]["run_options"])))
+    assert env["RAY_AUTH_MODE"] == "token"
+    token = env["RAY_AUTH_TOKEN_PATH"]
+    assert "RAY_AUTH_TOKEN" not in env  # never the token itself in the config
+    (folder, local), = cfg["file_mounts"].items()
+    assert token.startswith(folder.rstrip("/") + "/") and local.startswith("~/")
+    assert any(f"chmod 600 {token}" in c for c in cfg["setup_commands"])
+
+
+def test_local_script_turns_on_token_auth_from_a_file_only_the_user_reads():
+    text = LOCAL_SH.read_text()
+    assert "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=\"$TOKEN\"" in text
+    assert "umask 077" in text and 'chmod 600 "$TOKEN"' in text
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_configs_take_the_token_from_a_secret_and_ship_a_network_policy(name):
+    docs = _docs(name)
+    (ray_doc,) = [d for d in docs if d["apiVersion"] == "ray.io/v1"]
+    cluster = _ray_cluster_spec(ray_doc)
+    assert cluster["authOptions"]["mode"] == "token" and cluster["authOptions"]["secretName"]
+    assert not any(d.get("kind") == "Secret" for d in docs)  # the token is never in this file
+    assert int(cluster["rayVersion"].split(".")[1]) >= 52  # Ray token authentication
+    head = cluster["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress")
+    # the Ray pods carry one label, which a NetworkPolicy selects
+    labels = [t["metadata"]["labels"]["app.kubernetes.io/instance"] for t in _pods(ray_doc)]
+    assert len(set(labels)) == 1
+    (policy,) = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": labels[0]}
+    assert spec["policyTypes"] == ["Ingress"]
+    for rule in spec["ingress"]:
+        assert rule["from"], rule  # no rule lets everyone in
+        peers = rule["from"]
+        if "ports" not in rule:  # all ports: only the cluster's own pods
+            assert peers == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": labels[0]}}}], rule
+            continue
+        assert {p["port"] for p in rule["ports"]} <= {8265, 8000}, rule  # the dashboard and Serve ports only
+        for peer in peers:
+            assert "ipBlock" not in peer, peer
+            # this namespace (a bare podSelector), or the KubeRay operator in its own namespace
+            assert "namespaceSelector" not in peer or (
+                peer["namespaceSelector"]["matchLabels"].get("kubernetes.io/metadata.name")
+                and peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}), peer
+    exposed = {p["port"] for r in spec["ingress"] for p in r.get("ports", [])}
+    assert 8265 in exposed and (8000 in exposed) == (ray_doc["kind"] == "RayService")
+
+
+def _image_pinned(image: str) -> bool:
+    if "@sha256:" in image:
+        return True
+    name, _, tag = image.rpartition(":")
+    return bool(name) and "/" not in tag and tag != "latest" and bool(re.match(r"\d+\.\d+", tag))
+
+
+@pytest.mark.parametrize("name", RAY_CONFIGS)
+def test_images_are_pinned_to_a_version(name):
+    images = [v for d in _docs(name) for k, v in _items(d) if k == "image"]
+    assert images and all(_image_pinned(i) for i in images), images
+    text = (CLUSTER / name).read_text()
+    assert not re.search(r"\bFROM\s+\S+:latest|image:\s*\S+:latest", text)
+    readme = (CLUSTER / "README.md").read_text()
+    assert all(_image_pinned(i) for i in re.findall(r"^FROM (\S+)", readme, flags=re.M))
+
+
+def test_no_unpinned_pip_install():
+    commands = _commands("ray-cluster.yaml")
+    installs = [c for c in commands if "pip install" in c]
+    assert installs
+    for c in installs:
+        targets = [t for t in shlex.split(c.split("pip install", 1)[1]) if not t.startswith("-")]
+        assert targets, c
+        for t in targets:  # name==version, or a direct reference to one commit's archive / git commit
+            assert re.search(r"==\d|@\s*\S+/archive/[0-9a-f]{40}\.(zip|tar\.gz)$|@[0-9a-f]{40}$", t), t
+    for name in ("rayjob.yaml", "serve.yaml"):  # the zip a runtime_env may fetch: one commit's, never a tag's
+        for url in re.findall(r"working_dir:\s*(\S+)", (CLUSTER / name).read_text()):
+            assert re.search(r"/archive/[0-9a-f]{40}\.zip$", url), (name, url)
 
 
 def _env_file(text: str) -> dict[str, str]:

@@ -295,3 +295,86 @@ def test_meta_with_numpy_values_is_read_weights_only_and_said(tmp_path):
     torch.save({"state_dict": {"a": torch.ones(2)}, "meta": {"args": SimpleNamespace(lr=1)}}, path)
     with pytest.raises(ValueError, match="cannot be read with weights_only=True.*SimpleNamespace"):
         read_official(path)  # never unpickled in full: that would run code from the file
+
+
+# --- hostile files (issue 25): a checkpoint's pickle may name any global; only a fixed list is ever called ---
+
+class _Reduce:
+    """Pickles as ``fn(*args)``: what a hostile file's ``meta`` holds (the function runs when unpickled)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _runstring_payload(marker: Path):
+    from numpy.testing._private.utils import runstring
+    return _Reduce(runstring, f"open({str(marker)!r}, 'w').write('ran')", {}), "numpy.testing._private.utils.runstring"
+
+
+def _numpy_load_payload(marker: Path):
+    """``numpy.load(FILE, None, True)``: numpy's own pickle loader, which runs whatever FILE names."""
+    import numpy as np
+    evil = marker.with_name("evil.pkl")
+    evil.write_bytes(b"cbuiltins\nopen\n(V" + str(marker).encode() + b"\nVw\ntR.")  # open(marker, 'w')
+    return _Reduce(np.load, str(evil), None, True), "numpy.load"
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize("payload", [_runstring_payload, _numpy_load_payload], ids=["runstring", "numpy_load"])
+def test_meta_reducing_to_another_numpy_function_runs_nothing_and_is_one_line(payload, legacy, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    hostile, name = payload(marker)
+    src = tmp_path / "hostile.pth"
+    torch.save({"meta": {"hook_msgs": {"best": hostile}}, "state_dict": {"a": torch.ones(2)}}, src,
+               _use_new_zipfile_serialization=not legacy)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out.pt"
+    proc = convert(["--official", src, "--clip-checkpoint", "random", "--out", out], capsys)
+    assert not marker.exists()  # the file's code never ran
+    assert_one_line_error(proc, str(src), name, "weights_only=True", "nothing written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # --out (and its CLIP) not written
+
+
+def test_meta_with_an_object_array_is_refused(tmp_path):
+    import numpy as np
+    path = tmp_path / "obj.pth"
+    torch.save({"state_dict": {"a": torch.ones(2)}, "meta": {"x": np.array([1, "a"], dtype=object)}}, path)
+    with pytest.raises(ValueError, match="cannot be read with weights_only=True.*ObjectDType"):
+        read_official(path)
+
+
+def test_numpy_1_spelling_of_mmcv_meta_is_read(tmp_path):
+    """The published files were written with numpy 1 (``numpy.core.multiarray``): read under numpy 2 too."""
+    import io
+
+    import numpy as np
+    buf = io.BytesIO()
+    meta = {"hook_msgs": {"best_score": np.float64(0.5)}, "curve": np.arange(3, dtype=np.float32)}
+    torch.save({"state_dict": {"a": torch.ones(2)}, "meta": meta}, buf, _use_new_zipfile_serialization=False)
+    raw = buf.getvalue()
+    if b"numpy._core.multiarray" in raw:  # written by numpy 2: respell as numpy 1 did
+        raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    path = tmp_path / "np1.pth"
+    path.write_bytes(raw)
+    obj, notes = read_official(path)
+    assert float(obj["meta"]["hook_msgs"]["best_score"]) == 0.5 and list(obj["meta"]["curve"]) == [0, 1, 2]
+    assert len(notes) == 1 and "numpy" in notes[0]
+
+
+def test_checkpoint_with_numpy_meta_as_mmcv_writes_it_converts(inventories, models, tmp_path, capsys):
+    import numpy as np
+    inv = inventories["capex"]
+    state = official_state(inv, models["capex"], clip=False, cheap=True, seed=2)
+    meta = {**META, "epoch": np.int64(200), "seed": np.int64(42),
+            "hook_msgs": {"best_score": np.float64(1.0), "pck": np.array([0.5, 0.75]), "last_ckpt": "epoch_200.pth"}}
+    src = save_mmcv(tmp_path / "capex_np.pth", state, meta)
+    out = tmp_path / "capex_np.pt"
+    proc = convert(["--official", src, "--clip-checkpoint", "random", "--out", out], capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert "holds numpy values" in proc.stdout
+    _, _, meta = load_model(out)
+    assert meta["source_meta"]["epoch"] == 200 and meta["source_meta"]["seed"] == 42
+    assert meta["source_split"] == 1

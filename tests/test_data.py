@@ -377,6 +377,15 @@ MALFORMED = {
     "bad bbox": (
         lambda d: d["annotations"][0].update(bbox=[1, 2]), ["annotation 11", "bbox"]),
     "missing list": (lambda d: d.pop("annotations"), ["'annotations'"]),
+    # hostile files (issue 25): a file_name outside the image folder, a box that is not numbers
+    "absolute file_name": (
+        lambda d: d["images"][0].update(file_name="/etc/hostname"), ["image 7", "'/etc/hostname'", "is absolute"]),
+    "file_name climbing out": (
+        lambda d: d["images"][0].update(file_name="cat/../../outside.jpg"), ["image 7", "'..' component"]),
+    "NaN bbox": (
+        lambda d: d["annotations"][0].update(bbox=[float("nan"), 4, 30, 30]), ["annotation 11", "non-finite"]),
+    "infinite bbox": (
+        lambda d: d["annotations"][0].update(bbox=[4, 4, float("inf"), 30]), ["annotation 11", "non-finite"]),
 }
 
 
@@ -390,6 +399,34 @@ def test_malformed_input_gives_one_line_naming_file_and_record(tmp_path, case):
     assert "\n" not in msg and str(path) in msg
     for frag in fragments:
         assert frag in msg
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "windows"])
+def test_file_name_outside_the_image_folder_never_becomes_a_sample(tmp_path, where):
+    """An image that exists outside ``images/``, named absolutely or with ``..``: refused in one line naming the
+    file and the image id (raised by default; collected, with its annotations skipped, by an audit)."""
+    from PIL import Image
+
+    outside = tmp_path / "outside" / "secret.jpg"
+    outside.parent.mkdir()
+    Image.new("RGB", (64, 48)).save(outside)
+    name = {"absolute": str(outside), "dotdot": "../outside/secret.jpg",
+            "windows": "cat\\..\\..\\outside\\secret.jpg"}[where]
+    path = _write_minimal(tmp_path, lambda d: d["images"][0].update(file_name=name))
+    with pytest.raises(DataError) as err:
+        load_subset(path)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and "image 7" in msg and repr(name) in msg
+    problems: list[DataError] = []
+    data = load_subset(path, problems=problems)
+    assert data.samples == [] and len(problems) == 1 and problems[0].kind == "image record"
+
+
+def test_clean_bbox_refuses_non_finite_values():
+    for bad in ([float("nan"), 0, 10, 10], [0, 0, float("inf"), 10], [0, float("-inf"), 10, 10]):
+        with pytest.raises(ValueError, match="non-finite"):
+            clean_bbox(bad, 64, 48)
+    assert clean_bbox([4, 4, 30, 30], 64, 48) == (4.0, 4.0, 29.0, 29.0)
 
 
 def test_valid_minimal_file_reads_and_cleans(tmp_path):
@@ -427,7 +464,7 @@ def test_cli_reports_malformed_data_in_one_line(tmp_path, synthetic_root):
 def test_benchmarks_reference_style_affine_and_targets_equal_ours():
     """``jobs.bench_loader``'s mmpose-0.29-style parts do the work of ours (so its timings compare)."""
     from capenext.data.transforms import affine_matrix
-    from jobs.bench_loader import get_affine_transform, msra_target
+    from jobs.benchmarks.loader import get_affine_transform, msra_target
 
     rng = np.random.default_rng(3)
     for _ in range(20):

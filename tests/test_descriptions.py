@@ -401,7 +401,7 @@ def test_evaluate_reads_the_reference_texts_noise_and_episodes(prepared, synthet
     ckpt = converted(tiny_checkpoint, tmp_path)
     code, result, err = _evaluate(capsys, "--checkpoint", ckpt, "--shards", prepared / "shards",
                                   "--descriptions", rules_file, "--noise", "reference:typo",
-                                  "--episodes", "reference", "--data-root", synthetic_root)
+                                  "--sampler", "reference", "--data-root", synthetic_root)
     assert code == 0, err
     (row,) = result["rows"]
     assert row["noise_variant"] == "reference:typo" and row["embeddings"].startswith("in-process")
@@ -426,7 +426,7 @@ def test_evaluate_refuses_wrong_texts_and_episodes_in_one_line(prepared, tiny_ch
                                     ["keypoint_texts='annotations'", ":regular"]),
         "variant not in the file": (["--checkpoint", tiny_checkpoint, "--descriptions", only_regular, "--noise",
                                      "reference:typo"], ["not 'typo'"]),
-        "reference episodes without data root": (["--checkpoint", tiny_checkpoint, "--episodes", "reference"],
+        "reference episodes without data root": (["--checkpoint", tiny_checkpoint, "--sampler", "reference"],
                                                  ["--data-root ROOT"]),
     }[case]
     code, _, err = _evaluate(capsys, *argv, "--shards", shards)

@@ -25,7 +25,7 @@ from jobs import evaluate
 # the tiny model of tests/test_train.py, trained a little longer so that it beats the baseline clearly
 TRAIN_ARGS = ["--split", "1", "--backbone", "tiny", "--clip-model", "tiny", "--clip-checkpoint", "random",
               "--batch-size", "8", "--epochs", "10", "--max-steps", "40", "--val-every", "10", "--val-episodes", "2",
-              "--test-episodes", "3", "--test-queries", "5", "--set", "model.dropout=0.0", "--local",
+              "--episodes", "3", "--queries", "5", "--set", "model.dropout=0.0", "--local",
               "--run-name", "tiny-full", "--experiment", "capenext-tests"]
 PCK_KEYS = [f"test/pck_{t:g}" for t in THRESHOLDS] + ["test/pck_mean"]
 
@@ -49,7 +49,7 @@ def trained_run(tmp_path_factory, prepared: Path) -> dict:
     try:
         args = train.parse_args([*TRAIN_ARGS, "--shards", str(shards), "--embeddings", str(emb),
                                  "--storage-path", str(base / "runs")])
-        metrics = train.run(args, train.resolve_config(args), args.run_name)
+        metrics = train.run(args)
     finally:  # the local loop sets threads and deterministic mode for this process: put them back
         torch.set_num_threads(old_threads)
         torch.use_deterministic_algorithms(False)
@@ -153,10 +153,10 @@ def test_bare_run_id_and_local_file_give_the_same_numbers(trained, store, capsys
 def test_noise_is_deterministic_for_a_seed_and_changes_results(trained, store, capsys):
     """Typos at 0.3 (a rate the tables do not hold: encoded in-process) and wrong class prompts."""
     rows = {}
-    for name, extra in {"typo-s0": ["--noise", "typo", "--noise-rate", "0.3", "--seed", "0"],
-                        "typo-s0-again": ["--noise", "typo", "--noise-rate", "0.3", "--seed", "0"],
-                        "typo-s1": ["--noise", "typo", "--noise-rate", "0.3", "--seed", "1"],
-                        "class": ["--noise", "class", "--seed", "0"]}.items():
+    for name, extra in {"typo-s0": ["--noise", "typo", "--typo-rate", "0.3", "--noise-seed", "0"],
+                        "typo-s0-again": ["--noise", "typo", "--typo-rate", "0.3", "--noise-seed", "0"],
+                        "typo-s1": ["--noise", "typo", "--typo-rate", "0.3", "--noise-seed", "1"],
+                        "class": ["--noise", "class", "--noise-seed", "0"]}.items():
         code, result, err = _evaluate(capsys, "--checkpoint", trained["checkpoint"], *_data(trained),
                                       "--pictures", "0", *extra)
         assert code == 0, err
@@ -218,13 +218,13 @@ def test_bad_input_gives_one_line(trained, store, capsys, tmp_path, case):
         ckpt["meta"]["run_id"] = "0" * 32
         torch.save(ckpt, foreign)
     argv, fragment = {
-        "rate_without_typo": (["--checkpoint", trained["checkpoint"], "--noise", "class", "--noise-rate", "0.2"],
-                              "--noise-rate applies to --noise typo"),
+        "rate_without_typo": (["--checkpoint", trained["checkpoint"], "--noise", "class", "--typo-rate", "0.2"],
+                              "--typo-rate applies to --noise typo"),
         "missing_file": (["--checkpoint", str(tmp_path / "none.pt")], "checkpoint not found"),
         "unknown_run": (["--checkpoint", "f" * 32], "cannot fetch checkpoint runs:/ffff"),
         "no_split": (["--checkpoint", str(foreign)], "pass --split K"),
-        "bad_rate": (["--checkpoint", trained["checkpoint"], "--noise", "typo", "--noise-rate", "2"],
-                     "--noise-rate must lie in [0, 1]"),
+        "bad_rate": (["--checkpoint", trained["checkpoint"], "--noise", "typo", "--typo-rate", "2"],
+                     "--typo-rate must lie in [0, 1]"),
     }[case]
     code, _, err = _evaluate(capsys, *argv, *_data(trained), "--pictures", "0")
     lines = err.strip().splitlines()

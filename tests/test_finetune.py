@@ -17,10 +17,10 @@ from capenext.checkpoint import read_checkpoint
 from capenext.cli import UsageError, run_main
 from capenext.files import file_sha256
 from jobs import train
-from jobs.runs import STATE_FILE, latest_checkpoint
+from capenext.checkpoint import STATE_FILE, latest_checkpoint
 
 TINY = ["--backbone", "tiny", "--clip-model", "tiny", "--clip-checkpoint", "random", "--batch-size", "8",
-        "--val-episodes", "1", "--test-episodes", "1", "--test-queries", "4", "--set", "model.dropout=0.0",
+        "--val-episodes", "1", "--episodes", "1", "--queries", "4", "--set", "model.dropout=0.0",
         "--local"]
 
 
@@ -123,7 +123,7 @@ def test_bad_fine_tuning_input_is_one_line_before_any_run(prepared, base, capsys
     args = train.parse_args(["--split", "1", "--shards", str(prepared / "shards"), "--embeddings",
                              str(prepared / "emb"), *TINY, "--epochs", "1", "--run-name", f"bad-{case}", *extra])
     with pytest.raises(UsageError) as exc:
-        train.run(args, train.resolve_config(args), args.run_name)
+        train.run(args)
     message = str(exc.value)
     assert "\n" not in message
     if case == "shape":

@@ -189,8 +189,8 @@ def test_real_export_variants_are_normalised(plain, tmp_path):
 def test_imported_root_runs_shard_embed_train_evaluate(plain, ray_local, tmp_path, monkeypatch, capsys):
     from capenext.config import load_preset
     from jobs import evaluate, train
-    from pipelines.embed import embed
-    from pipelines.shard import shard
+    from pipelines.embed import run as embed
+    from pipelines.shard import run as shard
 
     root = tmp_path / "own"
     _import(plain, root, "--by-image", "--test-fraction", "0.3", "--val-fraction", "0.2")
@@ -202,7 +202,7 @@ def test_imported_root_runs_shard_embed_train_evaluate(plain, ray_local, tmp_pat
     with pytest.raises(SystemExit) as exc:
         run_main(train.main, ["--split", "1", *data, "--backbone", "tiny", "--clip-model", "tiny",
                               "--clip-checkpoint", "random", "--epochs", "1", "--max-steps", "2", "--local",
-                              "--val-episodes", "1", "--test-episodes", "2", "--test-queries", "4",
+                              "--val-episodes", "1", "--episodes", "2", "--queries", "4",
                               "--run-name", "own"])
     assert exc.value.code == 0, capsys.readouterr().err
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -238,6 +238,15 @@ def _edit(src: dict, case: str) -> tuple[dict, list[str], list[str]]:
     if case == "missing image":
         im["file_name"] = "not_there.jpg"
         return data, mode, [f"image {im['id']}", "not_there.jpg", "not found"]
+    if case == "NaN bbox":  # json.loads reads NaN and Infinity; they must not reach the written json
+        ann["bbox"] = [float("nan"), 1.0, 10.0, 10.0]
+        return data, mode, [f"annotation {ann['id']}", "bbox must be 4 finite numbers"]
+    if case == "infinite bbox":
+        ann["bbox"] = [1.0, 1.0, float("inf"), 10.0]
+        return data, mode, [f"annotation {ann['id']}", "bbox must be 4 finite numbers"]
+    if case == "infinite area":
+        ann["area"] = float("-inf")
+        return data, mode, [f"annotation {ann['id']}", "area must be a finite number"]
     if case == "unknown category":
         return data, ["--test-categories", "zebra"], ["zebra", "no category", "dog_face"]
     if case == "category in two subsets":
@@ -247,7 +256,7 @@ def _edit(src: dict, case: str) -> tuple[dict, list[str], list[str]]:
 
 
 BAD = ("no keypoint names", "skeleton out of range", "skeleton fits neither numbering", "keypoint length",
-       "missing image", "unknown category", "category in two subsets")
+       "missing image", "NaN bbox", "infinite bbox", "infinite area", "unknown category", "category in two subsets")
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -278,3 +287,34 @@ def test_refusal_from_the_command_line_is_one_line(plain, tmp_path):
     assert proc.returncode == 2
     assert_one_line_error(proc, str(bad), *fragments)
     assert not (tmp_path / "own").exists()
+
+
+@pytest.mark.parametrize("link", ["file", "folder"])
+def test_image_symlinked_out_of_images_is_one_line_and_writes_nothing(plain, tmp_path, capsys, link):
+    """A file (or a sub-folder) under --images that links outside it is refused, naming the file and the image
+    id: the import would otherwise copy or link whatever it points at into the root (and then the shards)."""
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    shutil.copytree(plain / "images", images)
+    outside.mkdir()
+    data = _source(plain)
+    im = data["images"][0]
+    shutil.move(images / im["file_name"], outside / im["file_name"])  # a real image, just not under --images
+    if link == "file":
+        (images / im["file_name"]).symlink_to(outside / im["file_name"])
+    else:
+        (images / "sub").symlink_to(outside, target_is_directory=True)
+        im["file_name"] = f"sub/{im['file_name']}"
+    src = tmp_path / "coco.json"
+    src.write_text(json.dumps(data))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for copy_flag in ([], ["--copy"]):
+        with pytest.raises(SystemExit) as exc:
+            run_main(import_coco.main, ["--coco", str(src), "--images", str(images), "--out", str(tmp_path / "own"),
+                                        "--test-categories", "dog_face", *copy_flag])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        for frag in (str(src), f"image {im['id']}", im["file_name"], "outside --images"):
+            assert frag in lines[0], (frag, lines[0])
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # no root, no temporary folder

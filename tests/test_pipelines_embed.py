@@ -9,24 +9,24 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from capenext.config import DataCfg
+from capenext.cli import UsageError
+from capenext.config import DataCfg, load_preset, override
+from capenext.data.embeddings import check_tables, load_bank
 from capenext.data.shards import ShardIndex
 from capenext.data.transforms import crop
 from capenext.models.clip import FrozenCLIP, class_prompt
 from capenext.noise import load_template_maps, typo
-from capenext.config import load_preset, override
-from capenext.data.embeddings import check_tables, load_bank
-from pipelines.embed import embed
+from pipelines import embed, shard
+from pipelines.clip_tables import plan_actors
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
 def embedded(synthetic_root, ray_local, tmp_path_factory):
-    from pipelines.shard import shard
-
     base = tmp_path_factory.mktemp("embed")
-    shard(synthetic_root, base / "shards", progress=False)
-    meta = embed(base / "shards", base / "emb", load_preset("tiny"), batch_size=32, typo_rates=(0.1, 0.3),
-                 progress=False)
+    shard.run(synthetic_root, base / "shards", progress=False)
+    meta = embed.run(base / "shards", base / "emb", load_preset("tiny"), batch_size=32, typo_rates=(0.1, 0.3),
+                     progress=False, device="cpu")
     return base, meta
 
 
@@ -81,7 +81,7 @@ def test_noisy_variants_hold_the_noise_module_texts(embedded):
 def test_rerun_is_a_no_op_and_metadata_mismatch_is_refused(embedded, capsys):
     base, meta = embedded
     before = (base / "emb" / "images.parquet").stat().st_mtime_ns
-    again = embed(base / "shards", base / "emb", load_preset("tiny"), batch_size=32, typo_rates=(0.1, 0.3))
+    again = embed.run(base / "shards", base / "emb", load_preset("tiny"), batch_size=32, typo_rates=(0.1, 0.3))
     assert "up to date" in capsys.readouterr().out
     assert again == json.loads((base / "emb" / "embeddings.json").read_text())
     assert (base / "emb" / "images.parquet").stat().st_mtime_ns == before
@@ -91,3 +91,21 @@ def test_rerun_is_a_no_op_and_metadata_mismatch_is_refused(embedded, capsys):
         check_tables(base / "emb", override(load_preset("tiny"), {"model.clip_model": "ViT-B-32"}), digest)
     with pytest.raises(ValueError, match="image_size=128"):
         check_tables(base / "emb", override(load_preset("tiny"), {"data.image_size": "256"}), digest)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_device_picks_cpu_actors_and_refuses_cuda_without_a_gpu(ray_local):
+    assert plan_actors().device == "cpu"  # the default follows the cluster: no GPU here
+    plan = plan_actors("cpu", actors=1)
+    assert (plan.device, plan.actors) == ("cpu", 1) and 0 < plan.cpus_per_actor <= 1
+    with pytest.raises(UsageError, match="--device cuda: the Ray cluster has no GPU"):
+        plan_actors("cuda")
+
+
+def test_help_names_the_shared_flags():
+    proc = run_cli("pipelines.embed", "--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--encode-batch-size", "--typo-rate ", "--noise-seed", "--device", "--address", "--config",
+                 "--set"):
+        assert flag in proc.stdout, flag
+    assert "--typo-rates" not in proc.stdout and "--batch-size " not in proc.stdout

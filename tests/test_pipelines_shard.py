@@ -21,7 +21,8 @@ from capenext.config import DataCfg
 from capenext.data import SPLITS, SUBSETS, DataError, PairDataset, annotation_path, load_split, training_pairs
 from capenext.data.shards import ShardIndex, iter_webdataset
 from capenext.data.transforms import read_image
-from pipelines.shard import MANIFEST, shard, verify
+from pipelines import shard
+from pipelines.shard import MANIFEST, verify
 from tests.conftest import REPO, assert_one_line_error, run_cli
 from tests.test_pipelines_validate import make_variety_copy, single_instance_annotations
 
@@ -54,7 +55,7 @@ def sha256(path: Path) -> str:
 def clean(synthetic_root, ray_local, tmp_path_factory) -> tuple[Path, dict]:
     """The synthetic set sharded in-process, SMALL samples per shard."""
     out = tmp_path_factory.mktemp("shards") / "clean"
-    return out, shard(synthetic_root, out, shard_size=SMALL, progress=False)
+    return out, shard.run(synthetic_root, out, shard_size=SMALL, progress=False)
 
 
 def test_sample_count_is_the_cleaned_annotation_count_and_tars_read_back(synthetic_root, clean):
@@ -129,14 +130,14 @@ def test_rerun_skips_complete_shards_and_rewrites_torn_ones(synthetic_root, clea
     out = tmp_path / "shards"
     shutil.copytree(src, out)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    assert shard(synthetic_root, out, shard_size=SMALL, progress=False) == manifest
+    assert shard.run(synthetic_root, out, shard_size=SMALL, progress=False) == manifest
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == stamps  # nothing rewritten
     torn, gone = manifest["shards"][3]["name"], manifest["shards"][5]["name"]
     (out / torn).write_bytes((out / torn).read_bytes()[:3000])  # a shard cut short
     (out / gone).unlink()
     (out / f".{torn}.1234.tmp").write_bytes(b"half a tar")  # a killed writer's temporary file
     (out / MANIFEST).unlink()
-    assert shard(synthetic_root, out, shard_size=SMALL, progress=False) == manifest
+    assert shard.run(synthetic_root, out, shard_size=SMALL, progress=False) == manifest
     assert sha256(out / torn) == manifest["shards"][3]["sha256"] and (out / gone).is_file()
     assert not list(out.glob(".*.tmp"))
     rewritten = {p.name for p in out.glob("*.tar") if p.stat().st_mtime_ns != stamps[p.name]}
@@ -173,7 +174,7 @@ def test_killed_run_then_rerun_gives_the_clean_manifest(synthetic_root, clean, t
     written = list(out.glob("*.tar"))
     assert written and not (out / MANIFEST).exists(), "the run finished before it could be killed"
     assert len(written) < len(manifest["shards"])
-    assert shard(synthetic_root, out, shard_size=SMALL, progress=False) == manifest
+    assert shard.run(synthetic_root, out, shard_size=SMALL, progress=False) == manifest
     assert json.loads((out / MANIFEST).read_text()) == manifest
 
 
@@ -221,14 +222,14 @@ def test_skip_bad_skips_and_lists_the_bad_samples(truncated, clean, tmp_path):
     root, ann, file_name = truncated
     _, clean_manifest = clean
     out = tmp_path / "shards"
-    manifest = shard(root, out, shard_size=SMALL, skip_bad=True, progress=False)
+    manifest = shard.run(root, out, shard_size=SMALL, skip_bad=True, progress=False)
     assert [(s["ann_id"], s["file_name"], s["kind"]) for s in manifest["skipped"]] == \
         [(ann["id"], file_name, "corrupt image")]
     assert manifest["samples"] == clean_manifest["samples"] - 1
     index = ShardIndex(out)
     assert ann["id"] not in {s.ann_id for s in index.samples}
     with pytest.raises(DataError, match=f"annotation {ann['id']}"):  # without --skip-bad it still stops
-        shard(root, out, shard_size=SMALL, progress=False)
+        shard.run(root, out, shard_size=SMALL, progress=False)
 
 
 def test_malformed_annotation_file_gets_the_data_layer_error(synthetic_root, tmp_path):
@@ -246,7 +247,7 @@ def test_malformed_annotation_file_gets_the_data_layer_error(synthetic_root, tmp
 def test_mixed_formats_odd_folders_and_ids_shard_and_read_back(synthetic_root, ray_local, tmp_path):
     root = tmp_path / "mp100"
     made = make_variety_copy(synthetic_root, root)
-    manifest = shard(root, tmp_path / "shards", progress=False)
+    manifest = shard.run(root, tmp_path / "shards", progress=False)
     assert manifest["samples"] == len(cleaned_union(root))
     index = ShardIndex(tmp_path / "shards")
     by_file = {s.file_name: s for s in index.samples}

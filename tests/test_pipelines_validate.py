@@ -221,3 +221,25 @@ def test_missing_data_root_is_one_line(tmp_path):
     proc = run_cli("pipelines.validate", "--data-root", str(tmp_path / "nope"))
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: --data-root {tmp_path / 'nope'}: not a directory"
+
+
+def test_audit_never_opens_an_image_named_outside_the_image_folder(synthetic_root, tmp_path):
+    """An image record whose ``file_name`` climbs out of ``images/`` is reported (the data layer's one line)
+    and never decoded: the audit opens only files inside the image folder."""
+    root = tmp_path / "mp100"
+    shutil.copytree(synthetic_root, root)
+    (tmp_path / "secret.jpg").write_bytes(b"not an image at all")  # decoding it would be a corrupt image
+    (_, im) = single_instance_annotations(root)[0]
+    name = "../../secret.jpg"
+
+    def climb(data, path):
+        for record in data["images"]:
+            if record["id"] == im["id"]:
+                record["file_name"] = name
+
+    edit_annotations(root, climb)
+    report = validate(root, progress=False, workers=1)
+    examples = [(g["kind"], e) for g in report["problems"] for e in g["examples"]]
+    assert any(name in e and f"image {im['id']}" in e for _, e in examples), examples
+    assert not any("secret.jpg" in e and kind != "image record" for kind, e in examples), examples
+    assert report["ok"] is False

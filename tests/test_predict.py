@@ -256,3 +256,73 @@ def test_every_ablation_and_image_embedding_mode_predicts(tmp_path, ablation, im
         again = pred.predict(image, names, cls, [(0, 1), (0, 2)], (10, 5, 80, 70))
         assert [v for p in again for v in (p["x"], p["y"], p["score"])] == pytest.approx(
             [v for p in points for v in (p["x"], p["y"], p["score"])], abs=1e-4)
+
+
+# --- the inputs, as the command line and the server read them (no model) ------------------------------
+
+
+@pytest.mark.parametrize("text,json_list,expected", [
+    ("nose, left eye ,right_eye", False, ["nose", "left eye", "right_eye"]),
+    ('["nose", " left eye"]', True, ["nose", "left eye"]),
+    ('["nose"]', False, ['["nose"]']),  # the command line reads no JSON: a name that starts with [
+])
+def test_names_parse_alike_for_predict_and_serve(text, json_list, expected):
+    from capenext.inputs import parse_names
+
+    assert parse_names(text, "--keypoints", json_list=json_list) == expected
+
+
+@pytest.mark.parametrize("call,fragment", [
+    (lambda f: f.parse_names(None, "'keypoints'", json_list=True), "no keypoint names: 'keypoints' is empty"),
+    (lambda f: f.parse_names(" , ", "--keypoints"), "no keypoint names: --keypoints holds only separators"),
+    (lambda f: f.parse_names("a,,b", "--keypoints"), "--keypoints has an empty name at position 1: 'a,,b'"),
+    (lambda f: f.parse_names('["a", 1]', "'keypoints'", json_list=True), "'keypoints' as JSON must be a list of str"),
+    (lambda f: f.parse_skeleton("[[0, 1], ", "'skeleton'", json_list=True),
+     "'skeleton' starts like a JSON list but is not valid JSON"),
+    (lambda f: f.parse_skeleton("0:1"), "skeleton edge '0:1' is not of the form A-B"),
+    (lambda f: f.parse_bbox("1,2,3"), "bbox '1,2,3' is not four numbers"),
+    (lambda f: f.check_class_name(" _ ", True, "full", "pass --class NAME"),
+     "the 'full' model reads a class name: pass --class NAME"),
+])
+def test_bad_inputs_are_one_line_value_errors(call, fragment):
+    import capenext.inputs
+
+    with pytest.raises(ValueError) as err:
+        call(capenext.inputs)
+    assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_absent_skeleton_box_and_class_are_defaults():
+    from capenext.inputs import check_class_name, parse_bbox, parse_skeleton
+
+    assert parse_skeleton(None) == [] and parse_skeleton(" ") == [] and parse_skeleton("0-1, 1-2") == [(0, 1), (1, 2)]
+    assert parse_skeleton("[[0, 1]]", json_list=True) == [[0, 1]]
+    assert parse_bbox(None) is None and parse_bbox(" 1, 2,3 ,4") == (1.0, 2.0, 3.0, 4.0)
+    assert check_class_name("  ", False, "baseline") is None and check_class_name(" cat ", True, "full") == "cat"
+
+
+def test_keypoints_file_gives_names_class_and_skeleton(tmp_path):
+    from capenext.inputs import read_keypoints_file
+
+    path = tmp_path / "kp.json"
+    path.write_text(json.dumps({"name": "chair", "keypoints": ["seat", "leg"], "skeleton": [[0, 1]], "id": 7}))
+    assert read_keypoints_file(path) == {"class": "chair", "names": ["seat", "leg"], "skeleton": [[0, 1]],
+                                         "supercategory": "", "id": 7}
+    path.write_text(json.dumps({"names": "seat"}))
+    with pytest.raises(ValueError, match="'names' must be a list of strings"):
+        read_keypoints_file(path)
+
+
+def test_clip_precision_swap_refuses_fp16_off_cuda_and_keeps_a_matching_clip():
+    from capenext.config import load_preset
+    from capenext.models import build_model
+    from capenext.predict import set_clip_precision
+
+    cfg = load_preset("tiny")
+    model = build_model(cfg.model)
+    clip = model.clip
+    assert set_clip_precision(model, cfg, "cpu") is False and model.clip is clip
+    cfg.model.clip_precision = "fp16"
+    with pytest.raises(ValueError, match="fp16 runs on a CUDA device only"):
+        set_clip_precision(model, cfg, "cpu")
+    assert model.clip is clip

@@ -1,6 +1,5 @@
 """jobs.report on a real MLflow store: runs logged with ``MlflowClient`` as the training and evaluation jobs
-log them (tags split/ablation/backbone/seed, ``test/pck_*``, ``floor/pck_*`` or the legacy ``baseline/pck_*``,
-per-epoch curves), then the tables' shapes and cells, the "—" and "mean ± std" cells, CSV, the published
+log them (tags split/ablation/backbone/seed, ``test/pck_*``, ``floor/pck_*``, per-epoch curves), then the tables' shapes and cells, the "—" and "mean ± std" cells, CSV, the published
 numbers, noise variants, re-runs of a cell, the default backbone, and the PNG files."""
 
 from __future__ import annotations
@@ -23,9 +22,9 @@ THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25)
 
 def _log_training(client: MlflowClient, exp: str, parent: str | None, split: int, ablation: str, seed: int,
                   pck: float, status: str = "FINISHED", backbone: str = "tiny", floor: float = 0.3,
-                  floor_prefix: str = "floor", end_time: int | None = None) -> str:
+                  end_time: int | None = None) -> str:
     """One training run as jobs.train logs it; PCK@t = pck + (t - 0.2), the mean-position floor a flat
-    ``floor`` under ``floor_prefix`` (``baseline``: the legacy prefix the report still reads)."""
+    ``floor``."""
     name = f"rep-split{split}-{ablation}-{backbone}-seed{seed}"
     tags = {"split": str(split), "ablation": ablation, "backbone": backbone, "seed": str(seed),
             "capenext.run_name": name, "mlflow.runName": name}
@@ -39,8 +38,8 @@ def _log_training(client: MlflowClient, exp: str, parent: str | None, split: int
         values = {t: pck + (t - 0.2) for t in THRESHOLDS}
         metrics += [Metric(f"test/pck_{t:g}", v, 0, 3) for t, v in values.items()]
         metrics += [Metric("test/pck_mean", sum(values.values()) / 5, 0, 3)]
-        metrics += [Metric(f"{floor_prefix}/pck_{t:g}", floor, 0, 3) for t in THRESHOLDS]
-        metrics += [Metric(f"{floor_prefix}/pck_mean", floor, 0, 3)]
+        metrics += [Metric(f"floor/pck_{t:g}", floor, 0, 3) for t in THRESHOLDS]
+        metrics += [Metric("floor/pck_mean", floor, 0, 3)]
     client.log_batch(run_id, metrics=metrics)
     if status == "FINISHED":
         client.set_terminated(run_id, "FINISHED", end_time=end_time)
@@ -242,7 +241,7 @@ def test_bad_input_gives_one_line(store, tmp_path, capsys, case):
 @pytest.fixture(scope="module")
 def edge_report(tmp_path_factory):
     """An experiment 'edge': full on tiny, split 1 run twice (the newer run at 0.60 replaces the older at
-    0.50, both logging floor/ at 0.3), split 2 once with the legacy baseline/ floor at 0.5; a stale RUNNING
+    0.50, both logging floor/ at 0.3), split 2 once with its floor at 0.5; a stale RUNNING
     swinv2_t run; evaluations of the newer split-1 run under an unknown noise kind, the reference texts and
     class noise."""
     root = tmp_path_factory.mktemp("edge_store")
@@ -251,7 +250,7 @@ def edge_report(tmp_path_factory):
     exp = client.create_experiment("edge", artifact_location=(root / "mlartifacts").as_uri())
     _log_training(client, exp, None, 1, "full", 0, 0.50, end_time=1_000)
     newer = _log_training(client, exp, None, 1, "full", 0, 0.60, end_time=2_000)
-    _log_training(client, exp, None, 2, "full", 0, 0.70, floor=0.5, floor_prefix="baseline")
+    _log_training(client, exp, None, 2, "full", 0, 0.70, floor=0.5)
     _log_training(client, exp, None, 1, "full", 0, 0.99, status="RUNNING", backbone="swinv2_t")
     _log_evaluation(client, exp, newer, "blur", "blur:3", 0.25)
     _log_evaluation(client, exp, newer, "reference", "reference:paw-foreleg", 0.55)
@@ -265,10 +264,10 @@ def edge_report(tmp_path_factory):
     return out
 
 
-def test_floor_is_read_from_floor_and_legacy_baseline_metrics(edge_report, capsys):
+def test_floor_is_averaged_over_the_splits(edge_report, capsys):
     thr = _read_csv(edge_report / "pck_thresholds.csv")
     floor = next(r for r in thr if r[0] == "mean-position floor")
-    assert floor[2:] == ["40.00"] * 6 + ["2"]  # split 1 from floor/ (30), split 2 from baseline/ (50)
+    assert floor[2:] == ["40.00"] * 6 + ["2"]  # split 1's floor 30, split 2's 50
     runs = _read_csv(edge_report / "runs.csv")
     assert "floor/pck_0.2" in runs[0] and not any(c.startswith("baseline/") for c in runs[0])
     col = runs[0].index("floor/pck_0.2")
@@ -309,7 +308,7 @@ def test_ablation_order_is_the_papers_then_other_registered_ones(monkeypatch):
 
 
 def test_report_uses_the_shared_layer_not_other_jobs():
-    for name in ("report.py", "report_plots.py"):
+    for name in ("report.py", "reports/plots.py"):
         tree = ast.parse((Path(report.__file__).parent / name).read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

@@ -35,9 +35,11 @@ from capenext.data.mp100 import load_split
 from capenext.predict import Predictor, Query
 from jobs import predict as predict_job
 from jobs import serve as serve_job
-from jobs.common import resolve_checkpoint
 from jobs.register import register
-from jobs.tracking import free_port
+from jobs.serving.deployment import port_free
+from jobs.serving.options import APP_NAME, DEPLOYMENT_NAME, check_options
+from pipelines.runtime.checkpoints import resolve_checkpoint
+from pipelines.runtime.tracking import free_port
 from tests.conftest import REPO
 from tests.test_evaluate import trained_run
 
@@ -65,7 +67,7 @@ def registry(trained, tmp_path_factory) -> dict:
     of capenext-tiny (alias champion) from the run id, and as version 2 from the file."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.tracking import ensure_experiment
+    from pipelines.runtime.tracking import ensure_experiment
 
     base = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{base / 'mlflow.db'}"
@@ -273,7 +275,8 @@ def test_app_builder_validates_its_args(trained, tmp_path):
     application = serve_job.app({"checkpoint": trained["checkpoint"], "max_batch_size": "4", "autoscale": "1,3"})
     assert isinstance(application, Application)
     for bad, fragment in [({"max_batch_size": "0"}, "max_batch_size"), ({"autoscale": "3,1"}, "MIN <= MAX"),
-                          ({"device": "tpu"}, "cpu or cuda"), ({"gpus_per_replica": "1"}, "with device cpu"),
+                          ({"device": "tpu"}, "cpu or cuda"), ({"device": "cuda:1"}, "cpu or cuda"),
+                          ({"gpus_per_replica": "1"}, "with device cpu"),
                           ({"replicas": "2", "colour": "red"}, "colour")]:
         with pytest.raises(Exception) as err:
             serve_job.app({"checkpoint": trained["checkpoint"], **bad})
@@ -289,13 +292,14 @@ def test_serve_config_and_rayservice_run_this_app():
     from ray.serve.schema import ServeDeploySchema
 
     config = ServeDeploySchema(**yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text()))
-    manifest = yaml.safe_load((REPO / "cluster" / "rayservice.yaml").read_text())
-    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    documents = [d for d in yaml.safe_load_all((REPO / "cluster" / "rayservice.yaml").read_text()) if d]
+    (manifest,) = [d for d in documents if d.get("kind") == "RayService"]  # beside it: its network policy
+    assert manifest["apiVersion"] == "ray.io/v1"
     inner = ServeDeploySchema(**yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     for cfg in (config, inner):
         (application,) = cfg.applications
         assert application.import_path == "jobs.serve:app" and application.route_prefix == "/"
-        options = serve_job.check_options(application.args)
+        options = check_options(application.args)
         assert options.checkpoint.startswith("models:/")
     assert config.http_options.host == "127.0.0.1"
     import ray
@@ -477,7 +481,7 @@ def _replicas(ray_local) -> list:
     address = ray_local.get_runtime_context().gcs_address  # other Ray instances may run on this machine
     return [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True,
                                    raise_on_missing_output=False)
-            if a.class_name.startswith(f"ServeReplica:{serve_job.APP_NAME}:{serve_job.DEPLOYMENT_NAME}")]
+            if a.class_name.startswith(f"ServeReplica:{APP_NAME}:{DEPLOYMENT_NAME}")]
 
 
 def test_a_killed_replica_is_replaced_and_the_next_requests_succeed(server, ray_local, predictor, heldout):
@@ -520,13 +524,13 @@ def test_port_check_passes_a_port_whose_last_connections_linger_in_time_wait():
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        assert not serve_job._port_free("127.0.0.1", port)
+        assert not port_free("127.0.0.1", port)
         client = socket.create_connection(("127.0.0.1", port))
         conn, _ = listener.accept()
         conn.close()  # the server's side closes first: its end of the connection enters TIME_WAIT
         client.recv(1)
         client.close()
-    assert serve_job._port_free("127.0.0.1", port)
+    assert port_free("127.0.0.1", port)
 
 
 def test_a_server_started_with_sigint_ignored_still_stops_on_it(trained, tmp_path):

@@ -31,14 +31,14 @@ from mlflow.tracking import MlflowClient
 
 from capenext.cli import run_main
 from jobs import sweep
-from jobs.tracking import free_port
+from pipelines.runtime.tracking import free_port
 from tests.conftest import REPO
 
 EXPERIMENT = "tinysweep"
 TRIALS = [f"{EXPERIMENT}-split{k}-{a}-tiny" for k in (1, 2) for a in ("full", "baseline")]
 TINY_SWEEP = ["--splits", "1-2", "--ablations", "full,baseline", "--backbones", "tiny", "--experiment", EXPERIMENT,
               "--clip-model", "tiny", "--clip-checkpoint", "random", "--batch-size", "8", "--epochs", "1",
-              "--max-steps", "2", "--val-episodes", "1", "--test-episodes", "2", "--test-queries", "4",
+              "--max-steps", "2", "--val-episodes", "1", "--episodes", "2", "--queries", "4",
               "--set", "model.dropout=0.0", "--cpus-per-worker", "0.5",
               # two trials at a time: four Ray Train runs at once (each a controller, a worker and helper
               # actors) came within 1 GB of the 24 GB machine's memory beside the rest of the suite
@@ -222,22 +222,25 @@ def test_split_forms():
 
 
 def test_every_training_option_reaches_each_trial_as_jobs_train_parses_it(tmp_path):
-    """A trial's namespace is what ``jobs.train`` would parse for it: the fine-tuning options among them."""
+    """A trial's run is the one ``jobs.train`` builds from the same options: the fine-tuning options among them."""
     from jobs import train
+    from jobs.training.spec import from_args, resolve_config
 
     options = ["--shards", str(tmp_path), "--embeddings", str(tmp_path), "--clip-checkpoint", "random",
                "--init-checkpoint", "runs:/abc/checkpoints/final.pt", "--freeze", "backbone,encoder",
-               "--epochs", "3", "--set", "optim.lr=1e-4", "--val-episodes", "5", "--storage-path", str(tmp_path)]
+               "--epochs", "3", "--set", "optim.lr=1e-4", "--val-episodes", "5", "--storage-path", str(tmp_path),
+               "--device", "cpu", "--tracking-uri", "http://127.0.0.1:1"]
     args = sweep.parse_args(["--splits", "2", "--ablations", "baseline", "--backbones", "tiny", "--seeds", "7",
                              *options])
     [trial] = sweep.plan(args)
-    got = vars(sweep.trial_args(args, trial, "parent"))
-    want = vars(train.parse_args(["--split", "2", "--ablation", "baseline", "--backbone", "tiny", *options,
-                                  "--seed", "7", "--run-name", trial.run_name, "--parent-run-id", "parent"]))
-    assert {k: got.get(k) for k in want if k not in ("register", "register_alias")} == \
-        {k: v for k, v in want.items() if k not in ("register", "register_alias")}
-    assert got["init_checkpoint"] == "runs:/abc/checkpoints/final.pt" and got["freeze"] == "backbone,encoder"
-    cfg = train.resolve_config(sweep.trial_args(args, trial, None), trial.backbone)
+    got = sweep.trial_run(args, trial, "parent")
+    targs = train.parse_args(["--split", "2", "--ablation", "baseline", "--backbone", "tiny", *options,
+                              "--seed", "7", "--run-name", trial.run_name, "--parent-run-id", "parent"])
+    want = from_args(targs, resolve_config(targs), 2, trial.run_name, "parent")
+    assert got == want
+    assert got.init_checkpoint == "runs:/abc/checkpoints/final.pt" and got.freeze == ("backbone", "encoder")
+    assert got.tracking_uri == "http://127.0.0.1:1" and got.device == "cpu"
+    cfg = got.cfg
     assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.seed, cfg.model.ablation) == (1e-4, 3, 7, "baseline")
 
 

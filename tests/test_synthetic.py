@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import synthetic as syn
+from pipelines import synthetic as syn, synthetic_categories as cat
 from pipelines.synthetic_render import draw_scene
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,13 +130,13 @@ def test_vocabulary_is_shared_polysemous_and_prompts_carry_meaning(dataset):
         for name in c["keypoints"]:
             supers_of[name].add(c["supercategory"])
         assert set(c["name"].split("_")) & set(c["supercategory"].split("_")), c["name"]
-    polysemous = [name for name in syn.POLYSEMOUS if len(supers_of[name]) >= 2]
+    polysemous = [name for name in cat.POLYSEMOUS if len(supers_of[name]) >= 2]
     assert polysemous
     for name in polysemous:
-        glyphs = {syn.glyph_id(name, s) for s in supers_of[name]}
+        glyphs = {cat.glyph_id(name, s) for s in supers_of[name]}
         assert len(glyphs) == len(supers_of[name]), f"{name} looks the same in several supercategories"
-    assert syn.glyph_id("nose", "animal_face") == syn.glyph_id("nose", "animal_body")
-    assert len(syn.GLYPH_KEYS) <= 12 * 8, "two names would share a glyph"
+    assert cat.glyph_id("nose", "animal_face") == cat.glyph_id("nose", "animal_body")
+    assert len(cat.GLYPH_KEYS) <= 12 * 8, "two names would share a glyph"
 
 
 def test_invisible_keypoints_and_multi_instance_images(dataset):
@@ -196,19 +196,19 @@ def test_cli_help_and_one_line_errors(tmp_path):
 
 
 def test_template_file_schema():
-    data = json.loads(syn.TEMPLATES_PATH.read_text())
+    data = json.loads(cat.TEMPLATES_PATH.read_text())
     assert set(data) == {"polysemous", "templates", "glyph_shapes", "glyph_fills"}
     supers_of = defaultdict(set)
     for t in data["templates"]:
         assert {"supercategory", "head", "modifiers", "parts", "limb", "max_rotation"} <= set(t)
-        assert set(t) <= set(syn.Template.__dataclass_fields__)
+        assert set(t) <= set(cat.Template.__dataclass_fields__)
         assert t["supercategory"].endswith(t["head"])
         assert len(set(t["modifiers"])) == len(t["modifiers"]) >= 5
         names = [part["name"] for part in t["parts"]]
         assert len(set(names)) == len(names)
         assert t["parts"][0].get("parent") is None
         for k, part in enumerate(t["parts"][1:], start=1):
-            assert set(part) <= set(syn.Part.__dataclass_fields__)
+            assert set(part) <= set(cat.Part.__dataclass_fields__)
             assert part["parent"] in names[:k], f"{t['supercategory']}: {part['name']} before its parent"
             assert 0 <= part.get("joint", 0) <= 90
         required = [part for part in t["parts"] if not part.get("optional")]
@@ -220,7 +220,7 @@ def test_template_file_schema():
         for name in names:
             supers_of[name].add(t["supercategory"])
     assert all(len(supers_of[name]) >= 2 for name in data["polysemous"])
-    assert len(syn.GLYPH_KEYS) <= len(data["glyph_shapes"]) * len(data["glyph_fills"])
+    assert len(cat.GLYPH_KEYS) <= len(data["glyph_shapes"]) * len(data["glyph_fills"])
     for shape in syn.GLYPHS.shapes:
         assert shape.ndim == 2 and shape.shape[1] == 2 and len(shape) >= 3
         assert abs(shape).max() <= 1.5
@@ -257,7 +257,7 @@ def test_mp100_sized_images_are_camera_sized_with_valid_annotations(tmp_path):
 
 
 def test_draw_scene_is_deterministic_and_describes_each_instance():
-    categories = syn._categories(seed=0, count=10)
+    categories = cat.make_categories(seed=0, count=10)
     size = np.array([200, 150])
     scenes = [draw_scene(categories[0], categories, np.random.default_rng(7), size, syn.GLYPHS)
               for _ in range(2)]

@@ -23,11 +23,11 @@ from mlflow.tracking import MlflowClient
 from capenext.checkpoint import read_checkpoint
 from capenext.cli import run_main
 from jobs import train
-from jobs.runs import latest_checkpoint
+from capenext.checkpoint import latest_checkpoint
 from tests.conftest import REPO, assert_one_line_error, run_cli
 
 TINY = ["--backbone", "tiny", "--clip-model", "tiny", "--clip-checkpoint", "random", "--batch-size", "8",
-        "--val-episodes", "2", "--test-episodes", "2", "--test-queries", "4", "--set", "model.dropout=0.0"]
+        "--val-episodes", "2", "--episodes", "2", "--queries", "4", "--set", "model.dropout=0.0"]
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def test_a_checkpoint_folder_cut_short_is_not_resumed_from(tmp_path):
     """A worker killed while Ray copies its checkpoint leaves a folder with a truncated file: resuming
     takes the newest complete folder instead."""
     from capenext.cli import UsageError
-    from jobs.runs import CHECKPOINT_FILE, STATE_FILE, check_resumable, write_progress
+    from capenext.checkpoint import CHECKPOINT_FILE, STATE_FILE, check_resumable, write_progress
 
     for epoch, name in enumerate(["checkpoint_a", "checkpoint_b"]):
         folder = tmp_path / "run" / name
@@ -181,7 +181,7 @@ def test_a_checkpoint_folder_cut_short_is_not_resumed_from(tmp_path):
     assert latest_checkpoint(tmp_path, "run", complete_only=True).name == "checkpoint_b"
     newest = latest_checkpoint(tmp_path, "run")  # the driver sees it, and refuses it in one line
     assert newest.name == "checkpoint_c"
-    with pytest.raises(UsageError, match=r"checkpoint_c is cut short \(state\.pt is not a whole torch archive\)"):
+    with pytest.raises(UsageError, match=r"checkpoint_c is cut short \(progress\.json is missing\)"):
         check_resumable(newest)
     before = (tmp_path / "run" / "checkpoint_a").stat().st_mtime - 10
     os.utime(torn, (before, before))  # cut short before the restarted worker wrote checkpoint_b
@@ -223,7 +223,7 @@ def test_bad_input_gives_one_line_before_any_worker(prepared, workdir, capsys, t
 def test_augmentation_of_a_pair_index_changes_per_epoch_and_repeats(prepared, monkeypatch):
     from capenext.config import load_preset
     from capenext.data.shards import ShardIndex
-    from jobs import train_loop
+    from jobs.training import loop as train_loop
 
     index = ShardIndex(prepared / "shards")
     subset = index.subset(1, "train")
@@ -326,7 +326,7 @@ def test_a_run_that_fails_in_its_worker_ends_failed_not_running(prepared, workdi
 
 
 def test_register_makes_the_final_checkpoint_a_registered_model(local_run, tmp_path):
-    from jobs.common import resolve_checkpoint
+    from pipelines.runtime.checkpoints import resolve_checkpoint
 
     wd, proc = local_run
     record = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """MP-100 data: reading and cleaning, the top-down crop, targets, pairs and episodes."""
 
-from capenext.data.dataset import PairDataset, adjacency, make_item
+from capenext.data.dataset import PairDataset, adjacency, collate, make_item
 from capenext.data.episodes import episodes, training_pairs
 from capenext.data.mp100 import (
     SPLITS,
@@ -15,6 +15,6 @@ from capenext.data.mp100 import (
 )
 
 __all__ = [
-    "SPLITS", "SUBSETS", "Category", "DataError", "PairDataset", "Sample", "Subset", "adjacency",
+    "SPLITS", "SUBSETS", "Category", "DataError", "PairDataset", "Sample", "Subset", "adjacency", "collate",
     "annotation_path", "episodes", "load_split", "load_subset", "make_item", "training_pairs",
 ]

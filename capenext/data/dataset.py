@@ -117,6 +117,11 @@ def make_item(
     }
 
 
+def collate(items: list[dict]) -> dict:
+    """Stack the items of :func:`make_item` (all tensors of one shape per key) into a batch."""
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
 class PairDataset(Dataset):
     """Items of ``(query, support)`` index pairs over one :class:`Subset`, images read from files.
 

@@ -81,6 +81,13 @@ FIELDS: tuple[Field, ...] = (
 )
 
 
+def needs_image_table(cfg: RunCfg) -> bool:
+    """Whether a run reads the image-embedding table (an image stream with precomputed embeddings)."""
+    from capenext.models import get_ablation
+
+    return "img" in get_ablation(cfg.model.ablation).streams and cfg.model.image_embedding == "precomputed"
+
+
 def expected_metadata(cfg: RunCfg, images: bool = True) -> dict[str, Any]:
     """The value of every field a run with ``cfg`` needs; image-only fields only when it reads images."""
     return {f.name: f.of(cfg) for f in FIELDS if images or f.tables != ("image",)}
@@ -178,3 +185,59 @@ def load_bank(embeddings: str | Path, variant: str = "clean", images: bool = Tru
         im = pq.read_table(embeddings / "images.parquet", columns=["ann_id", "embedding"])
         bank.images = dict(zip(np.asarray(im.column("ann_id")).tolist(), _vectors_of(im)))
     return bank
+
+
+class EmbeddingSource:
+    """Keypoint and class embeddings for a noise variant (:class:`capenext.noise.Variant`): from the
+    tables when they hold it, else encoded here with the model's own frozen CLIP (the same texts through
+    the same encoder, so the numbers agree either way). ``tables`` ``None``: everything is encoded here."""
+
+    def __init__(self, model, index, tables: str | Path | None, meta: dict[str, Any] | None, seed: int,
+                 images: bool):
+        self.model, self.index, self.tables, self.meta, self.seed = model, index, tables, meta or {}, seed
+        self.base = load_bank(tables, "clean", images=images) if tables is not None else None
+        self.class_ids = {c.name: c.id for c in index.categories.values()}
+
+    def in_tables(self, v) -> bool:
+        from capenext.noise import get_noise
+
+        return self.tables is not None and get_noise(v.noise).in_tables(v, self.meta, self.seed)
+
+    def texts(self, v, cat) -> list[str]:
+        """The variant's keypoint texts of a category (whole-category kinds start from its annotation names)."""
+        return v.texts_of(cat, self.index.annotation_categories.get(cat.id))
+
+    def keypoints(self, v, categories) -> tuple[dict[int, torch.Tensor], str]:
+        """category id → (K, C) keypoint embeddings of the variant; and where they came from."""
+        from capenext.noise import get_noise
+
+        if self.in_tables(v):
+            table = self.base.keypoints if get_noise(v.noise).changes != "keypoints" else load_bank(
+                self.tables, v.name, images=False).keypoints
+            return {c.id: table[c.id] for c in categories}, "tables"
+        texts = [(c.id, self.texts(v, c)) for c in categories]
+        flat = [t for _, ts in texts for t in ts]
+        emb = self.model.clip.encode_text(flat).cpu()  # (sum K, C)
+        out, i = {}, 0
+        for cid, ts in texts:
+            out[cid] = emb[i: i + len(ts)]
+            i += len(ts)
+        return out, "in-process"
+
+    def classes(self, names: dict[int, str]) -> dict[int, torch.Tensor]:
+        """category id → (C,) embedding of ``a photo of {names[id]}`` (the table's row of the category of
+        that name when there are tables)."""
+        out = {}
+        for cid, name in names.items():
+            known = self.class_ids.get(name)
+            if self.base is not None and known in self.base.classes:
+                out[cid] = self.base.classes[known]
+            else:
+                out[cid] = self.model.clip.encode_class([name])[0].cpu()
+        return out
+
+    def bank(self, v, categories, names: dict[int, str]) -> tuple[EmbeddingBank, str]:
+        """The :class:`EmbeddingBank` of a variant over ``categories`` with class prompts of ``names``."""
+        kp, source = self.keypoints(v, categories)
+        images = self.base.images if self.base is not None else {}
+        return EmbeddingBank(keypoints=kp, classes=self.classes(names), images=images), source

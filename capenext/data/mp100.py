@@ -32,6 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,13 +176,36 @@ class Subset:
 
 
 def clean_bbox(bbox: Any, width: int, height: int) -> tuple[float, float, float, float] | None:
-    """The reference's bbox sanitising; ``None`` when nothing is left."""
+    """The reference's bbox sanitising; ``None`` when nothing is left.
+
+    A NaN or infinite value is a ``ValueError``, never clamped: ``max(0.0, nan)`` is 0 and ``min(w, inf)`` is
+    the image's edge, which would turn a broken box into a plausible one.
+    """
     x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise ValueError(f"bbox holds a non-finite value: {[x, y, w, h]}")
     x1, y1 = max(0.0, x), max(0.0, y)
     x2 = min(width - 1.0, x1 + max(0.0, w - 1.0))
     y2 = min(height - 1.0, y1 + max(0.0, h - 1.0))
     if x2 > x1 and y2 > y1:
         return (x1, y1, x2 - x1, y2 - y1)
+    return None
+
+
+def unsafe_file_name(file_name: str) -> str | None:
+    """Why an image ``file_name`` may not be used (it must stay inside the image folder), or ``None``.
+
+    Absolute paths (``/x``, ``\\x``, ``C:x``) and ``..`` components (either separator) would pull any readable
+    file of the machine into the shards.
+    """
+    if not file_name.strip():
+        return "is empty"
+    if file_name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", file_name):
+        return "is absolute"
+    if ".." in re.split(r"[/\\]", file_name):
+        return "has a '..' component"
+    if "\0" in file_name:
+        return "holds a NUL character"
     return None
 
 
@@ -368,6 +393,17 @@ def load_descriptions(path: str | Path | None, variant: str = "regular") -> Desc
     return Descriptions(str(path), sha, None, by_name={k: tuple(v) for k, v in data.items()})
 
 
+def check_texts(data) -> None:
+    """A config's keypoint-text settings (``DataCfg``: descriptions file, text variant, test sampler) are
+    readable and consistent: one line otherwise, before anything slow."""
+    if data.episodes not in ("ours", "reference"):
+        raise DataError(f"data.episodes={data.episodes!r} (--sampler); valid: ['ours', 'reference']")
+    if data.descriptions is None and data.text_variant != "regular":
+        raise DataError(f"--text-variant {data.text_variant} needs --descriptions FILE (the reference's texts, "
+                        "python -m pipelines.descriptions)")
+    load_descriptions(data.descriptions, data.text_variant)
+
+
 def as_descriptions(descriptions: str | Path | dict[str, list[str]] | Descriptions | None,
                     variant: str = "regular") -> Descriptions | None:
     """A path (read for ``variant``), a loaded :class:`Descriptions`, a name → texts dict, or ``None``."""
@@ -474,6 +510,12 @@ def load_subset(
                              "needs integer id, width, height and a string file_name", "image record"))
             rejected_images.add(im.get("id") if isinstance(im, dict) else None)
             continue
+        why = unsafe_file_name(im["file_name"])
+        if why:
+            report(DataError(f"{path}: image {im['id']}: file_name {im['file_name']!r} {why}; it must be a path "
+                             "inside the image folder", "image record", im["file_name"]))
+            rejected_images.add(im["id"])
+            continue
         images[im["id"]] = im
 
     subset = Subset(path=path, image_root=image_root, categories=categories, samples=[])
@@ -521,6 +563,9 @@ def load_subset(
         bbox = a.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
             report(DataError(f"{where}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}", "bbox", image))
+            continue
+        if not all(math.isfinite(v) for v in bbox):
+            report(DataError(f"{where}: bbox holds a non-finite value (NaN or Infinity): {bbox!r}", "bbox", image))
             continue
         area = a.get("area", bbox[2] * bbox[3])
         box = clean_bbox(bbox, im["width"], im["height"])

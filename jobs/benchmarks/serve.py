@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from capenext.cli import UsageError
+from pipelines.runtime.options import add_device
 
 CONCURRENCY = (1, 8, 32)
 
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keypoints", type=int, default=17, help="keypoint names per request (default 17)")
     parser.add_argument("--image-size", default="640x480", metavar="WxH",
                         help="size of the uploaded JPEG (default 640x480)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add_device(parser)
 
 
 def _payload(width: int, height: int, keypoints: int) -> tuple[bytes, dict[str, str]]:
@@ -119,17 +120,9 @@ def _replica_stats(port: int) -> dict[str, int]:
         return json.loads(r.read())["replica"]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
+def _check(args: argparse.Namespace) -> tuple[int, int]:
+    """One line for each option out of range; the upload's ``(width, height)``."""
     import torch
-    from ray import serve
-
-    from capenext.checkpoint import save_checkpoint
-    from capenext.config import load_preset
-    from capenext.models import build_model
-    from jobs.common import machine
-    from jobs.serve import APP_NAME, build_application, check_options
-    from jobs.tracking import free_port
 
     if min(args.max_batch_size, args.requests, args.rounds, args.cpus, args.keypoints) < 1:
         raise UsageError("--max-batch-size, --requests, --rounds, --cpus and --keypoints must be >= 1")
@@ -137,21 +130,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--max-batch-size 1 is the batching-off side already: pass a larger size")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible here; use --device cpu")
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         width, height = (int(v) for v in args.image_size.lower().split("x"))
     except ValueError:
         raise UsageError(f"--image-size {args.image_size!r}: WxH, e.g. 640x480") from None
+    return width, height
+
+
+def _random_checkpoint(preset: str, folder: str) -> str:
+    """The preset's model at random init (random CLIP too), saved in ``folder``."""
+    import torch
+
+    from capenext.checkpoint import save_checkpoint
+    from capenext.config import load_preset
+    from capenext.models import build_model
+
+    cfg = load_preset(preset)
+    cfg.model.clip_checkpoint = "random"
+    torch.manual_seed(0)
+    checkpoint = str(Path(folder) / f"{preset}-random.pt")
+    save_checkpoint(checkpoint, build_model(cfg.model), cfg)
+    return checkpoint
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from jobs.benchmarks import machine
+    from jobs.serving.deployment import build_application
+    from jobs.serving.options import APP_NAME, check_options
+    from pipelines.runtime.tracking import free_port
+
+    width, height = _check(args)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     image, fields = _payload(width, height, args.keypoints)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="capenext-bench-serve-") as tmp:
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            cfg = load_preset(args.preset)
-            cfg.model.clip_checkpoint = "random"
-            torch.manual_seed(0)
-            checkpoint = str(Path(tmp) / f"{args.preset}-random.pt")
-            save_checkpoint(checkpoint, build_model(cfg.model), cfg)
+        checkpoint = args.checkpoint or _random_checkpoint(args.preset, tmp)
         # the same deployment options on both sides; only the batch size (user_config) changes
         base = {"checkpoint": checkpoint, "device": args.device, "cpus_per_replica": args.cpus_per_replica,
                 "batch_wait_ms": args.batch_wait_ms, "max_ongoing_requests": 2 * max(CONCURRENCY)}

@@ -1,4 +1,4 @@
-"""Loader benchmark: ``python -m jobs.benchmark loader`` (also runnable as ``python -m jobs.bench_loader``).
+"""Loader benchmark: ``python -m jobs.benchmark loader``.
 
 Measures loaders in images per second per CPU core (one process, OpenCV and torch on one thread, so
 per-core figures come from the process CPU time), over the same ``(query, support)`` pairs, each with its
@@ -36,9 +36,9 @@ import argparse
 import contextlib
 import copy
 import io
-import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,7 +51,7 @@ from capenext.data.mp100 import Category, Sample, annotation_path, clean_bbox, l
 from capenext.data.shards import ShardIndex
 from capenext.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_image, random_scale_rotation,
                                       reduction_for)
-from jobs.common import machine
+from jobs.benchmarks import machine
 
 GOAL = 2.0  # the target: our loader at least 2x the reference-style loader
 
@@ -278,6 +278,119 @@ def _one_thread():
         torch.set_num_threads(th)
 
 
+@dataclass
+class Loaders:
+    """The loaders of the module docstring over the same items: item ``i`` of each is the pair
+    ``ann[i] = (query, support)`` (annotation ids) with ``PairDataset``'s random draws for item ``i``."""
+
+    cfg: DataCfg
+    seed: int
+    ann: np.ndarray  # (items, 2) annotation ids
+    index: ShardIndex
+    by_id: dict[int, Sample]  # the subset's samples, from the shards
+    categories: dict[int, Category]
+    shards: PairDataset  # full decode
+    reduced: PairDataset  # DataCfg.reduced_decode
+    coco: CocoFileLoader
+    reference: ReferenceStyleLoader
+    setup_s: dict[str, float]
+
+    def rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, 0, i])  # PairDataset's generator for item i, epoch 0
+
+    def per_file(self, i: int) -> dict[str, Any]:
+        return self.coco.item(int(self.ann[i, 0]), int(self.ann[i, 1]), self.rng(i))
+
+    def reference_item(self, i: int) -> dict[str, Any]:
+        return self.reference.item(int(self.ann[i, 0]), self.rng(i))
+
+    def reference_pair(self, i: int) -> dict[str, Any]:
+        """The support's pipeline first, as the reference's dataset does."""
+        r = self.rng(i)
+        self.reference.item(int(self.ann[i, 1]), r)
+        return self.reference.item(int(self.ann[i, 0]), r)
+
+
+def build_loaders(data_root: Path, shards: Path, samples: int, split: int, subset: str, cfg: DataCfg,
+                  seed: int) -> Loaders:
+    """Every loader over ``samples`` training pairs of ``split``/``subset`` (repeated when the subset is
+    small), with the set-up times of the COCO and shard indexes."""
+    from dataclasses import replace
+
+    full_cfg, reduced_cfg = replace(cfg, reduced_decode=False), replace(cfg, reduced_decode=True)
+    files = load_split(data_root, split, subset)
+    t0 = time.perf_counter()
+    index = ShardIndex(shards)
+    index_s = time.perf_counter() - t0
+    from_shards = index.subset(split, subset)
+    t0 = time.perf_counter()
+    coco = CocoFileLoader(annotation_path(data_root, split, subset), data_root / "images", files.categories,
+                          full_cfg)
+    coco_s = time.perf_counter() - t0
+
+    pairs = np.resize(training_pairs(files.by_category(), seed, 0), (samples, 2))
+    ann = np.array([[files.samples[q].ann_id, files.samples[s].ann_id] for q, s in pairs])
+    pos = {s.ann_id: i for i, s in enumerate(from_shards.samples)}
+    shard_pairs = np.vectorize(pos.__getitem__)(ann)
+    ds = PairDataset(from_shards, shard_pairs, full_cfg, train=True, seed=seed, load_image=index.read_bytes)
+    ds_reduced = PairDataset(from_shards, shard_pairs, reduced_cfg, train=True, seed=seed,
+                             load_image=index.read_bytes)
+    by_id = {s.ann_id: s for s in from_shards.samples}
+    reference = ReferenceStyleLoader(data_root / "images", {a: by_id[a] for a in np.unique(ann)}, cfg)
+    return Loaders(full_cfg, seed, ann, index, by_id, from_shards.categories, ds, ds_reduced, coco, reference,
+                   {"coco_index": round(coco_s, 3), "shard_index": round(index_s, 3)})
+
+
+def check_loaders(lo: Loaders, samples: int) -> dict[str, float]:
+    """Same work: the per-file and shard loaders give the same tensors, the reduced decode changes pixels
+    only. Returns the mean absolute differences of the normalised crops from the full decode's (reference,
+    reduced) and the share of items the reduced decode decodes smaller."""
+    import torch
+
+    for i in range(min(8, samples)):
+        a, b = lo.per_file(i), lo.shards[i]
+        assert all(bool((a[k] == b[k]).all()) for k in a), f"loaders differ on item {i}"
+    ref_diff, reduced_diff = [], []
+    for i in range(min(32, samples)):
+        full, reduced, ref = lo.shards[i], lo.reduced[i], lo.reference_item(i)
+        # the reduced decode changes pixels only: the targets come from the same image → crop map
+        for k in full:
+            if k != "img":
+                assert torch.equal(full[k], reduced[k]), f"reduced decode changes {k} of item {i}"
+        reduced_diff.append(float((reduced["img"] - full["img"]).abs().mean()))
+        ref_diff.append(float((ref["img"] - full["img"]).abs().mean()))
+    cfg = lo.cfg
+    step = [box_side(lo.by_id[int(a)], cfg) / cfg.image_size for a in lo.ann[:, 0]]
+    scales = [random_scale_rotation(lo.rng(i), cfg.scale_sigma, cfg.scale_clip, cfg.rot_sigma, cfg.rot_prob)[0]
+              for i in range(samples)]  # each item's first draw, its query crop's
+    return {"reference": round(float(np.mean(ref_diff)), 4), "reduced": round(float(np.mean(reduced_diff)), 4),
+            "reduced_share": round(float(np.mean([reduction_for(st * sc) > 1 for st, sc in zip(step, scales)])), 3),
+            "box_side_over_crop": round(float(np.mean(step)), 3)}
+
+
+def margin_loaders(lo: Loaders, margin: float, samples: int) -> tuple[dict[str, Callable[[int], Any]], dict]:
+    """The margin-crop alternative and ``make_item`` alone on pre-decoded images, and what they store:
+    the two item functions, and ``{"images", "stored_bytes", "margin_diff"}``."""
+    images = {a: lo.index.load_image(lo.by_id[a]) for a in np.unique(lo.ann[:, 0])}
+    crops = {a: margin_crop(images[a], lo.by_id[a], margin, int(margin * lo.cfg.image_size)) for a in images}
+    stored = {"original": sum(len(lo.index.read_bytes(a)) for a in images) / len(images),
+              "margin_crop": sum(len(c[0]) for c in crops.values()) / len(crops)}
+
+    def margin_item(i: int) -> dict[str, Any]:
+        q, s = lo.by_id[int(lo.ann[i, 0])], lo.by_id[int(lo.ann[i, 1])]
+        data, scale, origin = crops[q.ann_id]
+        return item_from_margin_crop(data, scale, origin, q, s, lo.categories[q.category_id], lo.cfg, lo.rng(i))
+
+    def common(i: int) -> dict[str, Any]:
+        q, s = lo.by_id[int(lo.ann[i, 0])], lo.by_id[int(lo.ann[i, 1])]
+        return make_item(images[q.ann_id], q, s, lo.categories[q.category_id], lo.cfg, lo.rng(i))
+
+    diff = float(np.mean([(margin_item(i)["img"] - lo.shards[i]["img"]).abs().mean().item()
+                          for i in range(min(32, samples))]))
+    return {"margin": margin_item, "common": common}, {"images": images, "stored_bytes": stored,
+                                                        "margin_diff": round(diff, 4)}
+
+
 def loader_benchmark(
     data_root: Path,
     shards: Path,
@@ -294,117 +407,44 @@ def loader_benchmark(
     ``data_root`` is the MP-100 copy ``shards`` was made from; each loader runs ``rounds`` times,
     interleaved, and its best round counts. Returns the JSON-ready result.
     """
-    from dataclasses import replace
-
-    import torch
-
     cfg = cfg or DataCfg()
-    full_cfg, reduced_cfg = replace(cfg, reduced_decode=False), replace(cfg, reduced_decode=True)
     data_root, shards = Path(data_root), Path(shards)
-    files = load_split(data_root, split, subset)
-    t0 = time.perf_counter()
-    index = ShardIndex(shards)
-    index_s = time.perf_counter() - t0
-    from_shards = index.subset(split, subset)
-    t0 = time.perf_counter()
-    coco = CocoFileLoader(annotation_path(data_root, split, subset), data_root / "images", files.categories,
-                          full_cfg)
-    coco_s = time.perf_counter() - t0
-
-    pairs = training_pairs(files.by_category(), seed, 0)
-    pairs = np.resize(pairs, (samples, 2))  # repeat when the subset is small
-    ann = np.array([[files.samples[q].ann_id, files.samples[s].ann_id] for q, s in pairs])
-    pos = {s.ann_id: i for i, s in enumerate(from_shards.samples)}
-    shard_pairs = np.vectorize(pos.__getitem__)(ann)
-    ds = PairDataset(from_shards, shard_pairs, full_cfg, train=True, seed=seed, load_image=index.read_bytes)
-    ds_reduced = PairDataset(from_shards, shard_pairs, reduced_cfg, train=True, seed=seed,
-                             load_image=index.read_bytes)
-    by_id = {s.ann_id: s for s in from_shards.samples}
-    reference = ReferenceStyleLoader(data_root / "images", {a: by_id[a] for a in np.unique(ann)}, cfg)
-
-    def rng(i: int) -> np.random.Generator:
-        return np.random.default_rng([seed, 0, i])  # PairDataset's generator for item i, epoch 0
-
-    def per_file(i: int) -> dict[str, Any]:
-        return coco.item(int(ann[i, 0]), int(ann[i, 1]), rng(i))
-
-    def reference_item(i: int) -> dict[str, Any]:
-        return reference.item(int(ann[i, 0]), rng(i))
-
-    def reference_pair(i: int) -> dict[str, Any]:  # the support's pipeline first, as the reference's dataset
-        r = rng(i)
-        reference.item(int(ann[i, 1]), r)
-        return reference.item(int(ann[i, 0]), r)
-
-    checked = range(min(32, samples))
-    for i in range(min(8, samples)):  # same work: the per-file and shard loaders give the same tensors
-        a, b = per_file(i), ds[i]
-        assert all(bool((a[k] == b[k]).all()) for k in a), f"loaders differ on item {i}"
-    ref_diff, reduced_diff = [], []
-    for i in checked:
-        full, reduced, ref = ds[i], ds_reduced[i], reference_item(i)
-        # the reduced decode changes pixels only: the targets come from the same image → crop map
-        for k in full:
-            if k != "img":
-                assert torch.equal(full[k], reduced[k]), f"reduced decode changes {k} of item {i}"
-        reduced_diff.append(float((reduced["img"] - full["img"]).abs().mean()))
-        ref_diff.append(float((ref["img"] - full["img"]).abs().mean()))
-    step = [box_side(by_id[int(a)], cfg) / cfg.image_size for a in ann[:, 0]]
-    scales = [random_scale_rotation(rng(i), cfg.scale_sigma, cfg.scale_clip, cfg.rot_sigma, cfg.rot_prob)[0]
-              for i in range(samples)]  # each item's first draw, its query crop's
-    reduced_share = float(np.mean([reduction_for(st * sc) > 1 for st, sc in zip(step, scales)]))
-
-    images = {a: index.load_image(by_id[a]) for a in np.unique(ann[:, 0])}
-    crops = {a: margin_crop(images[a], by_id[a], margin, int(margin * cfg.image_size)) for a in images}
-    stored = {"original": sum(len(index.read_bytes(a)) for a in images) / len(images),
-              "margin_crop": sum(len(c[0]) for c in crops.values()) / len(crops)}
-
-    def margin_item(i: int) -> dict[str, Any]:
-        q, s = by_id[int(ann[i, 0])], by_id[int(ann[i, 1])]
-        data, scale, origin = crops[q.ann_id]
-        return item_from_margin_crop(data, scale, origin, q, s, from_shards.categories[q.category_id], full_cfg,
-                                     rng(i))
-
-    def common(i: int) -> dict[str, Any]:
-        q, s = by_id[int(ann[i, 0])], by_id[int(ann[i, 1])]
-        return make_item(images[q.ann_id], q, s, from_shards.categories[q.category_id], full_cfg, rng(i))
-
-    margin_diff = float(np.mean([(margin_item(i)["img"] - ds[i]["img"]).abs().mean().item() for i in checked]))
+    lo = build_loaders(data_root, shards, samples, split, subset, cfg, seed)
+    diffs = check_loaders(lo, samples)
+    extra, stored = margin_loaders(lo, margin, samples)
     with _one_thread():
-        timed = _time_rounds({"reference": reference_item, "reference_pair": reference_pair,
-                              "shards": ds.__getitem__, "reduced": ds_reduced.__getitem__, "per_file": per_file,
-                              "margin": margin_item, "common": common}, samples, rounds)
-    ref, pair, shard, reduced, base, crop, only = (
-        timed[k] for k in ("reference", "reference_pair", "shards", "reduced", "per_file", "margin", "common"))
+        t = _time_rounds({"reference": lo.reference_item, "reference_pair": lo.reference_pair,
+                          "shards": lo.shards.__getitem__, "reduced": lo.reduced.__getitem__,
+                          "per_file": lo.per_file, **extra}, samples, rounds)
 
-    def ratio(a: dict, b: dict) -> float:
-        return round(a["img_s_per_core"] / b["img_s_per_core"], 3)
+    def ratio(a: str, b: str) -> float:
+        return round(t[a]["img_s_per_core"] / t[b]["img_s_per_core"], 3)
 
-    best = max(ratio(shard, ref), ratio(reduced, ref))
+    images = stored["images"]
     return {
         "benchmark": "loader",
         "machine": machine(),
         "data": {"root": str(data_root), "shards": str(shards), "split": split, "subset": subset,
                  "items": samples, "rounds": rounds, "distinct_images": len(images), "image_size": cfg.image_size,
                  "mean_image_px": round(float(np.mean([im.shape[0] * im.shape[1] for im in images.values()]))),
-                 "mean_box_side_over_crop": round(float(np.mean(step)), 3),
-                 "mean_stored_bytes": {k: round(v) for k, v in stored.items()}},
-        "setup_s": {"coco_index": round(coco_s, 3), "shard_index": round(index_s, 3)},
-        "reference_loader": {**ref, "mean_abs_diff_normalised_crop_vs_shards": round(float(np.mean(ref_diff)), 4)},
-        "reference_loader_with_support_image": pair,
-        "shards": shard,
-        "shards_reduced_decode": {**reduced,
-                                  "mean_abs_diff_normalised_crop": round(float(np.mean(reduced_diff)), 4),
-                                  "share_of_items_reduced": round(reduced_share, 3)},
-        "per_file": base,
-        "shards_margin_crop": {**crop, "margin": margin, "mean_abs_diff_normalised_crop": round(margin_diff, 4)},
-        "make_item_only": only,
-        "ratio_vs_reference_loader": {"shards": ratio(shard, ref), "shards_reduced_decode": ratio(reduced, ref)},
-        "ratio_vs_reference_loader_with_support_image": {"shards": ratio(shard, pair),
-                                                         "shards_reduced_decode": ratio(reduced, pair)},
-        "ratio_vs_per_file": {"shards": ratio(shard, base), "shards_margin_crop": ratio(crop, base)},
+                 "mean_box_side_over_crop": diffs["box_side_over_crop"],
+                 "mean_stored_bytes": {k: round(v) for k, v in stored["stored_bytes"].items()}},
+        "setup_s": lo.setup_s,
+        "reference_loader": {**t["reference"], "mean_abs_diff_normalised_crop_vs_shards": diffs["reference"]},
+        "reference_loader_with_support_image": t["reference_pair"],
+        "shards": t["shards"],
+        "shards_reduced_decode": {**t["reduced"], "mean_abs_diff_normalised_crop": diffs["reduced"],
+                                  "share_of_items_reduced": diffs["reduced_share"]},
+        "per_file": t["per_file"],
+        "shards_margin_crop": {**t["margin"], "margin": margin, "mean_abs_diff_normalised_crop": stored["margin_diff"]},
+        "make_item_only": t["common"],
+        "ratio_vs_reference_loader": {"shards": ratio("shards", "reference"),
+                                      "shards_reduced_decode": ratio("reduced", "reference")},
+        "ratio_vs_reference_loader_with_support_image": {"shards": ratio("shards", "reference_pair"),
+                                                         "shards_reduced_decode": ratio("reduced", "reference_pair")},
+        "ratio_vs_per_file": {"shards": ratio("shards", "per_file"), "shards_margin_crop": ratio("margin", "per_file")},
         "goal": GOAL,
-        "meets_goal": best >= GOAL,
+        "meets_goal": max(ratio("shards", "reference"), ratio("reduced", "reference")) >= GOAL,
         "image_storage": "original",
     }
 
@@ -453,25 +493,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 generate(root, seed=0, full_size=args.full_size, mp100_sized=args.mp100_sized, progress=False)
         shards = args.shards
         if shards is None or not (shards / "manifest.json").is_file():
-            from pipelines.shard import shard
+            from pipelines import shard
 
             shards = shards or work / f"shards_{root.name}"
-            shard(root, shards, progress=False)
+            shard.run(root, shards, progress=False)
         return loader_benchmark(root, shards, args.samples, args.split, args.subset,
                                 DataCfg(image_size=args.image_size), args.margin, rounds=args.rounds)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_loader",
-                                     description="Loader benchmark: our shard loader vs a reference-style "
-                                                 "loader (and per-file, margin-crop), img/s per CPU core, "
-                                                 "JSON.")
-    add_arguments(parser)
-    print(json.dumps(run(parser.parse_args(argv)), indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    from capenext.cli import run_main
-
-    run_main(main)

@@ -1,6 +1,9 @@
 """The HTTP layer of :mod:`jobs.serve`: request parsing and limits, a replica's :class:`Service`, its FastAPI
 app (``/healthz``, ``/v1/model``, ``/v1/predict``) and the Gradio page at ``/``. Nothing here names Ray: the
-deployment in :mod:`jobs.serve` subclasses :class:`Service` and serves :func:`build_web_app`'s app.
+deployment in :mod:`jobs.serving.deployment` subclasses :class:`Service` and serves :func:`build_web_app`'s app.
+
+The form's text fields are read by :mod:`capenext.inputs`, the rules ``python -m jobs.predict`` reads its flags
+by (each field may also be a JSON list here); the library's one-line ``ValueError`` becomes a 400.
 """
 
 from __future__ import annotations
@@ -11,16 +14,15 @@ import json
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Iterator
 
 import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the routes' string annotations here
 
 from capenext.cli import UsageError
-
-if TYPE_CHECKING:
-    from jobs.serve import ServeOptions
+from jobs.serving.options import ServeOptions
 
 MB = 1 << 20
 EXAMPLES = 3  # example images on the page: the first image of this many held-out test categories
@@ -75,58 +77,26 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise ApiError(400, f"image refused as a decompression bomb: {err}") from None
 
 
-def _json_list(text: str, field: str) -> list:
-    """A form field that starts with ``[``, read as the JSON list it must be."""
+@contextmanager
+def bad_request() -> Iterator[None]:
+    """The library's one-line ``ValueError`` (a bad name, skeleton, box ...) as a 400."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ApiError(400, f"'{field}' starts like a JSON list but is not valid JSON ({err})") from None
-
-
-def parse_names(text: str | None) -> list[str]:
-    """``keypoints``: ``"nose,left eye"`` or a JSON list of strings."""
-    if text is None or not text.strip():
-        raise ApiError(400, "no keypoint names: send 'keypoints' as comma-separated names (nose,left eye) "
-                            "or a JSON list")
-    text = text.strip()
-    if text.startswith("["):
-        names = _json_list(text, "keypoints")
-        if not all(isinstance(n, str) for n in names):
-            raise ApiError(400, "'keypoints' as JSON must be a list of strings")
-        names = [n.strip() for n in names]
-    else:
-        names = [n.strip() for n in text.split(",")]
-    if not any(names):
-        raise ApiError(400, "no keypoint names: 'keypoints' holds only separators or blanks")
-    if not all(names):
-        raise ApiError(400, f"'keypoints' has an empty name at position {names.index('')}")
-    return names
-
-
-def parse_edges(text: str | None) -> list[tuple[int, int]]:
-    """``skeleton``: ``"0-1,1-2"`` or a JSON list of index pairs; empty or absent is no skeleton."""
-    from capenext.predict import parse_skeleton
-
-    if text is None or not text.strip():
-        return []
-    text = text.strip()
-    if text.startswith("["):
-        return _json_list(text, "skeleton")
-    try:
-        return parse_skeleton(text)
+        yield
     except ValueError as err:
         raise ApiError(400, str(err)) from None
 
 
-def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
-    from capenext.predict import parse_bbox
+def parse_form(names: str | None, skeleton: str | None,
+               bbox: str | None) -> tuple[list[str], list, tuple[float, float, float, float] | None]:
+    """The form's ``keypoints`` (``nose,left eye`` or a JSON list of strings), ``skeleton`` (``0-1,1-2`` or a
+    JSON list of index pairs) and ``bbox`` (``x,y,w,h``); an empty field is an absent one (no skeleton, the
+    whole image). Each problem is a 400 naming the field."""
+    from capenext.inputs import parse_bbox, parse_names, parse_skeleton
 
-    if text is None or not text.strip():
-        return None
-    try:
-        return parse_bbox(text.strip())
-    except ValueError as err:
-        raise ApiError(400, str(err)) from None
+    with bad_request():
+        return (parse_names(names, "'keypoints'", json_list=True),
+                parse_skeleton(skeleton, "'skeleton'", json_list=True),
+                parse_bbox(bbox if bbox and bbox.strip() else None))
 
 
 def flag(value: str | None) -> bool:
@@ -152,8 +122,8 @@ class Service:
         import torch
 
         from capenext.predict import Predictor
-        from jobs.common import resolve_checkpoint
-        from jobs.tracking import tracking_uri
+        from pipelines.runtime.checkpoints import resolve_checkpoint
+        from pipelines.runtime.tracking import tracking_uri
 
         self.options = options
         if options.device == "cpu":
@@ -180,17 +150,16 @@ class Service:
     def check(self, rgb: np.ndarray, names: list[str], class_name: str | None, skeleton: list,
               bbox: tuple[float, float, float, float] | None):
         """Every model-dependent check before a query joins a batch (a bad query never fails a batch)."""
-        from capenext.predict import Query, check_bbox, check_names, check_skeleton
+        from capenext.inputs import check_bbox, check_class_name, check_names, check_skeleton
+        from capenext.predict import Query
 
-        try:
+        with bad_request():
             check_names(names, self.predictor.slots)
             edges = check_skeleton(skeleton, len(names))
             check_bbox(bbox, rgb.shape[1], rgb.shape[0])
-        except ValueError as err:
-            raise ApiError(400, str(err)) from None
-        if self.info["needs_class"] and not (class_name or "").strip():
-            raise ApiError(400, f"the {self.info['ablation']!r} model reads a class name: send 'class' (e.g. cat)")
-        return Query(rgb, names, (class_name or "").strip() or None, edges, bbox)
+            class_name = check_class_name(class_name, self.info["needs_class"], self.info["ablation"],
+                                          "send 'class' (e.g. cat)")
+        return Query(rgb, names, class_name, edges, bbox)
 
     async def run_model(self, queries: list) -> list[list[dict[str, Any]]]:
         self.stats["queries"] += len(queries)
@@ -308,9 +277,7 @@ def build_web_app(service: Service):
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise ApiError(400, "no 'image' file in the form (send the picture as a file field named image)")
-        names = parse_names(_text(form, "keypoints"))
-        skeleton = parse_edges(_text(form, "skeleton"))
-        bbox = parse_box(_text(form, "bbox"))
+        names, skeleton, bbox = parse_form(_text(form, "keypoints"), _text(form, "skeleton"), _text(form, "bbox"))
         data = await upload.read()
         rgb = await asyncio.to_thread(decode_image, data, service.options.max_pixels)
         query = service.check(rgb, names, _text(form, "class"), skeleton, bbox)
@@ -377,8 +344,7 @@ def _mount_page(api, service: Service) -> None:
             data = Path(image_path).read_bytes()
             if len(data) > service.max_upload:
                 raise BodyTooLarge(service.max_upload)
-            names = parse_names(names_text)
-            skeleton, bbox = parse_edges(skeleton_text), parse_box(bbox_text)
+            names, skeleton, bbox = parse_form(names_text, skeleton_text, bbox_text)
             rgb = await asyncio.to_thread(decode_image, data, service.options.max_pixels)
             query = service.check(rgb, names, class_name, skeleton, bbox)
             points = await service.answer(query)

@@ -1,19 +1,20 @@
 """The GPU suite: ``python -m jobs.benchmark gpu-suite [--device cuda|cpu] [--quick] [--out FILE]``.
 
-One prepared run that records, as one JSON object naming the machine (:func:`jobs.common.machine`):
+One prepared run that records, as one JSON object naming the machine (:func:`jobs.benchmarks.machine`):
 
-* ``model``: the model benchmark (:func:`jobs.benchmark.benchmark_model`) with the Swin V2-T backbone at
+* ``model``: the model benchmark (:func:`jobs.benchmarks.model.benchmark_model`) with the Swin V2-T backbone at
   batch 32 and 128 (bf16 autocast on CUDA): img/s of the backbone alone and of the full model with
   precomputed and with online CLIP image embeddings, peak memory, the ratio full(precomputed) / backbone
   against the goal ≥ 0.85; each batch eager, with ``torch.compile`` and with fused Adam;
-* ``training``: a short ``python -m jobs.train --local`` run (``--use-gpu`` on CUDA) of Swin V2-T at random
+* ``training``: a short ``python -m jobs.train --local`` run (``--device cuda`` on CUDA) of Swin V2-T at random
   weights with the preset's CLIP at random weights, on a synthetic set with MP-100's image sizes
-  (``pipelines.synthetic --mp100-sized``, then ``pipelines.shard`` and ``pipelines.embed``): img/s from
+  (``pipelines.synthetic --mp100-sized``, then ``pipelines.shard`` and ``pipelines.embed``, the embedding
+  job's CLIP actors on ``--device``): img/s from
   the run's epoch lines, GPU utilisation sampled from ``nvidia-smi`` (null without one), the CPU cores
   busy over the run (the whole machine's, and the run's own processes'), and the projected time of 200
   epochs of one MP-100 split (14 000 pairs an epoch) against the goal ≤ 1.5 h;
 * ``smoke``: every path with a CUDA branch once, each ``ok`` or ``failed`` with a one-line reason: the
-  embedding job (its CLIP actors take the GPU when Ray sees one), a training step with ``--image-embedding
+  embedding job (its CLIP actors on the device), a training step with ``--image-embedding
   online``, ``jobs.evaluate``, ``jobs.predict`` and ``jobs.serve`` (started, one request, stopped) on
   the device, and the reference's fp16 CLIP (``model.clip_precision=fp16``) against fp32 on the same
   weights: on CUDA the cosine of their text and image embeddings must be ≥ 0.99; on CPU fp16 must be
@@ -21,8 +22,9 @@ One prepared run that records, as one JSON object naming the machine (:func:`job
 
 Ray starts once: this process starts a local instance and stops it at the end. The training runs, the
 synthetic set's generation and the server run as subprocesses (``RAY_ADDRESS`` names that instance); the
-shard, embedding, evaluation and prediction jobs run their ``main`` in this process, on the same
-instance, which saves an interpreter start each. Each job's output is in ``logs/`` of ``--workdir``.
+shard and embedding jobs (their public ``run``) and the evaluation and prediction jobs (their ``main``) run
+in this process, on the same instance, which saves an interpreter start each. Each job's output is in
+``logs/`` of ``--workdir``.
 ``--quick`` runs the same suite at toy sizes (tiny backbone and CLIP, a few steps, 3 images per category,
 ``torch.compile`` with the ``eager`` backend at one batch size); ``--device cpu --quick`` is what the test
 suite runs.
@@ -47,18 +49,19 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Callable
 
 import torch
 
 from capenext.cli import UsageError
-from jobs.common import machine
-from jobs.tracking import free_port
+from jobs.benchmarks import machine
+from jobs.benchmarks.model import GOAL_RATIO, ModelBenchmark, benchmark_model
+from pipelines.runtime.tracking import free_port
 
 PAIRS_PER_EPOCH = 14_000  # training pairs in one epoch of an MP-100 split
 EPOCHS = 200  # the paper's schedule
 GOAL_HOURS = 1.5
-GOAL_RATIO = 0.85
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) .* ([0-9.]+) img/s", re.MULTILINE)
 
 
@@ -193,24 +196,30 @@ class Runner:
             raise RuntimeError(f"{module} exited {proc.returncode}: {last_line(proc.stderr or proc.stdout)}")
         return proc.stdout
 
-    def inline(self, name: str, module: str, *argv: Any) -> str:
-        """``MODULE.main(argv)`` in this process (no interpreter start, the suite's Ray instance reused);
-        what it prints is returned and logged."""
-        import importlib
+    def inline(self, name: str, what: str, fn: Callable[[], Any]) -> str:
+        """``fn()``, a job's public ``run`` or ``main``, in this process (no interpreter start, the suite's
+        Ray instance reused); what it prints (and a line it returns) is returned and logged. A non-zero
+        exit code it returns is a failure."""
         import io
 
         buf = io.StringIO()
         start = time.perf_counter()
         try:
             with contextlib.redirect_stdout(buf):
-                code = importlib.import_module(module).main([str(a) for a in argv])
+                value = fn()
+            if isinstance(value, str):
+                print(value, file=buf)
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 1)
-            (self.logs / f"{name}.log").write_text(f"$ python -m {module} {' '.join(map(str, argv))}\n"
-                                                   f"{buf.getvalue()}")
-        if code:
-            raise RuntimeError(f"{module} returned {code}: {last_line(buf.getvalue())}")
+            (self.logs / f"{name}.log").write_text(f"$ {what}\n{buf.getvalue()}")
+        if isinstance(value, int) and value:
+            raise RuntimeError(f"{what} returned {value}: {last_line(buf.getvalue())}")
         return buf.getvalue()
+
+    def main(self, name: str, job: ModuleType, *argv: Any) -> str:
+        """``job.main(argv)`` (a job module's public entry) in this process, as :meth:`inline`."""
+        args = [str(a) for a in argv]
+        return self.inline(name, f"python -m {job.__name__} {' '.join(args)}", lambda: job.main(args))
 
 
 def last_line(text: str) -> str:
@@ -238,21 +247,19 @@ def smoke(results: dict[str, Any], name: str, fn) -> Any:
 
 def model_section(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
     """The model benchmark at each batch size: eager, ``torch.compile`` and fused Adam."""
-    from jobs.benchmark import benchmark_model
-
     variants = {"eager": {}, "compile": {"compile": True}, "fused_adam": {"fused_adam": True}}
     out: dict[str, Any] = {"backbone": s["backbone"], "preset": s["preset"], "runs": []}
     for batch in s["batches"]:
         for variant, flags in variants.items():
             if variant == "compile" and batch not in s["compile_batches"]:
                 continue
-            ns = argparse.Namespace(device=args.device, backbone=s["backbone"], batch_size=batch,
-                                    preset=s["preset"], ablation="full", steps=s["bench_steps"],
-                                    rounds=s["bench_rounds"], warmup=s["bench_warmup"], threads=s["threads"],
-                                    compile_backend=s["compile_backend"],
-                                    **{"compile": False, "fused_adam": False, **flags})
+            opts = ModelBenchmark(device=args.device, backbone=s["backbone"], batch_size=batch,
+                                  preset=s["preset"], ablation="full", steps=s["bench_steps"],
+                                  rounds=s["bench_rounds"], warmup=s["bench_warmup"], threads=s["threads"],
+                                  compile_backend=s["compile_backend"],
+                                  **{"compile": False, "fused_adam": False, **flags})
             start = time.perf_counter()
-            r = benchmark_model(ns)
+            r = benchmark_model(opts)
             out["runs"].append({
                 "batch_size": batch, "variant": variant, "precision": r["precision"],
                 "train_img_per_s": r["train_img_per_s"], "peak_memory_mb": r["peak_memory_mb"],
@@ -277,21 +284,43 @@ def steps_per_epoch(shards: Path, batch: int) -> int:
     return len(training_pairs(train.by_category(), 0, 0)) // batch
 
 
-def training_section(args: argparse.Namespace, s: dict[str, Any], run: Runner, work: Path,
-                     smokes: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
-    """Synthetic set → shards → embeddings → a short training run, measured; the final checkpoint."""
+def prepare_data(args: argparse.Namespace, s: dict[str, Any], run: Runner, work: Path,
+                 smokes: dict[str, Any]) -> None:
+    """The synthetic set (``python -m pipelines.synthetic``), its shards and its embeddings (the shard and
+    embedding jobs' public ``run``, in this process) in ``work``; the embedding job is the ``embed`` smoke."""
+    from capenext.config import resolve
+    from pipelines import embed, shard
+
     data, shards, emb = work / "data", work / "shards", work / "emb"
     gen = ["--out", data, "--categories", 20, "--images-per-category", s["images_per_category"], "--quiet"]
     run("synthetic", "pipelines.synthetic", *gen, *(["--mp100-sized"] if s["mp100_sized"] else []))
-    run.inline("shard", "pipelines.shard", "--data-root", data, "--out", shards, "--quiet")
-    model_args = ["--config", s["preset"], "--clip-checkpoint", "random"]
-    smoke(smokes, "embed", lambda: last_line(run.inline("embed", "pipelines.embed", "--shards", shards, "--out", emb,
-                                                 *model_args)))
+
+    def shard_job() -> str:
+        manifest = shard.run(data, shards, progress=False)
+        return f"{manifest['samples']} samples in {len(manifest['shards'])} shards"
+
+    def embed_job() -> str:
+        cfg = resolve(s["preset"], {"model.clip_checkpoint": "random"}, [])
+        counts = embed.run(shards, emb, cfg, progress=False, device=args.device)["counts"]
+        return (f"{counts['images']} images, {counts['classes']} classes, {counts['keypoints']} keypoint texts "
+                f"(CLIP actors on {args.device})")
+
+    run.inline("shard", f"pipelines.shard.run({data}, {shards})", shard_job)
+    smoke(smokes, "embed", lambda: last_line(run.inline(
+        "embed", f"pipelines.embed.run({shards}, {emb}, config {s['preset']}, clip random, device {args.device})",
+        embed_job)))
     if smokes["embed"]["status"] != "ok":
         raise RuntimeError(f"the embedding job failed: {smokes['embed']['detail']}")
 
+
+def training_section(args: argparse.Namespace, s: dict[str, Any], run: Runner, work: Path,
+                     smokes: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
+    """Synthetic set → shards → embeddings → a short training run, measured; the final checkpoint."""
     from capenext.config import load_preset
 
+    prepare_data(args, s, run, work, smokes)
+    shards, emb = work / "shards", work / "emb"
+    model_args = ["--config", s["preset"], "--clip-checkpoint", "random"]
     batch = s["train_batch"] or load_preset(s["preset"]).optim.batch_size
     natural = steps_per_epoch(shards, batch)
     if natural < 1:
@@ -300,10 +329,9 @@ def training_section(args: argparse.Namespace, s: dict[str, Any], run: Runner, w
     epochs = math.ceil(s["steps"] / per_epoch)
     train_args = ["--split", 1, "--ablation", "full", "--backbone", s["backbone"], *model_args,
                   "--shards", shards, "--embeddings", emb, "--local", "--val-every", 10**6, "--val-episodes", 1,
-                  "--test-episodes", 1, "--test-queries", 2, "--storage-path", work / "runs",
+                  "--episodes", 1, "--queries", 2, "--storage-path", work / "runs",
                   "--experiment", "gpu-suite", "--cpus-per-worker", max(1, (os.cpu_count() or 1) // 2),
-                  *(["--batch-size", batch] if s["train_batch"] else []),
-                  *(["--use-gpu"] if args.device == "cuda" else [])]
+                  *(["--batch-size", batch] if s["train_batch"] else []), "--device", args.device]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with Sampler(args.device == "cuda") as sampler:
@@ -446,20 +474,22 @@ def job_smokes(args: argparse.Namespace, run: Runner, work: Path, checkpoint: Pa
             raise RuntimeError("no checkpoint: the training run did not finish")
         return checkpoint
 
-    def evaluate() -> str:
-        out = run.inline("evaluate", "jobs.evaluate", "--checkpoint", need(), "--shards", work / "shards", "--split", 1,
-                  "--embeddings", work / "emb", "--episodes", 1, "--queries", 2, "--device", args.device,
-                  "--no-mlflow", "--pictures", 0, "--out", work / "evaluation", "--quiet")
+    from jobs import evaluate, predict
+
+    def evaluate_smoke() -> str:
+        out = run.main("evaluate", evaluate, "--checkpoint", need(), "--shards", work / "shards", "--split", 1,
+                       "--embeddings", work / "emb", "--episodes", 1, "--queries", 2, "--device", args.device,
+                       "--no-mlflow", "--pictures", 0, "--out", work / "evaluation", "--quiet")
         return last_line(out)
 
-    def predict() -> str:
-        out = run.inline("predict", "jobs.predict", "--checkpoint", need(), "--image", first_image(work / "data"),
-                  "--keypoints", "nose,left eye", "--class", "cat", "--device", args.device,
-                  "--out", work / "prediction")
+    def predict_smoke() -> str:
+        out = run.main("predict", predict, "--checkpoint", need(), "--image", first_image(work / "data"),
+                       "--keypoints", "nose,left eye", "--class", "cat", "--device", args.device,
+                       "--out", work / "prediction")
         return last_line(out)
 
-    smoke(smokes, "evaluate", evaluate)
-    smoke(smokes, "predict", predict)
+    smoke(smokes, "evaluate", evaluate_smoke)
+    smoke(smokes, "predict", predict_smoke)
     if (Path(__file__).parent / "serve.py").is_file():
         smoke(smokes, "serve", lambda: serve_smoke(run, need(), first_image(work / "data"), args.device))
 

@@ -1,0 +1,103 @@
+"""The Ray Serve side of :mod:`jobs.serve`: the ``CapeNext`` deployment, the application builder and the
+checks made where the application is built.
+
+One deployment, ``CapeNext``: each replica is a :class:`jobs.serving.app.Service` (the predictor, loaded in
+the constructor, so a replica is routable only once it can answer) serving :func:`jobs.serving.app.build_web_app`'s
+FastAPI app as its ingress. Concurrent requests meet in ``@serve.batch``; the batching settings are the
+deployment's ``user_config``, so ``serve deploy`` changes them without restarting replicas.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from jobs.serving.app import Service, build_web_app, read_page
+from jobs.serving.options import DEPLOYMENT_NAME, ServeOptions, autoscale_bounds
+
+_replica: dict[str, Service] = {}  # this process's replica (Ray runs each replica in its own process)
+
+
+def _register_replica(service: Service) -> None:
+    # a module function: the deployment class travels to the replica by value, with copies of the globals
+    # it names, while this function (and _replica_web_app) are imported there and share the real _replica
+    _replica["service"] = service
+
+
+def _replica_web_app():
+    """Serve calls this in the replica right after the deployment's constructor: the app around it."""
+    return build_web_app(_replica["service"])
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=10, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=20)
+@serve.ingress(_replica_web_app)
+class CapeNext(Service):
+    """One replica: the predictor (loaded here, so the replica is routable only once it can answer),
+    batched forwards and the web app."""
+
+    def __init__(self, options: dict[str, Any], page: dict[str, Any] | None = None):
+        super().__init__(ServeOptions(**options), page)
+        _register_replica(self)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """``user_config``: ``{"max_batch_size": N, "batch_wait_ms": T}``, changed without a restart."""
+        batching = ServeOptions(checkpoint="-", **{k: config[k] for k in ("max_batch_size", "batch_wait_ms")
+                                                   if k in config})
+        self.forward.set_max_batch_size(batching.max_batch_size)
+        self.forward.set_batch_wait_timeout_s(batching.batch_wait_ms / 1000)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # reconfigure() sets both
+    async def forward(self, queries: list) -> list[list[dict[str, Any]]]:
+        return await self.run_model(queries)
+
+    def check_health(self) -> None:
+        if getattr(self, "predictor", None) is None:
+            raise RuntimeError("no model loaded")
+
+
+def build_application(options: ServeOptions, page: dict[str, Any] | None = None):
+    """The Serve application for ``options`` (``page``: :func:`read_page`'s, read here when not given)."""
+    if page is None:
+        page = read_page(options.data_root, options.split)
+    deployment_options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus},
+        "max_ongoing_requests": options.ongoing,
+        "user_config": {"max_batch_size": options.max_batch_size, "batch_wait_ms": options.batch_wait_ms},
+    }
+    if options.autoscale:
+        lo, hi = autoscale_bounds(options.autoscale)
+        deployment_options["autoscaling_config"] = {
+            "min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
+            "target_ongoing_requests": max(1, options.max_batch_size)}
+    else:
+        deployment_options["num_replicas"] = options.replicas
+    # batching lives in user_config only, so that changing it reconfigures replicas instead of replacing them
+    init = options.model_dump(exclude={"max_batch_size", "batch_wait_ms"})
+    return CapeNext.options(**deployment_options).bind(init, page)
+
+
+def check_checkpoint(options: ServeOptions) -> None:
+    """Read the checkpoint once where the application is built, so that a missing or unreadable one fails
+    there, in one line, and not in every replica."""
+    from capenext.checkpoint import read_checkpoint
+    from pipelines.runtime.checkpoints import resolve_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="capenext-serve-") as tmp:
+        read_checkpoint(resolve_checkpoint(options.checkpoint, options.tracking_uri, Path(tmp)).path)
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on the port. SO_REUSEADDR, as Serve's proxy binds it: connections of a server
+    stopped a moment ago, still in TIME_WAIT, do not block the port; a listening socket does."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False

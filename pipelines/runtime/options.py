@@ -1,0 +1,127 @@
+"""The option vocabulary: every flag that more than one command takes is defined here, once, so that it
+means one thing everywhere (the table is in ``docs/options.md``).
+
+* ``--device cpu|cuda``: where the work runs (train, sweep, evaluate, predict, serve, embed); for a Ray
+  Train run it also sets the scaling (one GPU per worker on ``cuda``).
+* ``--tracking-uri``: the MLflow store or server (every command that writes or reads MLflow); default
+  ``MLFLOW_TRACKING_URI``, else ``sqlite:///./mlflow.db``.
+* ``--address``: the Ray cluster (default ``RAY_ADDRESS``, a ``ray start`` cluster here, else a new one).
+* ``--config`` / ``--set KEY=VALUE`` and the named config options (``--backbone``, ``--clip-checkpoint`` …):
+  a run's config, as ``jobs.train``, ``jobs.sweep`` and ``pipelines.embed`` resolve it
+  (:func:`config_from_args`).
+* ``--descriptions`` / ``--text-variant``: where the keypoint texts come from.
+* ``--episodes N`` / ``--queries M`` / ``--sampler ours|reference``: the test protocol (train's final test
+  and evaluate), ``--val-episodes N`` for validation.
+* ``--noise-seed`` / ``--typo-rate``: the noisy prompts (evaluate, embed).
+* Batch sizes have three names for three things: ``--batch-size`` (the training batch, global over
+  workers), ``--eval-batch-size`` (queries per forward in the test protocol), ``--encode-batch-size``
+  (images or texts per CLIP forward in the embedding job).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from capenext.config import RunCfg, available_presets, resolve
+
+# the named config options: dest → (flag, config field, help); a command adds the ones it takes
+CONFIG_FLAGS: dict[str, tuple[str, str, str]] = {
+    "ablation": ("--ablation", "model.ablation", "ablation preset (default full)"),
+    "backbone": ("--backbone", "model.backbone", "registered backbone (default: the preset's)"),
+    "clip_model": ("--clip-model", "model.clip_model", "open_clip model name or 'tiny' (default: the preset's)"),
+    "clip_checkpoint": ("--clip-checkpoint", "model.clip_checkpoint",
+                        "local CLIP weights file, or 'random' for explicit random init (default: the preset's)"),
+    "backbone_checkpoint": ("--backbone-checkpoint", "model.backbone_checkpoint",
+                            "local pretrained backbone weights"),
+    "image_embedding": ("--image-embedding", "model.image_embedding",
+                        "precomputed (the embedding tables) or online (inside the forward, as the reference)"),
+    "image_size": ("--image-size", "data.image_size",
+                   "crop side the backbone and the image embedding see (default: the preset's data.image_size)"),
+    "epochs": ("--epochs", "optim.epochs", "epochs (default: the preset's, 200)"),
+    "batch_size": ("--batch-size", "optim.batch_size",
+                   "the training batch, global over all workers (default: the preset's, 32)"),
+    "seed": ("--seed", "optim.seed", "seed of the run: init, pairs, augmentation and episodes (default 0)"),
+    "val_episodes": ("--val-episodes", "data.val_episodes", "validation episodes per category (default 100)"),
+    "episodes": ("--episodes", "data.test_episodes", "test episodes per category (default 200)"),
+    "queries": ("--queries", "data.queries", "queries per episode (default 15)"),
+    "sampler": ("--sampler", "data.episodes",
+                "test episodes: ours (seeded, default) or reference (mmpose's make_paired_samples on the split's "
+                "test annotation file)"),
+    "descriptions": ("--descriptions", "data.descriptions",
+                     "keypoint texts from a descriptions file (python -m pipelines.descriptions, or a CapeX-style "
+                     "name → texts json) instead of the annotations' names"),
+    "text_variant": ("--text-variant", "data.text_variant",
+                     "which of the reference's texts the descriptions file gives (default regular)"),
+}
+_TYPES = {"image_size": int, "epochs": int, "batch_size": int, "seed": int, "val_episodes": int, "episodes": int,
+          "queries": int}
+_CHOICES = {"image_embedding": ("precomputed", "online"), "sampler": ("ours", "reference")}
+
+
+def add_config_options(g, *names: str) -> None:
+    """``--config``, ``--set`` and the named config options ``names`` (keys of :data:`CONFIG_FLAGS`)."""
+    g.add_argument("--config", default=None,
+                   help=f"config preset (default: 'tiny' for the tiny backbone, else 'swinv2_t'); one of "
+                        f"{available_presets()}")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set optim.lr=2e-5 (repeatable)")
+    for name in names:
+        add_config_option(g, name)
+
+
+def add_config_option(g, name: str, **override: Any) -> None:
+    """One named config option (its help and default overridable, e.g. a command-specific default)."""
+    flag, _, help_ = CONFIG_FLAGS[name]
+    kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_}
+    if name in _TYPES:
+        kwargs["type"] = _TYPES[name]
+    if name in _CHOICES:
+        kwargs["choices"] = _CHOICES[name]
+    kwargs.update(override)
+    g.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> RunCfg:
+    """Preset + the named config options this command took + ``--set`` overrides → the config (unchecked)."""
+    named = {field: getattr(args, dest) for dest, (_, field, _) in CONFIG_FLAGS.items() if dest in vars(args)}
+    return resolve(args.config, named, args.overrides)
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def add_device(g, what: str = "the model", default: str | None = "cpu", help: str | None = None) -> None:
+    """``--device cpu|cuda``; ``default=None`` for a command that picks by what the cluster has (its help
+    says how)."""
+    g.add_argument("--device", choices=DEVICES, default=default,
+                   help=help or f"where {what} runs: cpu (default) or cuda")
+
+
+def add_clip_precision(g) -> None:
+    g.add_argument("--clip-precision", choices=("fp32", "fp16"), default=None,
+                   help="the frozen CLIP's precision (default: the config's, fp32); fp16 as the reference on a GPU, "
+                        "CUDA only")
+
+
+def add_tracking_uri(g, default: str = "MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db") -> None:
+    g.add_argument("--tracking-uri", default=None, help=f"MLflow tracking URI (default: {default})")
+
+
+def add_address(g) -> None:
+    g.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, a cluster started here with ray start, else a "
+                        "new local Ray)")
+
+
+def add_noise_seed(g, default: int = 0) -> None:
+    g.add_argument("--noise-seed", type=int, default=default,
+                   help=f"seed of the noisy prompts (default {default}; pipelines.embed and jobs.evaluate agree on it)")
+
+
+def positive(name: str, value: int | float | None) -> None:
+    """One line when a count option is not positive."""
+    from capenext.cli import UsageError
+
+    if value is not None and value < 1:
+        raise UsageError(f"{name} must be positive, got {value}")
