@@ -134,6 +134,7 @@ case "$cmd" in
     RAY_BIN="$(dirname "$(command -v "$PYTHON")")/ray"
     [[ -x "$RAY_BIN" ]] || RAY_BIN="$(command -v ray)" || die "no 'ray' executable beside $PYTHON or on PATH"
     [[ -f "$TOKEN" ]] || { (umask 077; "$PYTHON" -c "import secrets; print(secrets.token_hex(32))" > "$TOKEN"); }
+    chmod 600 "$TOKEN"  # only this user reads the token, whoever made the file
     # the three named ports, then five for Ray's agents and servers (the options below, in that order)
     read -r RAY_PORT DASH_PORT MLFLOW_PORT AGENT_PORTS < <(ports "${RAY_PORT:-6379}" "${DASH_PORT:-8265}" \
                                                               "${MLFLOW_PORT:-5000}" 0 0 0 0 0)
