@@ -317,6 +317,25 @@ def test_missing_backbone_weights_through_ray_fail_in_preflight_with_no_run(prep
     assert exp is None or not client.search_runs([exp.experiment_id], "tags.`capenext.run_name` = 'nofile'")
 
 
+def test_a_local_run_stopped_with_sigterm_is_recorded_killed(prepared, workdir):
+    """``kill`` (SIGTERM) on ``jobs.train --local`` after its first checkpoint: the process stops with the one
+    line ``interrupted`` and its MLflow run is KILLED, not left RUNNING."""
+    argv = [sys.executable, "-m", "jobs.train", *_args(prepared, "--local", "--epochs", "20", "--max-steps", "2",
+                                                       "--run-name", "term", "--storage-path", "runs")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    target = workdir / "runs" / "term" / "local" / "checkpoint_000000" / "progress.json"
+    deadline = time.time() + 240
+    while not target.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert target.is_file(), "the run never wrote its first checkpoint"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err[-2000:]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert _run_by_name(client, "term").info.status == "KILLED"
+
+
 def test_a_run_that_fails_in_its_worker_ends_failed_not_running(prepared, workdir, capsys):
     code, out, err = _run(_args(prepared, "--local", "--epochs", "1", "--max-steps", "2", "--run-name", "nan",
                                 "--storage-path", "runs", "--max-failures", "0", "--set", "optim.lr=nan"), capsys)

@@ -22,7 +22,7 @@ from capenext.config import RunCfg, to_dict
 from capenext.data.mp100 import check_split
 from jobs.training.spec import FineTune, TrainRun
 from pipelines.runtime.cluster import check_cluster, init_ray
-from pipelines.runtime.tracking import end_run, ensure_experiment, log_params, tracking_uri
+from pipelines.runtime.tracking import end_run, ensure_experiment, interrupts_raise, log_params, tracking_uri
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -209,13 +209,14 @@ def run(spec: TrainRun) -> dict[str, float]:
     if not spec.local:
         init_ray(spec.address, log_to_driver=True)
         check_cluster(spec.num_workers, spec.cpus_per_worker, spec.device == "cuda")
-    run_id = start_mlflow_run(spec, resume)
-    try:
-        result = trainer(spec, run_id).fit()
-        if result.error is not None:
-            raise result.error
-    except BaseException as err:  # a failed or interrupted run never stays RUNNING
-        end_run(MlflowClient(spec.tracking_uri), run_id, err)
-        raise
+    with interrupts_raise():  # SIGTERM: the run is recorded KILLED (local mode has no Ray handler for it)
+        run_id = start_mlflow_run(spec, resume)
+        try:
+            result = trainer(spec, run_id).fit()
+            if result.error is not None:
+                raise result.error
+        except BaseException as err:  # a failed or interrupted run never stays RUNNING
+            end_run(MlflowClient(spec.tracking_uri), run_id, err)
+            raise
     logged = MlflowClient(spec.tracking_uri).get_run(run_id).data.metrics
     return {k: v for k, v in sorted(logged.items()) if k.startswith(("test/", f"{FLOOR}/"))}

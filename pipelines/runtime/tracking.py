@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,14 +93,39 @@ def find_run(client, run_id: str | None):
         return None
 
 
-def end_run(client, run_id: str, err: BaseException | None) -> None:
-    """Close a run: ``FINISHED`` without an error, ``KILLED`` on an interrupt, else ``FAILED``."""
+def end_run(client, run_id: str, err: BaseException | None) -> str:
+    """Close a run: ``FINISHED`` without an error, ``KILLED`` on an interrupt (Ctrl-C, SIGTERM), else
+    ``FAILED``; returns the status. When the store cannot record it, one line on stderr says so (the run
+    would otherwise look RUNNING for ever) and the original error goes on."""
     status = "FINISHED" if err is None else "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) \
         else "FAILED"
     try:
         client.set_terminated(run_id, status)
-    except Exception:  # the store went away: nothing more to record
-        pass
+    except Exception as failure:  # the store went away
+        print(f"warning: could not mark MLflow run {run_id} {status}: {' '.join(str(failure).split())[:200]}",
+              file=sys.stderr, flush=True)
+    return status
+
+
+@contextmanager
+def interrupts_raise():
+    """SIGTERM raises ``KeyboardInterrupt`` in the main thread for the block (as Ctrl-C does), so a job
+    stopped by ``kill``, ``ray job stop`` or a scheduler runs its ``except``/``finally`` and records its run
+    as KILLED. A no-op outside the main thread."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
