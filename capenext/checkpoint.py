@@ -66,8 +66,11 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary name beside ``path``, then a durable rename (:func:`_replace_durably`)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    _replace_durably(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        _replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_copy(src: str | Path, path: str | Path) -> None:
@@ -77,8 +80,11 @@ def atomic_copy(src: str | Path, path: str | Path) -> None:
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    shutil.copyfile(src, tmp)
-    _replace_durably(tmp, path)
+    try:
+        shutil.copyfile(src, tmp)
+        _replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def not_a_checkpoint(path: str | Path) -> str:
