@@ -92,3 +92,47 @@ def test_core_dependencies_name_no_ray_mlflow_or_web_stack():
     extras = project["optional-dependencies"]
     assert {"ray", "mlflow"} <= _names(extras["train"]) and {"ray", "gradio", "fastapi"} <= _names(extras["serve"])
     assert any(r.replace(" ", "").startswith("capenext[") and "train" in r and "serve" in r for r in extras["dev"])
+
+
+# versions below these admit known vulnerabilities or keyword arguments we pass that are not there
+FLOORS = {"torch": "2.6", "pillow": "10.3", "aiohttp": "3.12.14", "ray": "2.52"}
+
+
+def _requirements() -> list:
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    every = project["dependencies"] + [r for reqs in project["optional-dependencies"].values() for r in reqs]
+    return [Requirement(r) for r in every if not r.replace(" ", "").startswith("capenext[")]
+
+
+def test_no_requirement_admits_a_version_below_its_security_floor():
+    from packaging.version import Version
+
+    found = {name: [] for name in FLOORS}
+    for req in _requirements():
+        name = req.name.lower().replace("_", "-")
+        if name in FLOORS:
+            found[name].append(req)
+            # a release just under the floor must be refused by every specifier naming the package
+            probe = Version(FLOORS[name] + ".dev0")
+            assert not req.specifier.contains(probe, prereleases=True), f"{req} admits {probe}"
+    assert all(found.values()), {k: v for k, v in found.items() if not v}
+    gradio = [r for r in _requirements() if r.name.lower() == "gradio"]
+    assert gradio and all(not r.specifier.contains("7.0") for r in gradio), gradio
+
+
+def test_the_lock_file_pins_every_requirement_within_its_range():
+    """``cluster/requirements.lock`` (what the README's commands install with ``-c``) pins one version of
+    every package pyproject asks for, inside the range asked."""
+    from packaging.version import Version
+
+    pins = {}
+    for line in (REPO / "cluster" / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.strip().lower().replace("_", "-")] = Version(version.strip())
+    for req in _requirements():
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in cluster/requirements.lock (bash cluster/lock.sh)"
+        assert req.specifier.contains(pins[name], prereleases=True), f"lock pins {name}=={pins[name]}, outside {req}"
