@@ -6,12 +6,11 @@ with ``mlflow.search_runs`` (a pandas DataFrame) and writes, under ``--out``:
 * ``report.md`` with every table, and one CSV per table (the same cells): ``table1.csv`` (method ×
   backbone: CapeX = ablation ``baseline``, CapeNext = ``full``), ``table2.csv`` (module ablations),
   ``table3.csv`` (multimodal input), ``mpck.csv`` (mean of PCK@0.05-0.25 per split), ``pck_thresholds.csv``
-  (PCK at every threshold next to the per-name mean-position floor, metrics ``floor/pck_*``, or
-  ``baseline/pck_*`` in runs logged under that older name), and, when evaluation runs exist
+  (PCK at every threshold next to the per-name mean-position floor, metrics ``floor/pck_*``), and, when evaluation runs exist
   (``capenext.kind=evaluation``), ``table4.csv`` (noise ``class``) and ``table5.csv`` (one column per other
   ``noise_variant``: ``typo@R``, ``template:NAME``, ``reference:NAME``, ``clean``, any other by its name);
 * ``runs.csv``: one numeric row per finished run (the raw data behind the tables);
-* ``pck_vs_threshold.png``, ``per_split_bars.png``, ``curves.png``, drawn by :mod:`jobs.report_plots`.
+* ``pck_vs_threshold.png``, ``per_split_bars.png``, ``curves.png``, drawn by :mod:`jobs.reports.plots`.
 
 Cells are test PCK@0.2 in % over the seeds of one (split, ablation, backbone): "mean ± std" when there
 are several, "—" when there are none; of several finished runs of one seed, the newest counts. Avg is the
