@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 
@@ -23,3 +24,20 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def unsafe_file_name(file_name: str) -> str | None:
+    """Why an image ``file_name`` may not be used (it must stay inside the image folder), or ``None``.
+
+    Absolute paths (``/x``, ``\\x``, ``C:x``) and ``..`` components (either separator) would pull any readable
+    file of the machine into the shards.
+    """
+    if not file_name.strip():
+        return "is empty"
+    if file_name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", file_name):
+        return "is absolute"
+    if ".." in re.split(r"[/\\]", file_name):
+        return "has a '..' component"
+    if "\0" in file_name:
+        return "holds a NUL character"
+    return None

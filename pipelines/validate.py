@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from capenext.cli import run_main
-from capenext.data.mp100 import SPLITS, SUBSETS, DataError, unsafe_file_name
+from capenext.data.mp100 import SPLITS, SUBSETS, DataError
+from capenext.files import unsafe_file_name
 from capenext.data.source import BadImage, Source, collect, read_checked
 
 ERROR, WARNING = "error", "warning"

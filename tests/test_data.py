@@ -25,7 +25,8 @@ from capenext.data import (
     training_pairs,
 )
 from capenext.data.dataset import make_item
-from capenext.data.mp100 import Category, Sample, clean_bbox
+from capenext.data.mp100 import Category, Sample
+from capenext.data.transforms import clean_bbox
 from capenext.data.transforms import apply_affine, crop, heatmap_targets, target_weights
 from tests.conftest import assert_one_line_error, run_cli
 

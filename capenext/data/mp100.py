@@ -41,6 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from capenext.data.transforms import clean_bbox
+from capenext.files import unsafe_file_name
+
 SPLITS = (1, 2, 3, 4, 5)
 SUBSETS = ("train", "val", "test")
 DESCRIPTIONS_FORMAT = "capenext-descriptions/1"  # the reference's rules, as pipelines.descriptions writes them
@@ -173,40 +176,6 @@ class Subset:
             "annotations": len(self.samples),
             "keypoints": sum(c.num_keypoints for c in self.categories.values()),
         }
-
-
-def clean_bbox(bbox: Any, width: int, height: int) -> tuple[float, float, float, float] | None:
-    """The reference's bbox sanitising; ``None`` when nothing is left.
-
-    A NaN or infinite value is a ``ValueError``, never clamped: ``max(0.0, nan)`` is 0 and ``min(w, inf)`` is
-    the image's edge, which would turn a broken box into a plausible one.
-    """
-    x, y, w, h = (float(v) for v in bbox)
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        raise ValueError(f"bbox holds a non-finite value: {[x, y, w, h]}")
-    x1, y1 = max(0.0, x), max(0.0, y)
-    x2 = min(width - 1.0, x1 + max(0.0, w - 1.0))
-    y2 = min(height - 1.0, y1 + max(0.0, h - 1.0))
-    if x2 > x1 and y2 > y1:
-        return (x1, y1, x2 - x1, y2 - y1)
-    return None
-
-
-def unsafe_file_name(file_name: str) -> str | None:
-    """Why an image ``file_name`` may not be used (it must stay inside the image folder), or ``None``.
-
-    Absolute paths (``/x``, ``\\x``, ``C:x``) and ``..`` components (either separator) would pull any readable
-    file of the machine into the shards.
-    """
-    if not file_name.strip():
-        return "is empty"
-    if file_name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", file_name):
-        return "is absolute"
-    if ".." in re.split(r"[/\\]", file_name):
-        return "has a '..' component"
-    if "\0" in file_name:
-        return "holds a NUL character"
-    return None
 
 
 def _load_json(path: Path) -> dict[str, Any]:

@@ -24,7 +24,9 @@ zeroed when the Gaussian patch falls wholly outside the heatmap (:func:`target_w
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -267,3 +269,20 @@ def heatmap_targets(
         gy = np.exp(-((grid[y0:y1] - mu_y) ** 2) / (2 * sigma**2))
         np.multiply(gy[:, None], gx[None, :], out=heatmaps[j, y0:y1, x0:x1])
     return heatmaps, weights
+
+
+def clean_bbox(bbox: Any, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """The reference's bbox sanitising; ``None`` when nothing is left.
+
+    A NaN or infinite value is a ``ValueError``, never clamped: ``max(0.0, nan)`` is 0 and ``min(w, inf)`` is
+    the image's edge, which would turn a broken box into a plausible one.
+    """
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise ValueError(f"bbox holds a non-finite value: {[x, y, w, h]}")
+    x1, y1 = max(0.0, x), max(0.0, y)
+    x2 = min(width - 1.0, x1 + max(0.0, w - 1.0))
+    y2 = min(height - 1.0, y1 + max(0.0, h - 1.0))
+    if x2 > x1 and y2 > y1:
+        return (x1, y1, x2 - x1, y2 - y1)
+    return None

@@ -47,7 +47,8 @@ import numpy as np
 from capenext.config import DataCfg
 from capenext.data.dataset import PairDataset, make_item
 from capenext.data.episodes import training_pairs
-from capenext.data.mp100 import Category, Sample, annotation_path, clean_bbox, load_split
+from capenext.data.mp100 import Category, Sample, annotation_path, load_split
+from capenext.data.transforms import clean_bbox
 from capenext.data.shards import ShardIndex
 from capenext.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_image, random_scale_rotation,
                                       reduction_for)
