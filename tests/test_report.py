@@ -221,7 +221,7 @@ def test_plots_are_pngs_that_open(sweep_report):
         image = mpimg.imread(path)
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400, (name, image.shape)
         assert image[..., :3].std() > 0.05, f"{name} is blank"
-    assert f"![curves](curves.png)" in (out / "report.md").read_text()
+    assert "![curves](curves.png)" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("case", ["experiment", "parent", "store"])

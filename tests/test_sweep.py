@@ -197,7 +197,7 @@ def test_resubmitted_sweep_skips_finished_resumes_unfinished_and_reports_a_faile
     proc = _submit(ray_head, sweep_data, store, "resubmitted_sweep.log")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-6000:]
-    assert f"found again: a re-submitted sweep" in out and f"{killed} (split 1, full, tiny): resuming from" in out
+    assert "found again: a re-submitted sweep" in out and f"{killed} (split 1, full, tiny): resuming from" in out
     assert "1 finished, 2 skipped (finished before), 1 failed, of 4 trials" in out, out[-4000:]
     summary = {line.split()[0]: line for line in out.splitlines() if line.startswith(f"{EXPERIMENT}-split")}
     assert summary[torn].split()[1] == "failed" and "is cut short (model.pt is 4 bytes of the" in summary[torn]

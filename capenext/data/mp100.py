@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -10,7 +10,7 @@ but ``--split``/``--ablation``/``--backbone``/``--run-name``, which it sets per 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
