@@ -60,6 +60,9 @@ class ModelCfg:
     # ImageNet-normalised crop as is; converted official checkpoints were trained that way)
     clip_image_norm: str = "clip"
     image_embedding: str = "precomputed"  # "precomputed" (input tensor) or "online" (inside forward)
+    # the pose model's precision: "fp32" (the reference's, and the paper recipe's), or "bf16" autocast on
+    # CUDA (faster; an opt-in, its PCK cost to be measured on the GPU)
+    precision: str = "fp32"
     dim: int = 256  # transformer width d
     heads: int = 8
     enc_layers: int = 3

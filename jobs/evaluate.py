@@ -57,9 +57,10 @@ from capenext.config import RunCfg
 from capenext.data.mp100 import TEXT_VARIANTS
 from capenext.metrics import THRESHOLDS, episode_seed, metric_keys
 from capenext.noise import DEFAULT_TYPO_RATE, Variant, get_noise, noise_kinds, wrong_class
+from capenext.recipe import JobFacts, departures
 from pipelines.runtime.checkpoints import CHECKPOINT_HELP, Source, resolve_checkpoint
 from pipelines.runtime.options import (add_clip_precision, add_config_option, add_device, add_noise_seed,
-                                       add_tracking_uri, positive)
+                                       add_recipe, add_tracking_uri, positive)
 from pipelines.runtime.tracking import ensure_experiment, find_run, open_client, tracking_uri
 
 PICTURE_THRESHOLD = 0.2  # the threshold that ranks the best and worst queries in the pictures
@@ -108,6 +109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "default: each of the paper's Table 5 maps, one result row each)")
     add_noise_seed(g)
     g = p.add_argument_group("protocol")
+    add_recipe(g)
+    add_config_option(g, "precision", help="the pose model's precision: fp32 (the reference's, and the default) or "
+                                           "bf16 autocast (CUDA only)")
     for name in ("episodes", "queries"):
         add_config_option(g, name, help=f"{'test episodes per category' if name == 'episodes' else 'queries per episode'}"
                                         " (default: the training config's)")
@@ -314,10 +318,20 @@ def load(args: argparse.Namespace, uri: str) -> tuple[Source, torch.nn.Module, R
         except KeyError as err:  # unregistered ablation / backbone / CLIP in the config
             raise ValueError(f"{source.spec}: checkpoint of an unknown config ({err.args[0] if err.args else err})"
                              ) from None
+    if args.recipe == "paper":  # the reference's test: its episodes, the model in fp32, CLIP fp16 on a GPU
+        from capenext.recipe import paper_settings
+
+        paper = paper_settings(cfg.model.backbone, device.type)
+        cfg.data.episodes, cfg.data.test_episodes, cfg.data.queries = "reference", 200, 15
+        cfg.model.precision, cfg.model.clip_precision = paper["model.precision"], paper["model.clip_precision"]
     for field_, value in (("descriptions", args.descriptions), ("text_variant", args.text_variant),
                           ("test_episodes", args.episodes), ("queries", args.queries), ("episodes", args.sampler)):
         if value is not None:
             setattr(cfg.data, field_, value)
+    if args.precision is not None:
+        cfg.model.precision = args.precision
+    if cfg.model.precision == "bf16" and device.type != "cuda":
+        raise UsageError("--precision bf16 is autocast on CUDA: add --device cuda, or use fp32")
     check_texts(cfg.data)
     check_converted_texts(source.spec, meta, cfg)
     if args.clip_precision is not None:
@@ -414,8 +428,8 @@ def row_params(ev: Evaluation, v: Variant, row: dict[str, Any], args: argparse.N
             "queries": ev.cfg.data.queries, "episode_seed": ev.ep_seed if ev.ep_seed is not None else "",
             "sampler": ev.sampler, "eval_batch_size": ev.batch_size,
             "keypoint_texts": ev.cfg.data.descriptions or "annotations", "text_variant": ev.cfg.data.text_variant,
-            "clip_precision": ev.cfg.model.clip_precision, "embeddings": row["embeddings"], "split": ev.split,
-            "device": str(ev.device)}
+            "clip_precision": ev.cfg.model.clip_precision, "precision": ev.cfg.model.precision,
+            "embeddings": row["embeddings"], "split": ev.split, "device": str(ev.device), "recipe": args.recipe}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             tags = {"capenext.kind": "evaluation", "training_run_id": ev.training_id or "", "noise": v.noise,
                     "noise_variant": v.name, "split": str(ev.split), "ablation": ev.cfg.model.ablation,
                     "backbone": ev.cfg.model.backbone, "mlflow.runName": f"{ev.label}-eval-{v.name}",
-                    "training_run_name": ev.label}
+                    "training_run_name": ev.label, "recipe": args.recipe,
+                    "paper_departures": "; ".join(departures(ev.cfg, JobFacts(device=ev.device.type))) or "none"}
             mkeys = [k for k in row if k.startswith(("test/", "noise/"))]
             row["run_id"] = log_row(client, experiment_id, tags, row_params(ev, v, row, args),
                                     {k: row[k] for k in mkeys}, pics)

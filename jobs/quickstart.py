@@ -28,12 +28,13 @@ from pathlib import Path
 
 from capenext.checkpoint import artifacts_dir
 from capenext.cli import UsageError, run_main
-from capenext.config import resolve
+from capenext.config import override, resolve
+from capenext.recipe import apply_recipe
 from capenext.data import SUBSETS, load_split
 from capenext.metrics import FLOOR
 from jobs.training import driver
 from jobs.training.spec import TrainRun
-from pipelines.runtime.options import add_tracking_uri
+from pipelines.runtime.options import add_recipe, add_tracking_uri
 from pipelines.runtime.tracking import tracking_uri
 
 STAGES = 6
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", type=int, default=1, help="MP-100 split to use, 1-5 (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic set and the run (default 0)")
     p.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    add_recipe(p)
     add_tracking_uri(p, "MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db, the quickstart's own store")
     return p.parse_args(argv)
 
@@ -103,14 +105,19 @@ def results_table(metrics: dict[str, float]) -> str:
 
 def training_run(args: argparse.Namespace, work: Path, cfg_texts: dict[str, str], uri: str) -> TrainRun:
     """The quickstart's training run: ``full`` with the tiny backbone and random tiny CLIP, one Ray Train
-    worker holding every CPU, validation every 4 epochs on 20 episodes, the test on 40."""
-    cfg = resolve("tiny", {"model.ablation": "full", "model.backbone": "tiny", "model.clip_model": "tiny",
-                           "model.clip_checkpoint": "random", "optim.epochs": args.epochs, "optim.seed": args.seed,
-                           "data.val_episodes": 20, "data.test_episodes": 40, **cfg_texts}, [])
+    worker holding every CPU, validation every 4 epochs on 20 episodes, the test on 40. With ``--recipe
+    paper`` (an MP-100 copy and its descriptions) the reference's texts, image stream, schedule and test
+    episodes, the rest tiny: the run's ``paper_departures`` tag lists what still differs."""
+    tiny = {"model.ablation": "full", "model.backbone": "tiny", "model.clip_model": "tiny",
+            "model.clip_checkpoint": "random", "optim.epochs": args.epochs, "optim.seed": args.seed,
+            "data.val_episodes": 20, "data.test_episodes": 40, **cfg_texts}
+    cfg = apply_recipe(resolve("tiny", {}, []), args.recipe, "cpu")
+    cfg = override(cfg, {k: str(v) for k, v in tiny.items()})
     return TrainRun(cfg=cfg, split=args.split, shards=work / "shards", embeddings=work / "embeddings",
                     run_name=f"quickstart-split{args.split}-full-tiny", storage=work / "runs",
                     experiment="quickstart", tracking_uri=uri, val_every=4,
-                    cpus_per_worker=float(max(1, os.cpu_count() or 2)))
+                    cpus_per_worker=float(max(1, os.cpu_count() or 2)), recipe=args.recipe,
+                    data_root=args.data_root.resolve() if args.data_root is not None else None)
 
 
 def next_steps(run: TrainRun, root: Path, uri: str) -> str:
@@ -138,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.descriptions is not None and args.data_root is None:
         raise UsageError("--descriptions applies to --data-root (an MP-100 copy); the synthetic set's names are its own")
+    if args.recipe == "paper" and (args.data_root is None or args.descriptions is None):
+        raise UsageError("--recipe paper runs on your MP-100 copy with the reference's texts: pass --data-root ROOT "
+                         "and --descriptions FILE (python -m pipelines.descriptions --reference CHECKOUT --out FILE)")
     variant = "regular"  # the texts training reads
     cfg_texts = {}
     if args.descriptions is not None:

@@ -148,7 +148,10 @@ def training_frame(raw: pd.DataFrame) -> pd.DataFrame:
     cells = _cells(raw)
     raw = raw.loc[cells.index]
     name = _column(raw, "tags.capenext.run_name").fillna(_column(raw, "tags.mlflow.runName")).fillna(raw.run_id)
-    return pd.concat([raw.run_id, name.rename("name"), cells, raw[["status", "end_time"]], _metrics(raw)], axis=1)
+    recipe = _column(raw, "tags.recipe").fillna("?").rename("recipe")
+    departures = _column(raw, "tags.paper_departures").fillna("not recorded").rename("paper_departures")
+    return pd.concat([raw.run_id, name.rename("name"), cells, recipe, departures, raw[["status", "end_time"]],
+                      _metrics(raw)], axis=1)
 
 
 def evaluation_frame(client, raw: pd.DataFrame, trained: pd.DataFrame, parent: str | None) -> pd.DataFrame:
@@ -432,8 +435,25 @@ def runs_csv(data: Data, folder: Path) -> Path:
     keys = sorted(k for k in data.finished if k.startswith(("test/", f"{FLOOR}/", "val/")))
     path = folder / "runs.csv"
     data.finished.rename(columns={"name": "run_name"})[["run_id", "run_name", "split", "ablation", "backbone",
-                                                        "seed"] + keys].to_csv(path, index=False, lineterminator="\r\n")
+                                                        "seed", "recipe", "paper_departures"] + keys].to_csv(
+        path, index=False, lineterminator="\r\n")
     return path
+
+
+def departures_section(data: Data) -> str:
+    """How far the runs behind each row are from the paper: per (ablation, backbone), the recipe and every
+    distinct list of departures its finished runs recorded (``paper_departures`` tags)."""
+    lines = ["### How far from the paper", "",
+             "Each row's runs and the settings in which they differ from the paper's for their backbone "
+             "(`--recipe paper` removes all it can; the rest are listed, e.g. a CPU runs CLIP in fp32).", "",
+             "| ablation | backbone | recipe | departures from the paper |", "|---|---|---|---|"]
+    frame = data.finished
+    for (ablation, backbone), group in sorted(frame.groupby(["ablation", "backbone"]), key=lambda kv: kv[0]):
+        recipes = ", ".join(sorted(set(group.recipe)))
+        found = sorted(set(group.paper_departures))
+        lines.append(f"| {ablation} | {backbone_name(backbone)} | {recipes} | "
+                     + " / ".join(d.replace("|", "/") for d in found) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # --- plots and main ---------------------------------------------------------------------------------
@@ -496,6 +516,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         head += [f"Rows labelled _{PUBLISHED}_ are the numbers the CapeNext paper reports (real MP-100, "
                  "pretrained backbones and CLIP ViT-B/32); they are not produced by this code.", ""]
     md = "\n".join(head) + "\n" + "\n".join(t.markdown() for t in tables)
+    if len(data.finished):
+        md += "\n" + departures_section(data)
     figures = draw_plots(client, data, out, main, args.with_paper)
     md += "\n### Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
     (out / "report.md").write_text(md, encoding="utf-8")

@@ -40,8 +40,8 @@ from capenext.files import write_atomic
 from capenext.noise import keypoint_variants, load_template_maps
 from pipelines.clip_tables import DEVICE_HELP, clip_of, image_table, plan_actors, text_tables, write_table
 from pipelines.runtime.cluster import init_ray
-from pipelines.runtime.options import (add_address, add_config_options, add_device, add_noise_seed, config_from_args,
-                                       positive)
+from pipelines.runtime.options import (add_address, add_config_options, add_device, add_noise_seed, add_recipe,
+                                       config_from_args, positive)
 
 
 def run(shards: Path, out: Path, cfg: RunCfg, batch_size: int = 64, typo_rates: tuple[float, ...] = (0.1,),
@@ -107,6 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shards", type=Path, required=True, help="shard folder written by pipelines.shard")
     p.add_argument("--out", type=Path, required=True, help="output folder for the parquet tables")
     g = p.add_argument_group("the run's config (as jobs.train takes it)")
+    add_recipe(g)
     add_config_options(g, "backbone", "clip_model", "clip_checkpoint", "image_size", "descriptions", "text_variant")
     g = p.add_argument_group("the tables")
     g.add_argument("--encode-batch-size", type=int, default=64,
@@ -125,8 +126,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> RunCfg:
-    """The run's config from the same preset rule, options and overrides as ``jobs.train``."""
-    return config_from_args(args)
+    """The run's config from the same preset rule, recipe, options and overrides as ``jobs.train``; the
+    paper recipe's tables read the reference's texts, so it needs ``--descriptions``."""
+    cfg = config_from_args(args, args.recipe, "cuda" if args.device == "cuda" else "cpu")
+    if args.recipe == "paper" and cfg.data.descriptions is None:
+        raise UsageError("--recipe paper embeds the reference's keypoint texts: pass --descriptions FILE, made by "
+                         "python -m pipelines.descriptions --reference CHECKOUT --out FILE (from a checkout of the "
+                         "official code)")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,12 @@ def preflight(run: TrainRun) -> TrainRun:
             raise UsageError(f"split {run.split} has no {subset} samples in {run.shards}")
     check_tables(run.embeddings, cfg, index.digest, images=needs_image_table(cfg),
                  remake=f"python -m pipelines.embed --shards {run.shards} --out {run.embeddings} and this "
-                        "run's --config/--set/--clip-* options")
+                        "run's --recipe/--config/--set/--clip-* options")
+    if cfg.data.episodes == "reference":  # the final test's episodes: the annotation file is there and matches
+        from capenext.protocol import reference_pairs
+
+        reference_pairs(run.data_root, run.split, index, index.subset(run.split, "test"), cfg.data.test_episodes,
+                        cfg.data.queries)
     if run.num_workers < 1:
         raise UsageError("--num-workers must be at least 1 (use --local for an in-process run)")
     if cfg.optim.batch_size % run.world:
@@ -155,7 +160,8 @@ def start_mlflow_run(run: TrainRun, resume_from: Path | None) -> str:
     exp_id = ensure_experiment(client, run.experiment, run.tracking_uri)
     tags = {"split": str(run.split), "ablation": cfg.model.ablation, "backbone": cfg.model.backbone,
             "capenext.run_name": run.run_name, "mlflow.runName": run.run_name,
-            "image_embedding": cfg.model.image_embedding, "seed": str(cfg.optim.seed)}
+            "image_embedding": cfg.model.image_embedding, "seed": str(cfg.optim.seed), "recipe": run.recipe,
+            "paper_departures": "; ".join(run.departures()) or "none"}
     if run.parent_run_id:
         tags["mlflow.parentRunId"] = run.parent_run_id
     if run.init is not None:  # a fine-tuning run: where its first weights came from

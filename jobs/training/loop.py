@@ -30,7 +30,7 @@ from capenext.checkpoint import (CHECKPOINT_FILE, STATE_FILE, artifacts_dir, ato
 from capenext.cli import offline
 from capenext.data import collate
 from capenext.metrics import FLOOR, THRESHOLDS, VAL_THRESHOLDS, episode_seed
-from capenext.protocol import our_pairs, run_protocol
+from capenext.protocol import our_pairs, reference_pairs, run_protocol
 from jobs.training.spec import TrainRun
 from pipelines.runtime.tracking import Tracker
 
@@ -129,10 +129,19 @@ class Worker:
         return self.bank.fill(batch, self.run.cfg.data.max_keypoints, needs_image_table(self.run.cfg),
                               self.model.needs_class_embedding)
 
-    def protocol(self, model, subset: str, num_episodes: int, thresholds, bank=True) -> dict[str, float]:
-        """The test protocol on this worker's share of the subset's seeded episodes."""
+    def pairs(self, subset: str, num_episodes: int):
+        """The subset's episodes: ours, seeded by the run; the test's the reference's when the config says
+        so (``data.episodes=reference``, the paper recipe's: its sampler on the split's test annotation file)."""
         cfg = self.run.cfg
-        pairs = our_pairs(self.subsets[subset], num_episodes, cfg.data.queries, episode_seed(cfg.optim.seed, subset))
+        if subset == "test" and cfg.data.episodes == "reference":
+            return reference_pairs(self.run.data_root, self.run.split, self.index, self.subsets[subset], num_episodes,
+                                   cfg.data.queries)
+        return our_pairs(self.subsets[subset], num_episodes, cfg.data.queries, episode_seed(cfg.optim.seed, subset))
+
+    def protocol(self, model, subset: str, num_episodes: int, thresholds, bank=True) -> dict[str, float]:
+        """The test protocol on this worker's share of the subset's episodes."""
+        cfg = self.run.cfg
+        pairs = self.pairs(subset, num_episodes)
         metrics, _ = run_protocol(model, self.subsets[subset], pairs, cfg.data, self.device,
                                   load_image=self.load_image, batch_size=self.per_worker,
                                   bank=self.bank if bank else None, thresholds=thresholds, rank=self.rank,
@@ -165,6 +174,8 @@ def setup(config: dict[str, Any]) -> Worker:
     index = ShardIndex(run.shards, descriptions=cfg.data.descriptions, text_variant=cfg.data.text_variant)
     subsets = {name: index.subset(run.split, name) for name in ("train", "val", "test")}
     model = build_model(cfg.model).to(device)
+    if run.sync_batchnorm and world > 1:  # BatchNorm statistics over the global batch, as the reference's one GPU
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     bank = load_bank(run.embeddings, images=needs_image_table(cfg))
 
     def run_frozen(module, _inputs) -> None:  # a frozen part runs as at inference (norm statistics fixed)

@@ -16,7 +16,7 @@ from typing import Any
 
 from capenext.cli import UsageError
 from capenext.config import RunCfg, flatten, to_dict
-from pipelines.runtime.options import (add_address, add_config_option, add_config_options, add_device,
+from pipelines.runtime.options import (add_address, add_config_option, add_config_options, add_device, add_recipe,
                                        add_tracking_uri, config_from_args)
 
 DEFAULT_STORAGE = "runs"
@@ -56,6 +56,9 @@ class TrainRun:
     max_steps: int | None = None  # cap on optimizer steps per epoch (tests, smoke runs)
     address: str | None = None  # Ray cluster
     parent_run_id: str | None = None  # the sweep's MLflow parent run
+    recipe: str = "default"  # default | paper (capenext.recipe)
+    data_root: Path | None = None  # the MP-100 copy the shards came from: the reference's test episodes
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (the paper recipe, BN backbones)
     init_checkpoint: str | None = None  # --init-checkpoint as given; resolved into ``init`` by the pre-flight
     freeze: tuple[str, ...] = ()  # model parts kept fixed
     init: FineTune | None = None
@@ -73,7 +76,14 @@ class TrainRun:
     def resolved(self) -> "TrainRun":
         """The same run with absolute paths (what workers on any node, in any directory, need)."""
         return replace(self, shards=Path(self.shards).resolve(), embeddings=Path(self.embeddings).resolve(),
-                       storage=Path(self.storage).resolve())
+                       storage=Path(self.storage).resolve(),
+                       data_root=Path(self.data_root).resolve() if self.data_root is not None else None)
+
+    def departures(self) -> list[str]:
+        """Each setting of this run that differs from the paper's (:func:`capenext.recipe.departures`)."""
+        from capenext.recipe import JobFacts, departures
+
+        return departures(self.cfg, JobFacts(self.device, self.world, self.val_every, self.sync_batchnorm))
 
     def params(self) -> dict[str, Any]:
         """What MLflow records: the config's fields, then ``job.<field>`` for where and how it ran."""
@@ -98,9 +108,13 @@ def add_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     g.add_argument("--embeddings", type=Path, required=True, help="embedding folder (pipelines.embed)")
     add_config_option(g, "descriptions")
     add_config_option(g, "text_variant")
+    g.add_argument("--data-root", type=Path, default=None,
+                   help="the MP-100 copy the shards were made from: the final test draws the reference's episodes "
+                        "from its test annotation file (--sampler reference, the paper recipe's)")
     g = p.add_argument_group("model and schedule")
+    add_recipe(g)
     add_config_options(g, *(() if sweep else ("ablation", "backbone")), "clip_model", "clip_checkpoint",
-                       "backbone_checkpoint", "image_embedding", "epochs", "batch_size", "seed")
+                       "backbone_checkpoint", "image_embedding", "precision", "epochs", "batch_size", "seed")
     g.add_argument("--max-steps", type=int, default=None, help="cap the optimizer steps per epoch (tests)")
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--init-checkpoint", default=None, metavar="CHECKPOINT",
@@ -110,7 +124,8 @@ def add_arguments(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     g.add_argument("--freeze", default=None, metavar="PARTS",
                    help=f"keep these parts' weights fixed (few-shot fine-tuning): {' or '.join(FREEZE_CHOICES)}")
     g = p.add_argument_group("evaluation (the test protocol of jobs.evaluate)")
-    g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default 1)")
+    g.add_argument("--val-every", type=int, default=None,
+                   help="validate every N epochs (default 1; the paper recipe's 25)")
     for name in ("val_episodes", "episodes", "queries", "sampler"):
         add_config_option(g, name)
     g = p.add_argument_group("execution")
@@ -148,10 +163,16 @@ def resolve_config(args: argparse.Namespace, **named: Any) -> RunCfg:
 
     ns = argparse.Namespace(**{**vars(args), **named})
     try:
-        cfg = config_from_args(ns)
+        cfg = config_from_args(ns, args.recipe, args.device)
         check_texts(cfg.data)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if args.recipe == "paper" and cfg.data.descriptions is None:
+        raise UsageError("--recipe paper trains on the reference's keypoint texts: pass --descriptions FILE, made by "
+                         "python -m pipelines.descriptions --reference CHECKOUT --out FILE (from a checkout of the "
+                         "official code)")
+    if cfg.model.precision == "bf16" and args.device != "cuda":
+        raise UsageError("--precision bf16 is autocast on CUDA: add --device cuda, or use fp32")
     if cfg.model.ablation not in available_ablations():
         raise UsageError(f"unknown ablation {cfg.model.ablation!r}; available: {available_ablations()}")
     if cfg.model.backbone not in available_backbones():
@@ -163,11 +184,12 @@ def resolve_config(args: argparse.Namespace, **named: Any) -> RunCfg:
     if cfg.model.clip_checkpoint is None:
         raise UsageError("no CLIP weights: pass --clip-checkpoint PATH (a local file) or --clip-checkpoint "
                          "random (explicit random init, for tests and smoke runs)")
-    # the training run's own test draws our episodes
-    if cfg.data.episodes == "reference":
-        raise UsageError("--sampler reference: the training run's own test draws our episodes; measure its "
-                         "checkpoint on the reference's with python -m jobs.evaluate --sampler reference "
-                         "--data-root ROOT")
+    if cfg.data.episodes == "reference" and args.data_root is None:
+        raise UsageError("the final test draws the reference's episodes (--sampler reference"
+                         + (", the paper recipe's" if args.recipe == "paper" else "") + ") from the split's test "
+                         "annotation file: pass --data-root ROOT, the MP-100 copy the shards were made from")
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        raise UsageError(f"--data-root {args.data_root}: no such folder")
     if cfg.optim.epochs < 1 or cfg.optim.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be positive")
     return cfg
@@ -186,14 +208,21 @@ def parse_freeze(text: str | None) -> tuple[str, ...]:
 def from_args(args: argparse.Namespace, cfg: RunCfg, split: int, run_name: str,
               parent_run_id: str | None = None) -> TrainRun:
     """The run the command line describes (a sweep trial passes its own config, split and name)."""
+    from capenext.recipe import BATCHNORM_BACKBONES, PAPER_VAL_EVERY
+
+    paper = args.recipe == "paper"
+    val_every = args.val_every if args.val_every is not None else (PAPER_VAL_EVERY if paper else 1)
+    workers = 1 if args.local else args.num_workers
     return TrainRun(
         cfg=cfg, split=split, shards=args.shards, embeddings=args.embeddings, run_name=run_name,
         storage=args.storage_path, experiment=args.experiment, tracking_uri=args.tracking_uri, device=args.device,
         local=args.local, num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
         loader_workers=args.loader_workers, max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints,
-        val_every=max(1, args.val_every), max_steps=args.max_steps, address=args.address,
+        val_every=max(1, val_every), max_steps=args.max_steps, address=args.address,
         parent_run_id=parent_run_id, init_checkpoint=args.init_checkpoint,
-        freeze=parse_freeze(args.freeze),
+        freeze=parse_freeze(args.freeze), recipe=args.recipe, data_root=args.data_root,
+        # torch's SyncBatchNorm runs on CUDA only: on CPU the per-worker statistics are a listed departure
+        sync_batchnorm=paper and cfg.model.backbone in BATCHNORM_BACKBONES and workers > 1 and args.device == "cuda",
     )
 
 

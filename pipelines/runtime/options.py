@@ -53,10 +53,13 @@ CONFIG_FLAGS: dict[str, tuple[str, str, str]] = {
                      "name → texts json) instead of the annotations' names"),
     "text_variant": ("--text-variant", "data.text_variant",
                      "which of the reference's texts the descriptions file gives (default regular)"),
+    "precision": ("--precision", "model.precision",
+                  "the pose model's precision: fp32 (default, the reference's) or bf16 autocast (CUDA only)"),
 }
 _TYPES = {"image_size": int, "epochs": int, "batch_size": int, "seed": int, "val_episodes": int, "episodes": int,
           "queries": int}
-_CHOICES = {"image_embedding": ("precomputed", "online"), "sampler": ("ours", "reference")}
+_CHOICES = {"image_embedding": ("precomputed", "online"), "sampler": ("ours", "reference"),
+            "precision": ("fp32", "bf16")}
 
 
 def add_config_options(g, *names: str) -> None:
@@ -82,10 +85,25 @@ def add_config_option(g, name: str, **override: Any) -> None:
     g.add_argument(flag, **kwargs)
 
 
-def config_from_args(args: argparse.Namespace) -> RunCfg:
-    """Preset + the named config options this command took + ``--set`` overrides → the config (unchecked)."""
+def config_from_args(args: argparse.Namespace, recipe: str = "default", device: str = "cpu") -> RunCfg:
+    """Preset, then the recipe's settings (``paper``: the reference's for the backbone, :mod:`capenext.recipe`),
+    then the named config options this command took, then ``--set`` → the config (unchecked)."""
+    from capenext.config import override, parse_sets
+    from capenext.recipe import apply_recipe
+
     named = {field: getattr(args, dest) for dest, (_, field, _) in CONFIG_FLAGS.items() if dest in vars(args)}
-    return resolve(args.config, named, args.overrides)
+    cfg = resolve(args.config, {"model.backbone": named.get("model.backbone")}, [])
+    cfg = apply_recipe(cfg, recipe, device)
+    dotted = {k: str(v) for k, v in named.items() if v is not None}
+    dotted.update(parse_sets(args.overrides))
+    return override(cfg, dotted)
+
+
+def add_recipe(g) -> None:
+    g.add_argument("--recipe", choices=("default", "paper"), default="default",
+                   help="paper: every setting the reference implementation's for the backbone (texts, image stream, "
+                        "precisions, schedule, batch, validation, episodes; docs/training.md); default: ours, faster, "
+                        "for the synthetic set and own data. Every run records how far it is from the paper")
 
 
 DEVICES = ("cpu", "cuda")
