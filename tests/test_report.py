@@ -85,6 +85,7 @@ def store(tmp_path_factory):
     for method, base in (("full", 0.30), ("baseline", 0.20)):
         _log_evaluation(client, exp, ids[(method, 1, 0)], "typo", "typo@0.1", base)
         _log_evaluation(client, exp, ids[(method, 1, 0)], "template", "template:paw-foreleg", base + 0.1)
+        _log_evaluation(client, exp, ids[(method, 1, 0)], "reference", "reference:typo", base + 0.2)
     client.set_terminated(pid, "FINISHED")
     return uri, pid
 
@@ -192,11 +193,14 @@ def test_noise_evaluations_become_tables_4_and_5(sweep_report):
     assert t4[("Ours w/ LW", "ours")][0] == "49.00" and t4[("Ours w/o LW", "ours")][0] == "44.00"
     assert t4[("Ours w/ LW", "paper (published)")][-1] == "88.15"
     t5 = _read_csv(out / "table5.csv")
-    assert t5[0] == ["Method", "Source", "keypoint typo (rate 0.1)", "paw→foreleg"]
+    # our approximations are labelled and set against nothing; the reference's own typo texts are the paper's column
+    assert t5[0] == ["Method", "Source", "≈ keypoint typo (rate 0.1)", "≈ paw→foreleg (every text)",
+                     "reference texts: typo"]
     rows = {(r[0], r[1]): r[2:] for r in t5[1:]}
-    assert rows[("CapeNext", "ours")] == ["30.00†", "40.00†"]
-    assert rows[("CapeX", "ours")] == ["20.00†", "30.00†"]
-    assert rows[("CapeX", "paper (published)")] == ["64.10", "86.77"]
+    assert rows[("CapeNext", "ours")] == ["30.00†", "40.00†", "50.00†"]
+    assert rows[("CapeX", "ours")] == ["20.00†", "30.00†", "40.00†"]
+    assert rows[("CapeX", "paper (published)")] == ["—", "—", "64.10"]
+    assert any("≈: our approximation" in line for line in (out / "report.md").read_text().splitlines())
 
 
 def test_no_tables_4_and_5_without_evaluation_runs(tmp_path, capsys):
@@ -253,7 +257,7 @@ def edge_report(tmp_path_factory):
     _log_training(client, exp, None, 2, "full", 0, 0.70, floor=0.5)
     _log_training(client, exp, None, 1, "full", 0, 0.99, status="RUNNING", backbone="swinv2_t")
     _log_evaluation(client, exp, newer, "blur", "blur:3", 0.25)
-    _log_evaluation(client, exp, newer, "reference", "reference:paw-foreleg", 0.55)
+    _log_evaluation(client, exp, newer, "reference", "reference:manual", 0.55)
     _log_evaluation(client, exp, newer, "class", "class", 0.58)
     out = root / "out"
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
@@ -276,10 +280,10 @@ def test_floor_is_averaged_over_the_splits(edge_report, capsys):
 
 def test_every_noise_kind_gets_a_column_unknown_ones_by_name(edge_report):
     t5 = _read_csv(edge_report / "table5.csv")
-    assert t5[0] == ["Method", "Source", "reference texts: paw-foreleg", "blur:3"]
+    assert t5[0] == ["Method", "Source", "reference texts: manual", "blur:3"]
     rows = {(r[0], r[1]): r[2:] for r in t5[1:]}
     assert rows[("CapeNext", "ours")] == ["55.00†", "25.00†"]
-    assert rows[("CapeNext", "paper (published)")] == ["87.30", "—"]  # the reference texts are the paper's
+    assert rows[("CapeNext", "paper (published)")] == ["87.30", "—"]  # manual: paw→foreleg, the paper's column
     t4 = {(r[0], r[1]): r[2:] for r in _read_csv(edge_report / "table4.csv")[1:]}
     assert t4[("Ours w/ LW", "ours")][0] == "58.00"
     assert "| CapeNext | ours | 55.00† | 25.00† |" in (edge_report / "report.md").read_text()
