@@ -11,7 +11,10 @@ embedding is computed from the very crop the backbone sees: a ``model.image_embe
 model does it inside its forward, and a ``"precomputed"`` model gets it computed here exactly as
 ``pipelines.embed`` does (the un-augmented crop through ``FrozenCLIP.encode_image``).
 
-The prediction is the last decoder layer's points, mapped back to the original image's pixels.
+The prediction is the last decoder layer's points, mapped back to the original image's pixels. Without a box
+the crop is padded around the image, and a point can land in that padding: it is returned clamped to the image
+(pixel centres 0..W-1, 0..H-1) with ``inside_image: false`` (``true`` for a point on the image, whose
+coordinates are left as predicted).
 ``score`` (:func:`window_mass`) is how much of the keypoint's similarity map agrees with the point:
 the softmax of its map ``sim`` (h x w cells over the crop; the map the proposal generator's soft-argmax
 reads, Sec. 3.3) summed over the 3 x 3 cells around the predicted point's cell. It lies in [0, 1]: near 1
@@ -22,7 +25,17 @@ a ranking signal, not a calibrated probability of being correct.
 :meth:`Predictor.predict_many` runs several :class:`Query` s through one forward (what a server's request
 batching calls): every query is padded to the model's keypoint slots, as the data layer pads, so queries with
 different keypoint counts share a batch; each gets the points :meth:`Predictor.predict` gives it alone (up to
-float rounding).
+float rounding). :meth:`Predictor.check_query` makes every check a query needs short of the model (a server
+refuses a bad query with it before the query joins a batch), and :meth:`Predictor.predict_each` is
+``predict_many`` that falls back to one query at a time when the batch fails, so that a query that still
+fails gets its own error and the others their points.
+
+Text embeddings are cached per text, keyed by ``(kind, text, CLIP identity)`` (kind ``"keypoint"`` or
+``"class"``; :attr:`capenext.models.clip.FrozenCLIP.identity`), least recently used out past
+:data:`TEXT_CACHE_SIZE` texts: no keypoint text can stand for a class, nor a text of one CLIP for another's.
+
+Images from bytes are opened by PIL in the formats of :data:`IMAGE_FORMATS` only (PIL would otherwise try
+every format it knows, EPS through Ghostscript included).
 
 Weights load with ``weights_only=True`` (:func:`capenext.checkpoint.read_checkpoint`); it runs on CPU.
 :meth:`Predictor.save_pretrained` / :meth:`Predictor.from_pretrained` keep a model as a folder of
@@ -35,6 +48,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,18 +61,19 @@ from PIL import Image, UnidentifiedImageError
 from capenext.checkpoint import FORMAT, load_model, load_weights, trainable_state_dict
 from capenext.config import from_dict, to_dict
 from capenext.data.dataset import adjacency
-from capenext.data.transforms import Crop, crop
+from capenext.data.transforms import IMAGE_FORMATS, Crop, crop
 from capenext.engine import autocast, to_image_pixels
 from capenext.inputs import (check_bbox, check_class_name, check_names, check_skeleton, parse_bbox,  # noqa: F401
-                             parse_names, parse_skeleton)
+                             parse_names, parse_skeleton, short)
 from capenext.viz import to_rgb
 
-__all__ = ["Predictor", "Query", "check_bbox", "check_names", "check_skeleton", "load_image", "parse_bbox",
-           "parse_names", "parse_skeleton", "set_clip_precision", "window_mass"]
+__all__ = ["IMAGE_FORMATS", "Predictor", "Query", "check_bbox", "check_names", "check_skeleton", "load_image",
+           "parse_bbox", "parse_names", "parse_skeleton", "set_clip_precision", "window_mass"]
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray
 CONFIG_FILE = "config.json"  # save_pretrained's folder: config and meta ...
 WEIGHTS_FILE = "model.safetensors"  # ... and the trainable weights
+TEXT_CACHE_SIZE = 4096  # text embeddings a predictor keeps (least recently used out)
 
 
 def load_image(image: ImageLike) -> np.ndarray:
@@ -84,10 +99,11 @@ def _decode(data: bytes, where: str) -> np.ndarray:
     from capenext.data.transforms import decode_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             im.load()
     except UnidentifiedImageError:
-        raise ValueError(f"cannot read image {where}: not an image file (no format PIL can decode)") from None
+        raise ValueError(f"cannot read image {where}: not an image file in a format we read "
+                         f"({', '.join(IMAGE_FORMATS)})") from None
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
         raise ValueError(f"cannot read image {where}: {' '.join(str(err).split())}") from None
     try:
@@ -180,7 +196,7 @@ class Predictor:
         self.model, self.cfg, self.meta = model, cfg, meta
         self.slots = self.cfg.data.max_keypoints
         self.image_size = self.cfg.data.image_size
-        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self._text_cache: OrderedDict[tuple[str, str, tuple], torch.Tensor] = OrderedDict()
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``directory/config.json`` (format, config, meta) and ``directory/model.safetensors`` (the
@@ -242,21 +258,54 @@ class Predictor:
         self._attach(model.to(self.device).eval(), cfg, dict(record.get("meta") or {}))
         return self
 
+    def text_embeddings(self, kind: str, texts: Sequence[str]) -> torch.Tensor:
+        """(T, C) embeddings of keypoint texts (``kind="keypoint"``, raw) or class names (``kind="class"``,
+        as ``a photo of {name}``), through the cache keyed by ``(kind, text, CLIP identity)``."""
+        if kind not in ("keypoint", "class"):
+            raise ValueError(f"kind {kind!r}: 'keypoint' or 'class'")
+        clip = self.model.clip
+        identity = clip.identity
+        keys = [(kind, str(t), identity) for t in texts]
+        missing = list(dict.fromkeys(k[1] for k in keys if k not in self._text_cache))
+        if missing:
+            emb = clip.encode_text(missing) if kind == "keypoint" else clip.encode_class(missing)  # (M, C)
+            for text, row in zip(missing, emb):
+                self._text_cache[(kind, text, identity)] = row.clone()  # not a view keeping the batch alive
+        out = []
+        for key in keys:
+            self._text_cache.move_to_end(key)
+            out.append(self._text_cache[key])
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return torch.stack(out) if out else torch.zeros(0, clip.embed_dim, device=clip.device)
+
     def _encode_text(self, texts: list[str]) -> torch.Tensor:
-        key = tuple(texts)
-        if key not in self._text_cache:
-            if len(self._text_cache) > 64:
-                self._text_cache.clear()
-            self._text_cache[key] = self.model.clip.encode_text(texts)  # (K, C)
-        return self._text_cache[key]
+        return self.text_embeddings("keypoint", texts)  # (K, C)
 
     def _encode_class(self, name: str) -> torch.Tensor:
-        key = ("\0class", name)  # no keypoint text starts with NUL: the two kinds never collide
-        if key not in self._text_cache:
-            if len(self._text_cache) > 64:
-                self._text_cache.clear()
-            self._text_cache[key] = self.model.clip.encode_class([name])  # (1, C)
-        return self._text_cache[key]
+        return self.text_embeddings("class", [name])  # (1, C)
+
+    def check_query(self, query: Query, names_field: str = "keypoint name", class_field: str = "class prompt"
+                    ) -> Query:
+        """Every check :meth:`predict` makes before the model runs, without running it: names (count,
+        length, characters), skeleton, class, the image (decoded here) and the box against it, and each
+        text's CLIP token count (tokenizing, no model). Returns the query as checked: the image as an
+        (H, W, 3) uint8 array, the class stripped (``None`` when absent), the skeleton as index pairs, the box
+        as given (``None``: the whole image). One-line ``ValueError`` for the first problem (a token count names
+        ``names_field`` and the name's index, or ``class_field``)."""
+        texts = check_names(query.names, self.slots)
+        edges = check_skeleton(query.skeleton, len(texts))
+        rgb = load_image(query.image)
+        check_bbox(query.bbox, rgb.shape[1], rgb.shape[0])
+        class_name = check_class_name(query.class_name, self.model.needs_class_embedding, self.cfg.model.ablation,
+                                      f"pass class_name (e.g. 'cat'), got {short(query.class_name)}")
+        from capenext.models.clip import class_prompt
+
+        self.model.clip.check_texts(texts, names_field + " {i}")
+        if class_name is not None and self.model.needs_class_embedding:
+            self.model.clip.check_texts([class_prompt(class_name)], class_field)
+        bbox = None if query.bbox is None else tuple(float(v) for v in query.bbox)
+        return Query(rgb, list(query.names), class_name, edges, bbox)
 
     def crop(self, image: np.ndarray, bbox: tuple[float, float, float, float]) -> Crop:
         """The un-augmented test crop around ``bbox`` (what the backbone and the CLIP image tower see)."""
@@ -269,6 +318,13 @@ class Predictor:
         """The model's input batch (B = 1, see :class:`~capenext.models.CapeNext`) and the (2, 3) inverse
         crop; every argument is checked as in :meth:`predict`. ``image_embedding=False`` leaves a
         precomputed-image-embedding model's ``img_emb`` for the caller to compute (over a whole batch)."""
+        batch, inverse, _ = self._prepare(image, names, class_name, skeleton, bbox, image_embedding)
+        return batch, inverse
+
+    def _prepare(self, image: ImageLike, names: Sequence[str], class_name: str | None,
+                 skeleton: Sequence[Sequence[int]] | None, bbox: Sequence[float] | None,
+                 image_embedding: bool) -> tuple[dict[str, torch.Tensor], np.ndarray, tuple[int, int]]:
+        """:meth:`batch`, and the image's (width, height)."""
         texts = check_names(names, self.slots)
         edges = check_skeleton(skeleton, len(texts))
         rgb = load_image(image)
@@ -289,7 +345,7 @@ class Predictor:
             batch["cls_emb"] = self._encode_class(class_name)  # (1, C)
         if image_embedding and self.model.needs_image_embedding and self.model.image_embedding == "precomputed":
             batch["img_emb"] = self.model.clip.encode_image(img)  # (1, C), as pipelines.embed
-        return batch, c.inverse
+        return batch, c.inverse, (int(rgb.shape[1]), int(rgb.shape[0]))
 
     @torch.no_grad()
     def predict(self, image: ImageLike, names: Sequence[str], class_name: str | None = None,
@@ -306,10 +362,11 @@ class Predictor:
             bbox: optional ``(x, y, w, h)`` box around the object in image pixels, inside the image;
                 default the whole image.
         Returns:
-            one ``{"name", "x", "y", "score"}`` per name, in order: ``x, y`` in original image pixels,
-            ``score`` in [0, 1] (the module docstring says what it means).
+            one ``{"name", "x", "y", "score", "inside_image"}`` per name, in order: ``x, y`` in original image
+            pixels, ``score`` in [0, 1] (the module docstring says what it means); a point predicted off the
+            image (in the crop's padding) is clamped to it, with ``inside_image`` false.
         """
-        batch, inverse = self.batch(image, names, class_name, skeleton, bbox)
+        batch, inverse, size = self._prepare(image, names, class_name, skeleton, bbox, True)
         k = int(batch["kp_mask"].sum())
         with autocast(self.device):
             out = self.model(batch)
@@ -317,8 +374,7 @@ class Predictor:
         inv = torch.from_numpy(inverse.astype(np.float32)).unsqueeze(0).to(pts01.device)  # (1, 2, 3)
         xy = to_image_pixels(pts01, inv, self.image_size)[0].cpu()  # (k, 2) image pixels
         score = window_mass(out["sim"][0, :k].float(), pts01[0])  # (k,)
-        return [{"name": str(n), "x": float(p[0]), "y": float(p[1]), "score": float(s)}
-                for n, p, s in zip(names, xy, score)]
+        return _points(names, xy, score, size)
 
     @torch.no_grad()
     def predict_many(self, queries: Sequence[Query]) -> list[list[dict[str, Any]]]:
@@ -330,15 +386,15 @@ class Predictor:
         """
         if not queries:
             return []
-        inputs, inverses = [], []
+        inputs, inverses, sizes = [], [], []
         for i, q in enumerate(queries):
             try:
-                batch, inverse = self.batch(q.image, q.names, q.class_name, q.skeleton, q.bbox,
-                                            image_embedding=False)
+                batch, inverse, size = self._prepare(q.image, q.names, q.class_name, q.skeleton, q.bbox, False)
             except (ValueError, FileNotFoundError) as err:
                 raise type(err)(f"query {i}: {err}") from None
             inputs.append(batch)
             inverses.append(inverse)
+            sizes.append(size)
         batch = {key: torch.cat([b[key] for b in inputs]) for key in inputs[0]}  # (B, ...)
         if self.model.needs_image_embedding and self.model.image_embedding == "precomputed":
             batch["img_emb"] = self.model.clip.encode_image(batch["img"])  # (B, C), as pipelines.embed
@@ -351,6 +407,45 @@ class Predictor:
         for i, q in enumerate(queries):
             k = int(batch["kp_mask"][i].sum())
             score = window_mass(out["sim"][i, :k].float(), pts01[i, :k])  # (k,)
-            results.append([{"name": str(n), "x": float(p[0]), "y": float(p[1]), "score": float(s)}
-                            for n, p, s in zip(q.names, xy[i, :k], score)])
+            results.append(_points(q.names, xy[i, :k], score, sizes[i]))
         return results
+
+    def predict_each(self, queries: Sequence[Query]) -> list[list[dict[str, Any]] | Exception]:
+        """:meth:`predict_many`, isolating failures: one forward for every query; if that raises, each query
+        alone. Returns, per query in order, its points or the exception it raised alone (``ValueError``s
+        without the ``query i:`` prefix), so that one bad query never costs the others their answer."""
+        try:
+            return list(self.predict_many(queries))
+        except Exception as err:  # noqa: BLE001 -- which query failed is found below, one at a time
+            if len(queries) == 1:
+                return [_as_answer(err)]
+        out: list[list[dict[str, Any]] | Exception] = []
+        for q in queries:
+            try:
+                out.append(self.predict_many([q])[0])
+            except Exception as err:  # noqa: BLE001 -- returned to the caller, as this query's answer
+                out.append(_as_answer(err))
+        return out
+
+
+def _as_answer(err: Exception) -> Exception:
+    """A query's own error: a ``ValueError`` (``FileNotFoundError``) without predict_many's ``query 0:``."""
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        return type(err)(str(err).removeprefix("query 0: "))
+    return err
+
+
+def _points(names: Sequence[str], xy: torch.Tensor, score: torch.Tensor, size: tuple[int, int]
+            ) -> list[dict[str, Any]]:
+    """One ``{"name", "x", "y", "score", "inside_image"}`` per name: a point off the image (beyond the
+    outer pixels' extent, half a pixel past their centres) is clamped to the pixel centres 0..W-1, 0..H-1
+    and flagged; a point on the image keeps its coordinates."""
+    w, h = size
+    out = []
+    for n, p, s in zip(names, xy, score):
+        x, y = float(p[0]), float(p[1])
+        inside = -0.5 <= x <= w - 0.5 and -0.5 <= y <= h - 0.5
+        if not inside:
+            x, y = min(max(x, 0.0), w - 1.0), min(max(y, 0.0), h - 1.0)
+        out.append({"name": str(n), "x": x, "y": y, "score": float(s), "inside_image": bool(inside)})
+    return out

@@ -67,6 +67,7 @@ def draw_keypoints(
     visible: Sequence[bool] | None = None,
     bbox: tuple[float, float, float, float] | None = None,
     min_side: int = 512,
+    inside: Sequence[bool] | None = None,
 ) -> Image.Image:
     """Draw keypoints, their names and the skeleton on ``image``.
 
@@ -80,6 +81,9 @@ def draw_keypoints(
         bbox: optional (x, y, w, h) drawn as a thin white rectangle (the box the model looked at).
         min_side: the picture is upscaled (bicubic) until its short side is at least this, so text is
             readable on small images; never downscaled.
+        inside: K bools; a point with ``False`` was predicted off the image and clamped to its edge
+            (:class:`capenext.predict.Predictor`'s ``inside_image``): drawn as a hollow ring, not a disc
+            (default: every point on the image).
     Returns:
         an RGB PIL image of size (W * f, H * f), f = max(1, min_side / min(H, W)).
     """
@@ -107,10 +111,17 @@ def draw_keypoints(
             mix = tuple((ca + cb) // 2 for ca, cb in zip(colors[a], colors[b]))
             draw.line([tuple(xy[a]), tuple(xy[b])], fill=(0, 0, 0), width=width + 2)
             draw.line([tuple(xy[a]), tuple(xy[b])], fill=mix, width=width)
+    on_image = np.ones(k, bool) if inside is None else np.asarray(inside, bool)
     for j in np.flatnonzero(show):
         r = radius if scores is None else radius * (0.6 + 0.6 * float(np.clip(scores[j], 0, 1)))
         x, y = xy[j]
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=colors[j], outline=(0, 0, 0), width=max(1, width // 2))
+        if on_image[j]:
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colors[j], outline=(0, 0, 0), width=max(1, width // 2))
+        else:  # off the image, clamped to its edge: a hollow ring in the point's colour, outlined in black
+            ring = max(2, width)
+            r = max(r, radius) + ring
+            draw.ellipse([x - r - 1, y - r - 1, x + r + 1, y + r + 1], outline=(0, 0, 0), width=ring + 2)
+            draw.ellipse([x - r, y - r, x + r, y + r], outline=colors[j], width=ring)
     if names is not None:
         stroke = max(1, width // 2 + 1)
         placed: list[tuple[float, float, float, float]] = []

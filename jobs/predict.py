@@ -4,7 +4,8 @@ Text-only CAPE: no support image, only the keypoint names (all taken as visible)
 optional skeleton. For each image it prints one JSON line on stdout::
 
     {"image": "cat.jpg", "width": 640, "height": 480, "bbox": [0, 0, 640, 480], "class": "cat",
-     "keypoints": [{"name": "nose", "x": 312.4, "y": 201.9, "score": 0.83}, ...], "picture": "cat.keypoints.png"}
+     "keypoints": [{"name": "nose", "x": 312.4, "y": 201.9, "score": 0.83, "inside_image": true}, ...],
+     "picture": "cat.keypoints.png"}
 
 (``x, y`` in original image pixels; ``score`` in [0, 1], see :mod:`capenext.predict`) and writes the
 image with the keypoints, their names and the skeleton drawn. ``--images DIR`` does every image of a
@@ -174,14 +175,14 @@ def main(argv: list[str] | None = None) -> int:
             p["name"] = name
         out = picture_path(args, path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        draw_keypoints(image, [[p["x"], p["y"]] for p in points], names, skeleton,
-                       [p["score"] for p in points], bbox=bbox).save(out, format="PNG")
+        draw_keypoints(image, [[p["x"], p["y"]] for p in points], names, skeleton, [p["score"] for p in points],
+                       bbox=bbox, inside=[p["inside_image"] for p in points]).save(out, format="PNG")
         h, w = image.shape[:2]
         record = {
             "image": str(path), "width": w, "height": h,
             "bbox": list(bbox) if bbox is not None else [0, 0, w, h], "class": class_name,
             "keypoints": [{"name": p["name"], "x": round(p["x"], 2), "y": round(p["y"], 2),
-                           "score": round(p["score"], 4)} for p in points],
+                           "score": round(p["score"], 4), "inside_image": p["inside_image"]} for p in points],
             "picture": str(out),
         }
         print(json.dumps(record), flush=True)

@@ -3,12 +3,13 @@
 One deployment, ``CapeNext``: each replica holds one :class:`capenext.predict.Predictor` and serves a
 FastAPI app (the ingress) with
 
-* ``GET /healthz``: 200 ``{"status": "ok", "model": {...}, "replica": {"queries", "batches", "largest_batch"}}``
-  once the replica has loaded the model (the counts are the answering replica's);
+* ``GET /healthz``: 200 ``{"status": "ok", "replica": {"queries", "batches", "largest_batch", "working",
+  "waiting", "refused_busy"}}`` once the replica has loaded the model (the counts are the answering
+  replica's; nothing names the model or its run);
 * ``GET /v1/model``: what is loaded (checkpoint, ablation, backbone, CLIP model, crop size, keypoint slots);
 * ``POST /v1/predict``: a multipart form, ``image`` (file), ``keypoints`` (``nose,left eye`` or a JSON list),
   ``class``, optional ``skeleton`` (``0-1,1-2``) and ``bbox`` (``x,y,w,h`` in image pixels, default the whole
-  image) → ``{"keypoints": [{"name", "x", "y", "score"}], "image": {"width", "height"}, "bbox", "class",
+  image) → ``{"keypoints": [{"name", "x", "y", "score", "inside_image"}], "image": {"width", "height"}, "bbox", "class",
   "skeleton", "model": {...}}``, the numbers ``python -m jobs.predict`` prints for the same inputs;
   ``?picture=1`` answers the drawn PNG (:func:`capenext.viz.draw_keypoints`) instead;
 * ``/``: a Gradio page on the same app (upload, names or a training category's names, class, skeleton,
@@ -19,12 +20,17 @@ Concurrent requests meet in ``@serve.batch``: up to ``--max-batch-size`` queries
 to the model's keypoint slots, as the data layer pads). Batching settings are the deployment's
 ``user_config``, so ``serve deploy`` changes them without restarting replicas.
 
-Safe by default: the proxy binds 127.0.0.1 unless ``--host`` says otherwise; nothing in a request is run or
-unpickled (images are decoded by PIL after a pixel-count check, the rest is text); an upload over
-``--max-upload-mb`` is refused with 413 while it streams in, an image over ``--max-pixels`` (a decompression
-bomb) with 400 before it is decoded; a request waits at most ``--request-timeout-s`` (the proxy's timeout,
-and the model's answer inside the replica, 503 past it). Every bad request is a 4xx with ``{"error": "<one
-line>"}`` and the replica carries on.
+Safe by default (``docs/serving.md``, "Security", says what is checked and what the operator must add): the
+proxy binds 127.0.0.1 unless ``--host`` says otherwise, and a request whose ``Host`` is not a name of the
+server, or a POST from another site's page, is refused (403; ``--allow-host``, ``--allow-origin``); nothing in
+a request is run or unpickled (images are decoded in six formats after a pixel-count check, the rest is text,
+each field bounded in characters); an upload over ``--max-upload-mb`` is refused with 413 while it streams
+in, an image over ``--max-pixels`` (a decompression bomb) with 400 before it is decoded, and a replica holds
+at most ``--max-decoded-pixels`` decoded; a replica works on ``--max-ongoing-requests`` requests, keeps
+``--max-queued-requests`` waiting and answers the next at once with 503 and ``Retry-After``; a request waits
+at most ``--request-timeout-s`` (the proxy's timeout, and the model's answer inside the replica, 503 past
+it). Every bad request is a 4xx with ``{"error": "<one line>"}`` and the replica carries on; a query that
+fails in a batched forward fails alone. ``/docs`` is off unless ``--api-docs``.
 
 The same application runs under Serve's own tools: ``serve run jobs.serve:app checkpoint=X`` (``app`` is an
 application builder taking :class:`~jobs.serving.options.ServeOptions`' fields as ``key=value``), ``serve deploy cluster/serve.yaml``, and
@@ -35,8 +41,9 @@ the MLflow store must be reachable from every node.
 
 This module is the command line and the application builder ``app``; the options are
 :mod:`jobs.serving.options` (:class:`~jobs.serving.options.ServeOptions`), the deployment and the
-application :mod:`jobs.serving.deployment`, the HTTP layer (request parsing, limits, the FastAPI routes and
-the page) :mod:`jobs.serving.app`; the form's fields are read by :mod:`capenext.inputs`, as ``jobs.predict``
+application :mod:`jobs.serving.deployment`, a replica's request parsing and :class:`Service`
+:mod:`jobs.serving.app`, its FastAPI routes :mod:`jobs.serving.web`, its limits and middleware
+:mod:`jobs.serving.limits`, the page :mod:`jobs.serving.page`; the form's fields are read by :mod:`capenext.inputs`, as ``jobs.predict``
 reads its flags.
 """
 
@@ -90,7 +97,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--host", default="127.0.0.1",
                    help="address the HTTP proxy binds (default 127.0.0.1: this machine only; 0.0.0.0 opens it "
-                        "to the network)")
+                        "to the network, which needs authentication in front: the API has none)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a further name clients reach the server by, accepted in the Host header (repeatable; "
+                        "127.0.0.1, localhost, [::1] and --host always are; '*' any, only behind a proxy that "
+                        "checks Host). Other names are refused with 403 (DNS rebinding)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (scheme://host[:port]) whose pages may POST to the API (repeatable); "
+                        "other sites' POSTs are refused with 403")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=d["replicas"].default,
@@ -107,17 +121,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-wait-ms", type=float, default=d["batch_wait_ms"].default,
                    help="how long a request waits for others to share its forward (default 5)")
     p.add_argument("--max-ongoing-requests", type=int, default=None,
-                   help="requests a replica takes at once; more wait in the proxy (default max(2 x batch, 16))")
+                   help="requests a replica works on at once (default max(2 x batch, 16))")
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="requests that wait for those, per replica; past them a 503 with Retry-After at once "
+                        "(default 4 x --max-ongoing-requests)")
     p.add_argument("--max-upload-mb", type=float, default=d["max_upload_mb"].default,
                    help="largest request body in MB (2^20 bytes) (default 20; more is refused with 413)")
     p.add_argument("--max-pixels", type=int, default=d["max_pixels"].default,
                    help="largest image in pixels, checked before decoding (default 40000000)")
+    p.add_argument("--max-decoded-pixels", type=int, default=None,
+                   help="pixels a replica decodes and holds at once, over all its requests; more wait "
+                        "(default --max-pixels)")
     p.add_argument("--request-timeout-s", type=float, default=d["request_timeout_s"].default,
                    help="longest a request may take, end to end (default 60)")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="an MP-100 layout (e.g. the synthetic set): the page offers its training categories' "
                         "names and a few held-out test images as examples")
     p.add_argument("--split", type=int, default=1, help="the split --data-root's categories come from (default 1)")
+    p.add_argument("--api-docs", action="store_true",
+                   help="serve the API's pages /docs (Swagger UI) and /redoc (off by default: their scripts "
+                        "and styles load from a CDN, jsdelivr.net, in the reader's browser)")
     add_address(p)
     add_tracking_uri(p)
     add_config_option(p, "clip_checkpoint",
@@ -167,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device, "replicas": args.replicas, "autoscale": args.autoscale,
         "cpus_per_replica": args.cpus_per_replica, "gpus_per_replica": args.gpus_per_replica,
         "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
-        "max_ongoing_requests": args.max_ongoing_requests, "max_upload_mb": args.max_upload_mb,
-        "max_pixels": args.max_pixels, "request_timeout_s": args.request_timeout_s, "data_root": args.data_root,
-        "split": args.split})
+        "max_ongoing_requests": args.max_ongoing_requests, "max_queued_requests": args.max_queued_requests,
+        "max_upload_mb": args.max_upload_mb, "max_pixels": args.max_pixels,
+        "max_decoded_pixels": args.max_decoded_pixels, "request_timeout_s": args.request_timeout_s,
+        "host": args.host, "allow_hosts": args.allow_host, "allow_origins": args.allow_origin,
+        "api_docs": args.api_docs, "data_root": args.data_root, "split": args.split})
     check_checkpoint(options)
     application = build_application(options)
 

@@ -6,6 +6,7 @@ images predicted on are held-out test-category images the model never trained on
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from capenext.cli import run_main
 from capenext.data import make_item
 from capenext.data.shards import ShardIndex
 from capenext.data.transforms import affine_matrix, apply_affine, box_center_scale, invert_affine
-from capenext.predict import Predictor
+from capenext.predict import Predictor, Query
 from jobs import predict as predict_job
 from capenext.data.embeddings import load_bank
 from tests.conftest import assert_one_line_error, run_cli
@@ -283,6 +284,26 @@ def test_names_parse_alike_for_predict_and_serve(text, json_list, expected):
     (lambda f: f.parse_bbox("1,2,3"), "bbox '1,2,3' is not four numbers"),
     (lambda f: f.check_class_name(" _ ", True, "full", "pass --class NAME"),
      "the 'full' model reads a class name: pass --class NAME"),
+    # issue 25: bounded in characters before anything reads them, no control characters, JSON that Python
+    # cannot read refused in one line
+    (lambda f: f.parse_names("nose," + "q" * 401, "--keypoints"), "--keypoints name 1 is 401 characters, over the "
+                                                                 "limit of 400"),
+    (lambda f: f.parse_names("a," * 140_000, "--keypoints"), "--keypoints is 280000 characters, over the limit"),
+    (lambda f: f.parse_names("nose,left\teye", "--keypoints"), "--keypoints name 1 contains the control character "
+                                                               "U+0009 at position 4"),
+    (lambda f: f.parse_names('["a", "b\\u009b"]', "'keypoints'", json_list=True), "control character U+009B"),
+    (lambda f: f.check_names(["nose", "x" * 500], 100), "keypoint name 1 is 500 characters"),
+    (lambda f: f.check_names(["\x00class", "cat"], 100), "keypoint name 0 contains the control character U+0000"),
+    (lambda f: f.check_class_name("c" * 401, True, "full"), "class name is 401 characters"),
+    (lambda f: f.check_class_name("ca\x7ft", True, "full", field="--class"), "--class contains the control "
+                                                                          "character U+007F"),
+    (lambda f: f.parse_skeleton("0-1," * 6000), "skeleton is 24000 characters, over the limit of 20000"),
+    (lambda f: f.parse_skeleton("0-" + "9" * 5000), "an index of more than 6 digits"),
+    (lambda f: f.parse_skeleton("[" * 3000, "'skeleton'", json_list=True), "nested too deeply"),
+    (lambda f: f.parse_skeleton("[[" + "9" * 4400 + ", 1]]", "'skeleton'", json_list=True),
+     "holds a number with too many digits"),
+    (lambda f: f.check_skeleton([[[[[[[[[[0]]]]]]]]]], 3), "skeleton edge [[[[...]]]] is not a pair"),
+    (lambda f: f.parse_bbox("1," * 101), "bbox is 202 characters, over the limit of 200"),
 ])
 def test_bad_inputs_are_one_line_value_errors(call, fragment):
     import capenext.inputs
@@ -326,3 +347,146 @@ def test_clip_precision_swap_refuses_fp16_off_cuda_and_keeps_a_matching_clip():
     with pytest.raises(ValueError, match="fp16 runs on a CUDA device only"):
         set_clip_precision(model, cfg, "cpu")
     assert model.clip is clip
+
+
+# --- issue 25: the library's side of serving strangers (a random tiny model, no training) ---------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Predictor:
+    from capenext.checkpoint import save_checkpoint
+    from capenext.config import load_preset
+    from capenext.models import build_model
+
+    cfg = load_preset("tiny")
+    cfg.model.clip_checkpoint = "random"
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "m.pt"
+    save_checkpoint(path, build_model(cfg.model), cfg)
+    return Predictor(path)
+
+
+def _image(seed: int = 0, h: int = 60, w: int = 90) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def test_text_cache_keys_by_kind_text_and_clip_so_a_name_cannot_poison_a_class(tiny):
+    """Keypoints ["\\x00class", "cat"] were cached under the key of the class "cat" (string keys), and every
+    later prediction with class cat failed. Keys are (kind, text, CLIP identity) now."""
+    fresh = tiny.model.clip.encode_class(["cat"])  # (1, C)
+    poison = tiny.text_embeddings("keypoint", ["\x00class", "cat"])  # bypasses check_names on purpose
+    assert poison.shape == (2, fresh.shape[1])
+    cls = tiny._encode_class("cat")
+    assert cls.shape == fresh.shape and torch.allclose(cls, fresh, atol=1e-6)
+    assert not torch.allclose(tiny._encode_text(["cat"]), cls)  # "cat" as a name is not "a photo of cat"
+    keys = [k for k in tiny._text_cache if k[1] == "cat"]
+    assert {k[0] for k in keys} == {"keypoint", "class"} and all(k[2] == tiny.model.clip.identity for k in keys)
+    assert tiny.model.clip.identity[:2] == ("tiny", "random:0")
+    points = tiny.predict(_image(), ["nose", "left eye"], "cat")
+    assert [p["name"] for p in points] == ["nose", "left eye"]
+
+
+def test_text_cache_is_bounded_and_least_recently_used_goes_first(tiny, monkeypatch):
+    import capenext.predict as predict_module
+
+    monkeypatch.setattr(predict_module, "TEXT_CACHE_SIZE", 5)
+    tiny._text_cache.clear()
+    tiny.text_embeddings("keypoint", [f"name {i}" for i in range(4)])
+    tiny.text_embeddings("keypoint", ["name 0"])  # used again: the newest
+    tiny.text_embeddings("keypoint", ["name 4", "name 5"])
+    assert [k[1] for k in tiny._text_cache] == ["name 2", "name 3", "name 0", "name 4", "name 5"]
+
+
+def test_tokenizer_word_cache_is_bounded(tiny, monkeypatch):
+    """open_clip's BPE cache keeps every word it ever saw; random words from strangers would grow it forever."""
+    import capenext.models.clip as clip_module
+
+    monkeypatch.setattr(clip_module, "TOKENIZER_CACHE_WORDS", 50)
+    clip = tiny.model.clip
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        clip.check_texts([" ".join("".join(rng.choice(list("abcdefgh"), 6)) for _ in range(10))])
+        assert len(clip.tokenizer.cache) <= 50 + 10
+    assert "<start_of_text>" in clip.tokenizer.cache  # the special tokens stay
+    assert torch.equal(clip.tokenize(["left eye", "nose"]), clip.tokenizer(["left eye", "nose"]))
+
+
+def test_check_query_makes_every_check_short_of_the_model(tiny):
+    image = _image()
+    checked = tiny.check_query(Query(image, ["nose", "left_eye"], " cat ", [[0, 1]], None))
+    assert checked.class_name == "cat" and checked.skeleton == [(0, 1)] and checked.image.shape == image.shape
+    for query, fragment in [
+        (Query(image, ["nose", "a " * 80], "cat"), "keypoint name 1 'a a a"),  # 82 tokens, no forward needed
+        (Query(image, ["nose"], "a " * 80), "class prompt 'a photo of a a a"),
+        (Query(image, ["nose"], "cat", [[0, 3]]), "skeleton index out of range"),
+        (Query(image, ["nose"], "cat", None, (0, 0, 500, 10)), "lies outside the"),
+        (Query(image, ["nose"], None), "reads a class name"),
+        (Query(image, ["x" * 401], "cat"), "keypoint name 0 is 401 characters"),
+    ]:
+        with pytest.raises(ValueError, match="^") as err:
+            tiny.check_query(query)
+        assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_predict_each_isolates_a_query_that_fails_in_the_batch(tiny):
+    image = _image(1)
+    good = [Query(image, ["nose", "left eye"], "cat"), Query(_image(2), ["tail"], "dog", None, (5, 5, 40, 30))]
+    bad = Query(image, ["nose", "a " * 80], "cat")  # over CLIP's context: fails inside predict_many
+    with pytest.raises(ValueError, match="query 1: keypoint name|query 1: text"):
+        tiny.predict_many([good[0], bad, good[1]])
+    results = tiny.predict_each([good[0], bad, good[1]])
+    assert isinstance(results[1], ValueError) and "is 82 CLIP tokens" in str(results[1])
+    assert not str(results[1]).startswith("query")
+    for q, r in zip(good, (results[0], results[2])):
+        alone = tiny.predict(q.image, q.names, q.class_name, q.skeleton, q.bbox)
+        assert [v for p in r for v in (p["x"], p["y"], p["score"])] == pytest.approx(
+            [v for p in alone for v in (p["x"], p["y"], p["score"])], abs=1e-4)
+    assert tiny.predict_each(good) == tiny.predict_many(good)  # nothing failed: one forward, as predict_many
+
+
+def test_points_off_the_image_are_clamped_and_flagged():
+    from capenext.predict import _points
+
+    xy = torch.tensor([[10.0, 20.0], [-0.4, 59.4], [-3.0, 30.0], [95.0, -7.0], [45.0, 61.0]])
+    points = _points(["a", "b", "c", "d", "e"], xy, torch.full((5,), 0.5), (90, 60))
+    assert [p["inside_image"] for p in points] == [True, True, False, False, False]
+    assert [v for p in points for v in (p["x"], p["y"])] == pytest.approx(
+        [10, 20, -0.4, 59.4, 0, 30, 89, 0, 45, 59])  # on the image: as predicted; off: clamped
+
+
+def test_predictions_carry_the_inside_flag_and_stay_on_the_image(tiny):
+    """Without a box, the crop is padded around the image (a wide image: above and below it), and a point
+    can land in the padding: it comes back on the image, flagged."""
+    image = _image(3, h=20, w=200)
+    for points in (tiny.predict(image, ["nose", "left eye", "tail", "paw"], "cat"),
+                   tiny.predict_many([Query(image, ["nose", "left eye", "tail", "paw"], "cat")])[0]):
+        for p in points:
+            assert isinstance(p["inside_image"], bool)
+            if not p["inside_image"]:
+                assert 0 <= p["x"] <= 199 and 0 <= p["y"] <= 19
+
+
+def test_only_the_formats_we_read_are_opened(tmp_path):
+    """An EPS file would have PIL run Ghostscript; PIL opens only JPEG, PNG, BMP, WEBP, TIFF and GIF."""
+    from capenext.predict import IMAGE_FORMATS, load_image
+
+    assert IMAGE_FORMATS == ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF")
+    for fmt in ("EPS", "PPM", "TGA"):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 12), (200, 10, 10)).save(buf, format=fmt)
+        with pytest.raises(ValueError, match="not an image file in a format we read \\(JPEG, PNG"):
+            load_image(buf.getvalue())
+    for fmt in ("PNG", "BMP", "TIFF", "GIF", "WEBP", "JPEG"):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 12), (200, 10, 10)).save(buf, format=fmt)
+        assert load_image(buf.getvalue()).shape == (12, 16, 3), fmt
+
+
+def test_a_point_off_the_image_is_drawn_as_a_ring():
+    from capenext.viz import draw_keypoints, palette
+
+    image = np.zeros((100, 100, 3), np.uint8)
+    pic = np.asarray(draw_keypoints(image, [[30, 50], [70, 50]], inside=[True, False], min_side=100))
+    colors = palette(2)
+    assert tuple(pic[50, 30]) == colors[0]  # a disc: its colour at the centre
+    assert tuple(pic[50, 70]) != colors[1] and (pic[40:61, 60:81] == colors[1]).all(-1).any()  # a ring: hollow

@@ -47,6 +47,8 @@ MODEL = "capenext-tiny"
 CHAMPION = f"models:/{MODEL}@champion"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 STARTUP_TIMEOUT = 240  # s for the server to print its URL (Serve controller, proxy, replica, Gradio)
+ONGOING, QUEUED = 16, 24  # the test server's requests at work (max(2 x batch 8, 16)) and waiting per replica
+ALLOWED_ORIGIN = "http://tools.example.org"  # the test server's --allow-origin
 
 
 def _sha(path) -> str:
@@ -148,19 +150,21 @@ def server(ray_local, registry, synthetic_root, tmp_path_factory):
     address = ray_local.get_runtime_context().gcs_address
     srv = Server(["--checkpoint", CHAMPION, "--tracking-uri", registry["uri"], "--address", address,
                   "--data-root", str(synthetic_root), "--split", "1", "--max-batch-size", "8",
-                  "--batch-wait-ms", "50", "--max-pixels", "20000000"],
+                  "--batch-wait-ms", "50", "--max-pixels", "20000000", "--max-queued-requests", str(QUEUED),
+                  "--allow-origin", ALLOWED_ORIGIN],
                  tmp_path_factory.mktemp("serve"))
     yield srv
     srv.stop()
 
 
-def _post(url: str, image_path=None, data: bytes | None = None, params: dict | None = None, **fields):
+def _post(url: str, image_path=None, data: bytes | None = None, params: dict | None = None,
+          headers: dict | None = None, **fields):
     """A multipart POST /v1/predict (``class_`` for the ``class`` field); text fields as form parts."""
     parts = [(k.rstrip("_"), (None, v)) for k, v in fields.items() if v is not None]
     if image_path is not None or data is not None:
         parts.append(("image", ("upload.png", data if data is not None else Path(image_path).read_bytes(),
                                 "image/png")))
-    return requests.post(f"{url}v1/predict", files=parts, params=params, timeout=120)
+    return requests.post(f"{url}v1/predict", files=parts, params=params, headers=headers, timeout=120)
 
 
 def _fields(h: dict, bbox: bool = True) -> dict:
@@ -310,14 +314,17 @@ def test_serve_config_and_rayservice_run_this_app():
 # --- the server over HTTP ---------------------------------------------------------------------------
 
 
-def test_server_prints_its_url_and_health_is_ok(server):
+def test_server_prints_its_url_and_health_is_ok(server, registry):
     assert server.url in server.banner and "models:/capenext-tiny@champion" in server.banner
     r = requests.get(f"{server.url}healthz", timeout=30)
     assert r.status_code == 200
     body = r.json()
-    assert body["status"] == "ok"
-    assert body["model"]["checkpoint"] == CHAMPION and body["model"]["ablation"] == "full"
-    assert body["model"]["backbone"] == "tiny" and body["model"]["max_keypoints"] == 100
+    assert body["status"] == "ok" and set(body) == {"status", "replica"}  # nothing that names the model or run
+    assert set(body["replica"]) >= {"queries", "batches", "largest_batch"}
+    assert registry["run_id"] not in r.text and "capenext-tiny" not in r.text
+    model = requests.get(f"{server.url}v1/model", timeout=30).json()
+    assert model["checkpoint"] == CHAMPION and model["ablation"] == "full"
+    assert model["backbone"] == "tiny" and model["max_keypoints"] == 100
 
 
 @pytest.mark.parametrize("with_box", [True, False])
@@ -336,6 +343,9 @@ def test_api_answers_what_jobs_predict_prints(server, trained, heldout, tmp_path
         assert r.status_code == 200, r.text
         api = r.json()
         assert [p["name"] for p in api["keypoints"]] == h["names"]
+        for p in api["keypoints"]:  # a point off the image comes back clamped to it, and says so
+            assert isinstance(p["inside_image"], bool)
+            assert p["inside_image"] or (0 <= p["x"] <= cli["width"] - 1 and 0 <= p["y"] <= cli["height"] - 1)
         assert _xys(api["keypoints"]) == pytest.approx(_xys(cli["keypoints"]), abs=0.011)
         assert api["image"] == {"width": cli["width"], "height": cli["height"]} and api["bbox"] == cli["bbox"]
         pic = _post(server.url, h["path"], params={"picture": "1"}, **f)
@@ -371,6 +381,26 @@ BAD = {
     "no_class": (dict(class_=None), 400, "reads a class name"),
     "over_upload_limit": (dict(data="BIG"), 413, "over the limit of 20 MB"),
     "decompression_bomb": (dict(data="BOMB"), 400, "over the limit of 20000000"),
+    # issue 25: every text field is bounded in characters before anything reads it (no tokenizing) ...
+    "long_name": (dict(keypoints="nose," + "q" * 8000), 400, "'keypoints' name 1 is 8000 characters, over the limit"),
+    "long_names_field": (dict(keypoints="a," * 200_000), 400, "'keypoints' is 400000 characters, over the limit"),
+    "long_class": (dict(class_="c" * 1000), 400, "'class' is 1000 characters, over the limit of 400"),
+    "long_skeleton": (dict(skeleton="0-1," * 10_000), 400, "'skeleton' is 40000 characters, over the limit"),
+    "long_bbox": (dict(bbox="1" * 300), 400, "'bbox' is 300 characters, over the limit of 200"),
+    # ... names and class hold no control characters ...
+    "nul_in_name": (dict(keypoints=json.dumps(["nose", "\u0000class"])), 400,
+                    "'keypoints' name 1 contains the control character U+0000"),
+    "c1_in_class": (dict(class_="c\u0085at"), 400, "'class' contains the control character U+0085"),
+    # ... a name within the characters but over CLIP's 77 tokens is refused before it joins a batch ...
+    "too_many_tokens": (dict(keypoints="nose,left eye," + "a " * 80), 400,
+                        "'keypoints' name 2 'a a a"),
+    # ... and JSON that Python cannot read is a 400 too, not a 500
+    "deep_json_names": (dict(keypoints="[" * 20_000), 400, "'keypoints' starts like a JSON list but is not one we "
+                                                          "read (nested too deeply)"),
+    "huge_int_skeleton": (dict(skeleton="[[" + "9" * 5000 + ", 1]]"), 400, "holds a number with too many digits"),
+    "huge_index_skeleton": (dict(skeleton="0-" + "9" * 5000), 400, "an index of more than 6 digits"),
+    # issue 25: PIL opens only the formats jobs.predict reads (EPS would run Ghostscript)
+    "eps_image": (dict(data="EPS"), 400, "not an image in a format we read (JPEG, PNG, BMP, WEBP, TIFF, GIF)"),
 }
 
 
@@ -386,6 +416,10 @@ def test_bad_request_is_a_4xx_with_one_json_line_and_the_server_stays_up(server,
         data = _bomb(tmp_path)
     elif data == "TRUNCATED":
         data = Path(h["path"]).read_bytes()[:300]
+    elif data == "EPS":
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buf, format="EPS")  # PIL writes PostScript without Ghostscript
+        data = buf.getvalue()
     elif data is None and case != "no_image_field":
         data = Path(h["path"]).read_bytes()
     r = _post(server.url, data=data, **fields)
@@ -431,6 +465,133 @@ def test_32_concurrent_requests_are_batched_and_all_answered(server, predictor, 
         assert _xys(r.json()["keypoints"]) == pytest.approx(_xys(expected), abs=0.011)
     assert after["queries"] - before["queries"] == 32
     assert after["batches"] - before["batches"] < 32 and after["largest_batch"] > 1, (before, after)
+
+
+def test_a_bad_query_among_concurrent_good_ones_fails_alone(server, predictor, heldout):
+    """Issue 25: a query over CLIP's 77 tokens used to fail inside the batched forward, and with it every
+    request of its batch (a plain-text 500). It is refused before it joins a batch now; the others, sent at
+    the same time, get their own points."""
+    good = [heldout[i % len(heldout)] for i in range(8)]
+    bad = {"keypoints": "nose," + "a " * 80, "class_": "cat"}
+
+    def one(i):
+        if i % 3 == 2:
+            return _post(server.url, heldout[0]["path"], **bad)
+        return _post(server.url, good[i % len(good)]["path"], **_fields(good[i % len(good)]))
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(one, range(12)))
+    for i, r in enumerate(answers):
+        assert r.headers["content-type"].startswith("application/json"), r.text[:200]
+        if i % 3 == 2:
+            assert r.status_code == 400 and "is 82 CLIP tokens" in r.json()["error"], r.text
+            continue
+        h = good[i % len(good)]
+        assert r.status_code == 200, r.text
+        expected = predictor.predict(str(h["path"]), h["names"], h["class"], h["skeleton"], h["bbox"])
+        assert _xys(r.json()["keypoints"]) == pytest.approx(_xys(expected), abs=0.011)
+
+
+def test_the_text_cache_cannot_be_poisoned(server, predictor, heldout):
+    """Issue 25: keypoints ["\\u0000class", "cat"] were cached under the key of the class "cat", after which every
+    request with class cat failed. The cache is keyed by (kind, text, CLIP) now, and such a name is refused:
+    after the attacks, a request with the attacked class gets the points the model gives it, and a request
+    made before the attacks gets the same points again."""
+    h = heldout[1]
+    before = _post(server.url, h["path"], **{**_fields(h), "class_": "tabby cat"})
+    assert before.status_code == 200, before.text
+    victim = "ginger cat"  # not asked for yet: the attacks come first
+    attacks = [json.dumps(["\u0000class", victim]), json.dumps(["class", victim]),
+               json.dumps([f"a photo of {victim}"]), json.dumps([victim, victim])]
+    for names in attacks:
+        r = _post(server.url, h["path"], keypoints=names, class_="dog")
+        assert r.status_code in (200, 400) and r.headers["content-type"].startswith("application/json"), r.text
+    after = _post(server.url, h["path"], **{**_fields(h), "class_": victim})
+    assert after.status_code == 200, after.text
+    expected = predictor.predict(str(h["path"]), h["names"], victim, h["skeleton"], h["bbox"])
+    assert _xys(after.json()["keypoints"]) == pytest.approx(_xys(expected), abs=0.011)
+    again = _post(server.url, h["path"], **{**_fields(h), "class_": "tabby cat"})
+    assert again.status_code == 200 and _xys(again.json()["keypoints"]) == _xys(before.json()["keypoints"])
+
+
+def _hold(url: str, n: int) -> list[socket.socket]:
+    """``n`` POST /v1/predict requests whose bodies never finish arriving: each holds its place in the
+    replica (at work, reading its body, or waiting to start) until its socket closes."""
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    held = []
+    for _ in range(n):
+        s = socket.create_connection((host, int(port)), timeout=30)
+        s.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; "
+                  f"boundary=xyz\r\nContent-Length: 100000\r\n\r\n--xyz\r\n".encode())
+        held.append(s)
+    return held
+
+
+def _replica_counts(url: str) -> dict:
+    return requests.get(f"{url}healthz", timeout=30).json()["replica"]
+
+
+def test_overload_is_a_fast_503_in_json_with_retry_after(server, heldout):
+    """Issue 25: past the requests a replica works on (--max-ongoing-requests) and those it keeps waiting
+    (--max-queued-requests), a request is refused at once, 503 JSON with Retry-After, not left to time out."""
+    h = heldout[0]
+    held = _hold(server.url, ONGOING + QUEUED)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            counts = _replica_counts(server.url)
+            if counts["working"] == ONGOING and counts["waiting"] == QUEUED:
+                break
+            time.sleep(0.5)
+        assert (counts["working"], counts["waiting"]) == (ONGOING, QUEUED), counts
+        started = time.time()
+        r = _post(server.url, h["path"], **_fields(h))
+        assert time.time() - started < 10
+        assert r.status_code == 503 and r.headers["content-type"].startswith("application/json"), r.text
+        assert r.headers["retry-after"] == "1" and "busy" in r.json()["error"], (r.headers, r.text)
+        assert _replica_counts(server.url)["refused_busy"] >= 1
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.time() + 60
+    while time.time() < deadline and _replica_counts(server.url)["working"]:
+        time.sleep(0.5)
+    r = _post(server.url, h["path"], **_fields(h))
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("headers,status,fragment", [
+    ({"Host": "attacker.example"}, 403, "Host 'attacker.example' is not a name of this server"),
+    ({"Host": "attacker.example:8000"}, 403, "is not a name of this server"),
+    ({"Origin": "http://attacker.example"}, 403, "cross-origin request from 'http://attacker.example' refused"),
+    ({"Origin": "null"}, 403, "cross-origin request from 'null' refused"),
+    ({"Origin": ALLOWED_ORIGIN}, 200, None),
+    ({"Origin": "SAME"}, 200, None),
+    ({"Host": "localhost:PORT", "Origin": "http://localhost:PORT"}, 200, None),
+])
+def test_cross_site_requests_are_refused(server, heldout, headers, status, fragment):
+    """Issue 25: a page of another site may POST to 127.0.0.1 (multipart needs no preflight) or read it after
+    DNS rebinding (its own name in Host): both are 403 in JSON; the server's own origin and --allow-origin
+    pass (the latter with CORS headers, so that its page may read the answer)."""
+    h = heldout[0]
+    port = str(server.port)
+    headers = {k: v.replace("PORT", port).replace("SAME", server.url.rstrip("/")) for k, v in headers.items()}
+    r = _post(server.url, h["path"], headers=headers, **_fields(h))
+    assert r.status_code == status and r.headers["content-type"].startswith("application/json"), r.text[:300]
+    if fragment:
+        assert set(r.json()) == {"error"} and fragment in r.json()["error"], r.text
+    elif headers.get("Origin") == ALLOWED_ORIGIN:
+        assert r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    else:
+        assert "access-control-allow-origin" not in r.headers
+    if "Host" in headers and status == 403:  # a rebinding page cannot read anything either
+        assert requests.get(f"{server.url}healthz", headers=headers, timeout=30).status_code == 403
+
+
+@pytest.mark.parametrize("path", ["docs", "redoc"])
+def test_api_docs_that_load_from_a_cdn_are_off_by_default(server, path):
+    r = requests.get(f"{server.url}{path}", timeout=30)
+    assert r.status_code == 404 and "cdn.jsdelivr.net" not in r.text
 
 
 def test_page_in_a_real_browser_shows_the_prediction(server, heldout, tmp_path):

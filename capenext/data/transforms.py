@@ -32,6 +32,10 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# the formats PIL may open from bytes anywhere in capenext (PIL would otherwise try every format it knows,
+# an EPS file among them, which runs Ghostscript where it is installed)
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF")
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -63,7 +67,7 @@ def _why_undecodable(data: bytes) -> str:
         return "empty file"
     fmt = None
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             fmt = im.format
             im.load()
     except UnidentifiedImageError:
@@ -210,7 +214,7 @@ def _has_orientation(data: bytes) -> bool:
     if data.find(b"Exif\x00\x00", 0, 1 << 16) < 0:
         return False
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             return int(im.getexif().get(0x0112, 1)) != 1
     except Exception:  # an unreadable EXIF block: leave the orientation to the full decode
         return True

@@ -23,7 +23,13 @@ As the reference runs it:
   kernels are not the GPU's numerics. ``"fp32"`` (default) is the reference's CPU setting;
 * text length: a text longer than CLIP's context (77 tokens with the start and end tokens) is refused
   with one line, as the reference's ``clip.tokenize`` refuses it (open_clip's tokenizer would cut it
-  silently).
+  silently). Each text is tokenized once (the check and the encoding share the tokens), under one lock
+  per process, and the tokenizer's word cache is bounded (:data:`TOKENIZER_CACHE_WORDS`): open_clip's grows
+  with every new word it sees, which a server fed by strangers cannot allow. :meth:`FrozenCLIP.check_texts`
+  is the refusal alone (a server checks a request with it before the request joins a batch).
+
+:attr:`FrozenCLIP.identity` names what the embeddings depend on (model, weights' digest, activation, image
+normalisation, precision): a cache of embeddings keys by it.
 
 Deviation from the reference (named): the reference feeds CLIP's image tower the augmented query
 crop *still ImageNet-normalised*, resized to 224. :meth:`FrozenCLIP.encode_image` undoes the ImageNet
@@ -34,12 +40,15 @@ for the published checkpoints, which were trained that way.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
+import threading
 import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Sequence
 
 import open_clip
 import torch
@@ -52,6 +61,8 @@ CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
 open_clip.add_model_config(CLIP_CONFIG_DIR)
 
 RANDOM_CLIP_SEED = 0  # the explicit "random" CLIP is the same everywhere
+TOKENIZER_CACHE_WORDS = 20_000  # open_clip's BPE word cache is emptied past this many words
+_TOKENIZER_LOCK = threading.Lock()  # tokenizers (and their caches) are not thread-safe; one per process
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -172,7 +183,11 @@ class FrozenCLIP(nn.Module):
             raise ValueError(f"ModelCfg.clip_image_norm={image_norm!r}; valid: ['clip', 'imagenet']")
         self.model = build_clip(model_name, checkpoint, quick_gelu, precision)
         self.model_name = model_name
+        self.checkpoint, self.quick_gelu = checkpoint, quick_gelu
+        self._weights_id: str | None = None
         self.tokenizer = open_clip.get_tokenizer(model_name)
+        cache = getattr(self.tokenizer, "cache", None)
+        self._base_cache = dict(cache) if isinstance(cache, dict) else None  # the special tokens
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.embed_dim = int(self.model.text_projection.shape[1])
@@ -206,17 +221,67 @@ class FrozenCLIP(nn.Module):
             raise ValueError("ModelCfg.clip_precision='fp16' runs on a CUDA device only (the reference's GPU "
                              f"setting; here: {self.device.type}); use fp32 on CPU")
 
-    def _check_lengths(self, texts: list[str]) -> None:
+    @property
+    def identity(self) -> tuple:
+        """What this CLIP's embeddings depend on: ``(model, weights, activation, image normalisation,
+        precision)``, the weights as ``"random:<seed>"`` or the sha256 of the file (read once, on first use)."""
+        if self._weights_id is None:
+            weights = str(self.checkpoint)
+            if self.checkpoint == "random":
+                weights = f"random:{RANDOM_CLIP_SEED}"
+            elif self.checkpoint is not None and Path(self.checkpoint).is_file():
+                digest = hashlib.sha256()
+                with open(self.checkpoint, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+                weights = f"sha256:{digest.hexdigest()}"
+            self._weights_id = weights
+        return (self.model_name, self._weights_id, bool(self.quick_gelu), self.image_norm, self.precision)
+
+    def _encode_checked(self, texts: list[str], what: str) -> list[list[int]] | None:
+        """Each text's token ids (without start and end), tokenized once; one line for a text over the
+        context. ``None`` for a tokenizer without ``encode`` (then it tokenizes, and cuts, itself)."""
         encode = getattr(self.tokenizer, "encode", None)
         context = getattr(self.tokenizer, "context_length", None)
         if encode is None or not context:
-            return
-        for text in texts:
-            n = len(encode(text)) + 2  # with the start and end tokens
-            if n > context:
-                short = text if len(text) <= 60 else text[:57] + "..."
-                raise ValueError(f"text {short!r} is {n} CLIP tokens, more than the context of {context}: the "
-                                 "reference's tokenizer refuses it (open_clip would cut it); shorten it")
+            return None
+        out = []
+        with _TOKENIZER_LOCK:
+            try:
+                for i, text in enumerate(texts):
+                    ids = encode(text)
+                    n = len(ids) + 2  # with the start and end tokens
+                    if n > context:
+                        short = text if len(text) <= 60 else text[:57] + "..."
+                        name = what.format(i=i)
+                        raise ValueError(f"{name} {short!r} is {n} CLIP tokens, more than the context of {context}: "
+                                         "the reference's tokenizer refuses it (open_clip would cut it); shorten it")
+                    out.append(ids)
+            finally:
+                cache = getattr(self.tokenizer, "cache", None)
+                if self._base_cache is not None and isinstance(cache, dict) and len(cache) > TOKENIZER_CACHE_WORDS:
+                    self.tokenizer.cache = dict(self._base_cache)
+        return out
+
+    def check_texts(self, texts: Sequence[str], what: str = "text") -> None:
+        """Refuse, in one line naming ``what`` (``{i}`` in it becomes the text's index), a text over CLIP's
+        context of 77 tokens; it costs tokenizing the texts, nothing more (no model)."""
+        self._encode_checked(list(texts), what)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """(T, context) token ids, as open_clip's tokenizer gives them, each text tokenized once; a text over
+        the context is refused (one line), never cut."""
+        texts = list(texts)
+        ids = self._encode_checked(texts, "text")
+        sot, eot = getattr(self.tokenizer, "sot_token_id", None), getattr(self.tokenizer, "eot_token_id", None)
+        if ids is None or sot is None or eot is None or getattr(self.tokenizer, "reduction_fn", None) is not None:
+            with _TOKENIZER_LOCK:
+                return self.tokenizer(texts)
+        tokens = torch.zeros(len(ids), self.tokenizer.context_length, dtype=torch.long)
+        for i, row in enumerate(ids):
+            row = [sot, *row, eot]
+            tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return tokens
 
     def train(self, mode: bool = True) -> "FrozenCLIP":
         """Always eval (dropout off, as the reference's ``text_backbone.eval()``), whatever ``mode``."""
@@ -232,8 +297,7 @@ class FrozenCLIP(nn.Module):
         if len(texts) == 0:
             return torch.zeros(0, self.embed_dim, device=self.device)
         self._check_device()
-        self._check_lengths(list(texts))
-        tokens = self.tokenizer(list(texts)).to(self.device)  # (T, L)
+        tokens = self.tokenize(texts).to(self.device)  # (T, L)
         emb = self.model.encode_text(tokens).float()  # (T, C)
         return F.normalize(emb, dim=-1)
 

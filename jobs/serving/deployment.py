@@ -5,6 +5,12 @@ One deployment, ``CapeNext``: each replica is a :class:`jobs.serving.app.Service
 the constructor, so a replica is routable only once it can answer) serving :func:`jobs.serving.app.build_web_app`'s
 FastAPI app as its ingress. Concurrent requests meet in ``@serve.batch``; the batching settings are the
 deployment's ``user_config``, so ``serve deploy`` changes them without restarting replicas.
+
+Backpressure: a replica admits ``--max-ongoing-requests`` requests to work and ``--max-queued-requests`` to
+wait, and answers the next ones at once with a 503 in JSON and ``Retry-After`` (:class:`jobs.serving.app.Gate`);
+Serve hands a replica up to :attr:`~jobs.serving.options.ServeOptions.replica_capacity` requests, so that
+those refusals come from the replica. Serve's own ``max_queued_requests`` (the same number) bounds what waits
+in the proxy beyond that; a request past it gets Serve's own 503 (plain text, also with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from typing import Any
 
 from ray import serve
 
-from jobs.serving.app import Service, build_web_app, read_page
+from jobs.serving.app import Service
+from jobs.serving.limits import RETRY_AFTER_S
+from jobs.serving.page import read_page
+from jobs.serving.web import build_web_app
 from jobs.serving.options import DEPLOYMENT_NAME, ServeOptions, autoscale_bounds
 
 _replica: dict[str, Service] = {}  # this process's replica (Ray runs each replica in its own process)
@@ -66,7 +75,10 @@ def build_application(options: ServeOptions, page: dict[str, Any] | None = None)
         page = read_page(options.data_root, options.split)
     deployment_options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus},
-        "max_ongoing_requests": options.ongoing,
+        # the replica queues (and refuses, in JSON) itself; Serve's own queue is the backstop past that
+        "max_ongoing_requests": options.replica_capacity,
+        "max_queued_requests": options.queued,
+        "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S},
         "user_config": {"max_batch_size": options.max_batch_size, "batch_wait_ms": options.batch_wait_ms},
     }
     if options.autoscale:

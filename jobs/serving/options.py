@@ -7,8 +7,10 @@ Nothing here names Ray: the deployment (:mod:`jobs.serving.deployment`), the HTT
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -18,6 +20,9 @@ APP_NAME = "capenext"
 DEPLOYMENT_NAME = "CapeNext"
 DEFAULT_PORT = 8000
 DEVICES = ("cpu", "cuda")  # as pipelines.runtime.options.add_device's --device
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")  # names of this machine a request's Host may always carry
+WILDCARD_HOSTS = ("0.0.0.0", "::")  # binding every interface
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class ServeOptions(BaseModel):
@@ -35,9 +40,15 @@ class ServeOptions(BaseModel):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0)
     max_ongoing_requests: int | None = Field(None, ge=1)  # per replica; default max(2 x batch, 16)
+    max_queued_requests: int | None = Field(None, ge=0)  # per replica, beyond the ongoing; default 4 x ongoing
     max_upload_mb: float = Field(20.0, gt=0)
     max_pixels: int = Field(40_000_000, ge=1)
+    max_decoded_pixels: int | None = Field(None, ge=1)  # decoded at once per replica; default max_pixels
     request_timeout_s: float = Field(60.0, gt=0)
+    host: str = "127.0.0.1"  # the address the proxy binds: its names are the Host values accepted
+    allow_hosts: list[str] = []  # more Host names accepted ("*": any, only behind a proxy that checks Host)
+    allow_origins: list[str] = []  # origins (scheme://host[:port]) whose pages may POST here
+    api_docs: bool = False  # /docs and /redoc (Swagger UI and ReDoc load their scripts from a CDN)
     data_root: str | None = None  # an MP-100 layout: the page's categories and examples
     split: int = 1
 
@@ -57,6 +68,28 @@ class ServeOptions(BaseModel):
             autoscale_bounds(v)
         return v
 
+    @field_validator("allow_hosts", "allow_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:  # serve run ... allow_hosts=a,b gives one string
+        return [p for p in (x.strip() for x in v.split(",")) if p] if isinstance(v, str) else v
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        out = []
+        for h in v:
+            name = host_name(h)
+            if not name or any(c in name for c in "/@ ") or (":" in name and not is_ip_address(name)):
+                raise ValueError(f"allow_hosts {h!r}: a host name or address, without scheme or port (e.g. "
+                                 "serve.example.org)")
+            out.append(name)
+        return out
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        return [normalize_origin(o) for o in v]
+
     @model_validator(mode="after")
     def _gpus(self) -> "ServeOptions":
         gpus = self.gpus_per_replica
@@ -74,12 +107,64 @@ class ServeOptions(BaseModel):
 
     @property
     def ongoing(self) -> int:
+        """Requests a replica works on at once (reading, decoding, in a forward)."""
         return self.max_ongoing_requests or max(2 * self.max_batch_size, 16)
+
+    @property
+    def queued(self) -> int:
+        """Requests that wait for one of those, per replica (and in Serve's proxy); past them, 503 at once."""
+        return self.max_queued_requests if self.max_queued_requests is not None else 4 * self.ongoing
+
+    @property
+    def replica_capacity(self) -> int:
+        """Serve's ``max_ongoing_requests``: what the proxy hands one replica. The replica works on
+        :attr:`ongoing`, keeps :attr:`queued` waiting, and answers as many again as :attr:`ongoing` at once
+        with a 503 (JSON, ``Retry-After``); only past all of those do requests wait in Serve's own queue
+        (``max_queued_requests`` = :attr:`queued`, Serve's own 503 past it)."""
+        return 2 * self.ongoing + self.queued
+
+    @property
+    def decoded_pixels(self) -> int:
+        """Pixels a replica decodes and holds at once (one largest image, or many small ones)."""
+        return self.max_decoded_pixels or self.max_pixels
 
     @property
     def min_replicas(self) -> int:
         """Replicas running from the start: the fixed count, or the autoscaler's lower bound (at least 1)."""
         return max(autoscale_bounds(self.autoscale)[0] if self.autoscale else self.replicas, 1)
+
+
+def is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def host_name(text: str) -> str:
+    """A Host value or host name as compared: lower case, no trailing dot, IPv6 without brackets."""
+    name = text.strip().lower().rstrip(".")
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    return name
+
+
+def normalize_origin(text: str) -> str:
+    """``scheme://host[:port]`` as browsers send it in ``Origin`` (lower case, no default port); one line
+    when ``text`` is not an origin."""
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/")
+            or parts.query or parts.fragment or parts.username or parts.password):
+        raise ValueError(f"allow_origins {text!r} is not an origin: scheme://host[:port], e.g. "
+                         "https://tools.example.org")
+    host = parts.hostname.lower().rstrip(".")
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != DEFAULT_PORTS[parts.scheme] else "")
 
 
 def autoscale_bounds(text: str) -> tuple[int, int]:
