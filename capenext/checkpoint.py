@@ -30,6 +30,7 @@ from torch import nn
 
 from capenext.cli import UsageError
 from capenext.config import RunCfg, from_dict, to_dict
+from capenext.files import not_a_checkpoint
 
 FORMAT = "capenext/1"
 FROZEN_PREFIX = "clip."
@@ -85,24 +86,6 @@ def atomic_copy(src: str | Path, path: str | Path) -> None:
         _replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def not_a_checkpoint(path: str | Path) -> str:
-    """What an unreadable file is not, from its first bytes: torch's zip format, a legacy pickle, or neither."""
-    import zipfile
-
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if zipfile.is_zipfile(path):
-        return "not a PyTorch checkpoint (a zip archive without torch's data.pkl)"
-    if head == b"PK\x03\x04":
-        return "not a whole PyTorch checkpoint (a torn zip archive: truncated, its directory missing)"
-    if head[:1] == b"\x80":
-        return "not a PyTorch checkpoint torch can read (a pickle, truncated or of another program)"
-    if not head:
-        return "not a PyTorch checkpoint (an empty file)"
-    return "not a PyTorch checkpoint (neither torch's zip format nor a pickle)"
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, cfg: RunCfg, meta: dict[str, Any] | None = None) -> None:

@@ -41,3 +41,21 @@ def unsafe_file_name(file_name: str) -> str | None:
     if "\0" in file_name:
         return "holds a NUL character"
     return None
+
+
+def not_a_checkpoint(path: str | Path) -> str:
+    """What an unreadable file is not, from its first bytes: torch's zip format, a legacy pickle, or neither."""
+    import zipfile
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path):
+        return "not a PyTorch checkpoint (a zip archive without torch's data.pkl)"
+    if head == b"PK\x03\x04":
+        return "not a whole PyTorch checkpoint (a torn zip archive: truncated, its directory missing)"
+    if head[:1] == b"\x80":
+        return "not a PyTorch checkpoint torch can read (a pickle, truncated or of another program)"
+    if not head:
+        return "not a PyTorch checkpoint (an empty file)"
+    return "not a PyTorch checkpoint (neither torch's zip format nor a pickle)"

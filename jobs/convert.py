@@ -39,7 +39,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from capenext.checkpoint import not_a_checkpoint
+from capenext.files import not_a_checkpoint
 from capenext.cli import UsageError, one_line, run_main
 from capenext.files import file_sha256
 

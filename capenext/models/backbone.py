@@ -9,7 +9,9 @@ one swappable unit.
 Backbones are registered by function name with :func:`register_backbone` and built with
 :func:`create_backbone`, which drops ``None`` overrides so each entry's defaults hold (as timm's
 ``create_model``). Weights are random unless ``checkpoint`` names a local file; no hub download is
-ever tried (the entry points set ``HF_HUB_OFFLINE=1``).
+ever tried (the entry points set ``HF_HUB_OFFLINE=1``). timm reads the file (with its own format filters)
+for Swin V2 and the ViTs; ``hrnet_w32`` takes the reference's own file, mmpose's ImageNet
+``hrnet_w32-36af842e.pth``, loaded strictly by :mod:`capenext.models.backbone_weights`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from capenext.models.backbone_weights import LoadedWeights, load_hrnet_weights
 
 __all__ = ["BACKBONES", "Backbone", "available_backbones", "create_backbone", "register_backbone"]
 
@@ -110,12 +114,26 @@ class HRNetBackbone(Backbone):
     """HRNet: the highest-resolution branch (stride 4), then two Conv3x3/2 + BN + ReLU blocks.
 
     hrnet_w32 at 256: (B, 32, 64, 64) → (B, 256, 32, 32) → (B, 512, 16, 16), as the reference's
-    ``conv_block1``/``conv_block2`` (default PyTorch init, bias-free convs).
+    ``conv_block1``/``conv_block2`` (default PyTorch init, bias-free convs). The last module of stage 4
+    keeps only the fuse layers into the highest resolution, as the reference's mmpose HRNet builds it
+    (``multiscale_output`` False): timm's trunk would also compute the three lower-resolution outputs,
+    whose weights then get no gradient (DDP refuses such parameters) and are not in the reference.
+
+    ``checkpoint``: HRNet-W32 ImageNet weights in HRNet's names (the reference's mmpose
+    ``hrnet_w32-36af842e.pth``, or timm's ``hrnet_w32.ms_in1k``), loaded strictly; ``weights`` says what
+    was loaded and which file tensors (the ImageNet head) were left out.
     """
 
     def __init__(self, name: str, dim: int, checkpoint: str | None, widths: tuple[int, int] = (256, 512)):
         super().__init__()
-        self.trunk = _timm(name, checkpoint, features_only=True, feature_location="", out_indices=(1,))
+        checkpoint = _checked_file(checkpoint)
+        self.trunk = _timm(name, None, features_only=True, feature_location="", out_indices=(1,))
+        last = self.trunk.stage4[-1]
+        last.fuse_layers = last.fuse_layers[:1]  # into branch 0 only: the output we take
+        last.multi_scale_output = False
+        self.weights: LoadedWeights | None = None
+        if checkpoint is not None:
+            self.weights = load_hrnet_weights(self.trunk, checkpoint)
         in_ch = self.trunk.feature_info.channels()[0]
         blocks = []
         for width in widths:

@@ -45,6 +45,14 @@ def preflight(run: TrainRun) -> TrainRun:
     if cfg.model.backbone_checkpoint is not None and not Path(cfg.model.backbone_checkpoint).is_file():
         raise UsageError(f"--backbone-checkpoint {cfg.model.backbone_checkpoint}: no such file (a local "
                          "weights file; leave it out for random init)")
+    if cfg.model.backbone_checkpoint is not None:  # read and mapped once here: a file that does not fit is one line
+        from capenext.models.backbone import create_backbone
+
+        try:
+            create_backbone(cfg.model.backbone, dim=cfg.model.dim, checkpoint=cfg.model.backbone_checkpoint,
+                            drop_path=cfg.model.drop_path)
+        except ValueError as err:
+            raise UsageError(f"--backbone-checkpoint {cfg.model.backbone_checkpoint}: {err}") from None
     if cfg.model.clip_checkpoint != "random" and not Path(cfg.model.clip_checkpoint).is_file():
         raise UsageError(f"--clip-checkpoint {cfg.model.clip_checkpoint}: no such file (or use 'random')")
     if run.device == "cuda" and run.local and not torch.cuda.is_available():
