@@ -181,6 +181,35 @@ def test_ray_job_submit_runs_every_trial_as_a_child_run(first_sweep, sweep_data)
         assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def test_report_over_the_sweeps_own_runs(first_sweep, tmp_path, capsys):
+    """``jobs.report`` over the store the real trials wrote: each cell is the mean of the trials' own logged
+    test PCK over the two splits, every run carries its recipe and departures, the paper column is there."""
+    import csv
+
+    from jobs import report
+
+    _, store = first_sweep
+    with pytest.raises(SystemExit) as exc:
+        run_main(report.main, ["--experiment", EXPERIMENT, "--tracking-uri", f"sqlite:///{store}", "--out",
+                               str(tmp_path), "--with-paper"])
+    assert exc.value.code == 0, capsys.readouterr().err
+    children = _children(MlflowClient(f"sqlite:///{store}"))
+    rows = {r[0]: r for r in csv.reader((tmp_path / "pck_thresholds.csv").open())}
+    header = rows.pop("Ablation")
+    for ablation in ("full", "baseline"):
+        logged = [children[f"{EXPERIMENT}-split{k}-{ablation}-tiny"].data.metrics["test/pck_0.2"] for k in (1, 2)]
+        cell = rows[ablation]
+        assert cell[header.index("Splits")] == "2"
+        assert float(cell[header.index("PCK@0.2")]) == pytest.approx(100 * sum(logged) / 2, abs=0.006)
+    runs = list(csv.DictReader((tmp_path / "runs.csv").open()))
+    assert sorted(r["run_name"] for r in runs) == sorted(TRIALS)
+    assert {r["recipe"] for r in runs} == {"default"}
+    assert all("model.backbone tiny" in r["paper_departures"] for r in runs)
+    table1 = list(csv.reader((tmp_path / "table1.csv").open()))
+    assert any("paper (published)" in row for row in table1)
+    assert "### How far from the paper" in (tmp_path / "report.md").read_text()
+
+
 def test_resubmitted_sweep_skips_finished_resumes_unfinished_and_reports_a_failed_trial(first_sweep, ray_head,
                                                                                          sweep_data):
     _, store = first_sweep
