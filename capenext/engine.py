@@ -41,7 +41,8 @@ def to_image_pixels(points: torch.Tensor, inverse: torch.Tensor, image_size: int
     return xy @ inverse[:, :, :2].transpose(1, 2) + inverse[:, :, 2].unsqueeze(1)
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of ``batch`` on ``device`` (non-blocking); other values as they are."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -77,7 +78,7 @@ def train_one_epoch(
         if lr_at_step is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at_step(step)
-        batch = _to(prepare(batch), device)
+        batch = to_device(prepare(batch), device)
         with autocast(device):
             out = model(batch)
         losses = criterion(
@@ -121,16 +122,26 @@ def evaluate(
     model.eval()
     acc = PCKAccumulator(thresholds)
     for batch in batches:
-        batch = _to(prepare(batch), device)
+        batch = to_device(prepare(batch), device)
         with autocast(device):
             out = model(batch)
         pred = to_image_pixels(out["points"][-1].float(), batch["inverse"], image_size)
-        per_sample = acc.update(pred, batch["gt_xy"], batch["visible"], batch["norm"])  # (B, T)
-        if keep is not None:
-            for b in range(len(pred)):
-                keep.append({
-                    "ann_id": int(batch["ann_id"][b]), "category_id": int(batch["category_id"][b]),
-                    "pred": pred[b].cpu(), "pck": per_sample[b].tolist(),
-                })
+        score(acc, pred, batch, keep)
     acc.all_reduce(device)
     return acc.result()
+
+
+def score(acc: PCKAccumulator, pred: torch.Tensor, batch: dict[str, torch.Tensor], keep: list | None = None
+          ) -> torch.Tensor:
+    """Add a batch of pairs to ``acc``: ``pred`` (B, K, 2) image pixels against ``batch``'s ``gt_xy``
+    (B, K, 2), ``visible`` (B, K) and ``norm`` (B,); one record per pair into ``keep`` when given (ids,
+    ``pred`` (K, 2) on the CPU, ``pck`` per threshold). Returns the (B, T) per-pair PCK. One scoring for
+    the per-pair loop (:func:`evaluate`) and the deduplicated protocol (:mod:`capenext.protocol`)."""
+    per_sample = acc.update(pred, batch["gt_xy"], batch["visible"], batch["norm"])  # (B, T)
+    if keep is not None:
+        for b in range(len(pred)):
+            keep.append({
+                "ann_id": int(batch["ann_id"][b]), "category_id": int(batch["category_id"][b]),
+                "pred": pred[b].cpu(), "pck": per_sample[b].tolist(),
+            })
+    return per_sample

@@ -7,29 +7,45 @@ encodes the support image, so the support contributes its category's keypoint te
 visibility, the query its un-augmented crop. Per category ``data.test_episodes`` episodes ×
 ``data.queries`` queries are drawn by our seeded sampler (:func:`our_pairs`) or taken from the reference's
 sampler (:func:`reference_pairs`, mmpose's ``make_paired_samples`` on the split's test annotation file);
-every pair is scored by :func:`capenext.engine.evaluate` (PCK over the keypoints visible in both, the
+every pair is scored on its own (:func:`capenext.engine.score`: PCK over the keypoints visible in both, the
 query box's max side as normaliser).
 
-In a distributed run each rank takes a strided share of the pairs and the accumulator is all-reduced,
-so every rank returns the same metrics; records are the rank's own.
+The work is done once per unique input, not once per pair (:func:`run_protocol`). A query annotation
+recurs in many episodes (200 × 15 draws over a category of N instances: about 3000 / N times) and many
+supports share a visibility mask, while a pair's prediction depends on nothing else: its query crop, its
+category's texts and skeleton, its support's mask. So each query's crop is decoded, and its backbone map
+and CLIP image embedding computed, once (:meth:`~capenext.models.CapeNext.encode_image`); the rest of the
+model (:meth:`~capenext.models.CapeNext.head`) runs once per :class:`Plan` unit, (query, support mask,
+text identity); every pair is then scored with its unit's prediction, its own visibility (query AND
+support visible) and its query's normaliser, in pair order. The per-pair loop (:func:`per_pair_protocol`,
+``run_protocol(..., dedupe=False)``) is kept as the reference the tests and ``jobs.benchmark evaluate``
+compare against: the same pairs give the same predictions up to float rounding of other batch
+compositions, and the same PCK.
+
+Distributed: the deduplicated protocol gives each rank a strided share of the unique queries (with all
+their pairs), the per-pair loop a strided share of the pairs; either way the accumulator is all-reduced,
+so every rank returns the same metrics over all pairs; records are the rank's own.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import numpy as np
 import torch
 from torch import nn
 
 from capenext.config import DataCfg
-from capenext.data import PairDataset, collate, episodes
+from capenext.data import PairDataset, adjacency, collate, episodes
+from capenext.data.dataset import QueryDataset
 from capenext.data.embeddings import EmbeddingBank
-from capenext.engine import evaluate
-from capenext.metrics import THRESHOLDS
+from capenext.engine import autocast, evaluate, score, to_device, to_image_pixels
+from capenext.metrics import THRESHOLDS, PCKAccumulator
 
 
 def our_pairs(subset, num_episodes: int, queries: int, seed: int) -> np.ndarray:
@@ -61,6 +77,12 @@ def reference_pairs(data_root: Path, split: int, index, subset, num_episodes: in
     return from_annotations(data, ann_index, num_episodes, queries, where=str(path))
 
 
+def _wants_image(model: nn.Module) -> bool:
+    """Whether ``model`` reads a precomputed image embedding (``batch["img_emb"]``)."""
+    core = getattr(model, "module", model)  # DDP
+    return getattr(core, "needs_image_embedding", False) and getattr(core, "image_embedding", "") == "precomputed"
+
+
 def preparer(model: nn.Module, bank: EmbeddingBank | None, data: DataCfg, device: torch.device,
              online_images: bool = False) -> Callable[[dict], dict]:
     """What a batch needs before the forward: the frozen embeddings from ``bank`` (none for a model that
@@ -70,7 +92,7 @@ def preparer(model: nn.Module, bank: EmbeddingBank | None, data: DataCfg, device
     if bank is None:
         return lambda batch: batch
     core = getattr(model, "module", model)  # DDP
-    wants_image = getattr(core, "needs_image_embedding", False) and getattr(core, "image_embedding", "") == "precomputed"
+    wants_image = _wants_image(model)
     image_table = wants_image and not online_images
 
     def prepare(batch: dict) -> dict:
@@ -82,17 +104,261 @@ def preparer(model: nn.Module, bank: EmbeddingBank | None, data: DataCfg, device
     return prepare
 
 
+def texts_key(sample) -> Hashable:
+    """The identity of the texts (keypoint texts and class prompt) a pair with query ``sample`` is given:
+    its category, since one :class:`EmbeddingBank` holds one text per category and keypoint. Part of a
+    unit's key, so that a noise that gives queries their own texts keys the cached work by them."""
+    return sample.category_id
+
+
+@dataclass
+class Plan:
+    """The unique work of a share of (query, support) pairs.
+
+    Attributes (Q unique queries, U units, P pairs, K slots):
+        queries: (Q,) sample indices of the unique queries, in order of first appearance (so category by
+            category for our and the reference's episodes).
+        unit_query: (U,) the query (position in ``queries``) of each unit, non-decreasing: a query's units
+            are contiguous and follow the query order.
+        unit_support: (U,) one support (sample index) of each unit; every support of the unit has its mask.
+        unit_mask: (U, K) bool the unit's support visibility mask (the model's ``kp_mask``).
+        pairs: (P, 2) the share's pairs, in the order they are scored.
+        pair_unit: (P,) the unit of each pair.
+    """
+
+    queries: np.ndarray
+    unit_query: np.ndarray
+    unit_support: np.ndarray
+    unit_mask: np.ndarray
+    pairs: np.ndarray
+    pair_unit: np.ndarray
+
+    @property
+    def pair_query(self) -> np.ndarray:
+        """(P,) the query (position in ``queries``) of each pair."""
+        return self.unit_query[self.pair_unit]
+
+    def unit_range(self, q0: int, q1: int) -> tuple[int, int]:
+        """The units ``[u0, u1)`` of the queries at positions ``[q0, q1)``."""
+        return (int(np.searchsorted(self.unit_query, q0, "left")), int(np.searchsorted(self.unit_query, q1, "left")))
+
+
+def plan(subset, pairs: np.ndarray, slots: int, rank: int = 0, world: int = 1,
+         key: Callable[[Any], Hashable] = texts_key) -> Plan:
+    """The units of this rank's share of ``pairs``: the unique queries at positions ``rank::world`` of the
+    first-appearance order, every pair of those queries, and per (query, support mask, ``key(query)``) one
+    unit."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    _, first = np.unique(pairs[:, 0], return_index=True)
+    queries = pairs[np.sort(first), 0][rank::world]  # (Q,)
+    position = {int(q): i for i, q in enumerate(queries)}
+    mine = pairs[np.isin(pairs[:, 0], queries)]  # (P, 2) in the global order
+    units: dict[tuple, int] = {}
+    found: list[tuple[int, int, int]] = []  # (query position, first pair, support) per unit, as found
+    pair_unit = np.empty(len(mine), dtype=np.int64)
+    for p, (qi, si) in enumerate(mine.tolist()):
+        query, support = subset.samples[qi], subset.samples[si]
+        k = (position[qi], support.visible.tobytes(), key(query))
+        if k not in units:
+            units[k] = len(found)
+            found.append((position[qi], p, si))
+        pair_unit[p] = units[k]
+    order = sorted(range(len(found)), key=lambda u: found[u][:2])  # by query, then first appearance
+    rank_of = np.empty(len(found), dtype=np.int64)
+    rank_of[order] = np.arange(len(found))
+    unit_mask = np.zeros((len(found), slots), dtype=bool)
+    for new, u in enumerate(order):
+        vis = subset.samples[found[u][2]].visible
+        unit_mask[new, : len(vis)] = vis
+    return Plan(queries=queries, unit_query=np.asarray([found[u][0] for u in order], dtype=np.int64),
+                unit_support=np.asarray([found[u][2] for u in order], dtype=np.int64), unit_mask=unit_mask,
+                pairs=mine, pair_unit=rank_of[pair_unit])
+
+
+class _Clock:
+    """Seconds per stage of the protocol, when asked for (``stats``); CUDA is synchronised at each lap so
+    that a stage's time is its own."""
+
+    def __init__(self, device: torch.device, on: bool):
+        self.device, self.on = device, on
+        self.seconds: dict[str, float] = {"load": 0.0, "image": 0.0, "head": 0.0, "score": 0.0}
+        self.t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if not self.on:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[stage] += now - self.t
+        self.t = now
+
+
+class _Cached:
+    """Runs a :class:`Plan`: the image part once per query batch, the head once per batch of units, and
+    keeps what scoring needs. A query's cached image outputs are dropped as soon as its last unit ran, so
+    at most the queries of two batches are held (those of the batch just encoded and those with units
+    still waiting), whatever the size of a category.
+
+    A model with ``encode_image`` / ``head`` (:class:`~capenext.models.CapeNext`) has its backbone (and
+    online CLIP image tower) run once per query; any other model (the mean-position floor) runs whole
+    once per unit on the cached crop.
+    """
+
+    def __init__(self, model: nn.Module, work: Plan, categories: dict, data: DataCfg, device: torch.device,
+                 bank: EmbeddingBank | None, online_images: bool, batch_size: int, clock: _Clock, bar=None):
+        self.model, self.work, self.categories, self.data, self.device = model, work, categories, data, device
+        self.bank, self.batch_size, self.clock, self.bar = bank, batch_size, clock, bar
+        self.core = getattr(model, "module", model)  # DDP: its forward (and collectives) is never needed
+        self.split = callable(getattr(self.core, "encode_image", None)) and callable(getattr(self.core, "head", None))
+        wants = bank is not None and _wants_image(model)
+        self.image_table, self.online_table = wants and not online_images, wants and online_images
+        q, k = len(work.queries), data.max_keypoints
+        self.inverse, self.gt_xy = torch.zeros(q, 2, 3), torch.zeros(q, k, 2)  # (Q, 2, 3), (Q, K, 2)
+        self.visible, self.norm = torch.zeros(q, k, dtype=torch.bool), torch.zeros(q)  # (Q, K), (Q,)
+        self.ann_id, self.category_id = torch.zeros(q, dtype=torch.long), torch.zeros(q, dtype=torch.long)
+        self.preds = torch.zeros(len(work.unit_query), k, 2)  # (U, K, 2) image pixels
+        self.cache: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+        self.left = np.bincount(work.unit_query, minlength=q)  # units still to run, per query
+        self.adj: dict[int, torch.Tensor] = {}
+        self.done = self.ready = 0  # units run; units whose query is encoded
+
+    def encode(self, batch: dict[str, torch.Tensor], start: int) -> None:
+        """The image part of the queries at positions ``start ..`` (a collated :class:`QueryDataset` batch)."""
+        n = len(batch["ann_id"])
+        for name in ("inverse", "gt_xy", "norm", "ann_id", "category_id"):
+            getattr(self, name)[start: start + n] = batch[name]
+        self.visible[start: start + n] = batch["query_visible"]
+        img = batch["img"].to(self.device, non_blocking=True)  # (B, 3, S, S)
+        extra = {}
+        if self.online_table:  # as preparer: the model's CLIP on the crop, outside autocast
+            extra["img_emb"] = self.core.clip.encode_image(img)  # (B, C)
+        if self.split:
+            with autocast(self.device):
+                image = self.core.encode_image(img)  # feat (B, d, h, w) [, img_emb (B, C)]
+        else:
+            image = {"img": img}
+        for j in range(n):
+            self.cache[start + j] = ({k: v[j] for k, v in image.items()}, {k: v[j] for k, v in extra.items()})
+        self.ready = self.work.unit_range(0, start + n)[1]
+        self.clock.lap("image")
+
+    def heads(self, final: bool = False) -> None:
+        """Run the waiting units in full batches (all of them when ``final``)."""
+        while self.ready - self.done >= self.batch_size or (final and self.done < self.ready):
+            u1 = min(self.done + self.batch_size, self.ready)
+            self._head(self.done, u1)
+            if self.bar is not None:
+                self.bar.update(u1 - self.done)
+            self.done = u1
+        self.clock.lap("head")
+
+    def _adjacency(self, category_id: int, category) -> torch.Tensor:
+        if category_id not in self.adj:
+            self.adj[category_id] = torch.from_numpy(adjacency(category.skeleton, self.data.max_keypoints))
+        return self.adj[category_id]  # (K, K)
+
+    def _head(self, u0: int, u1: int) -> None:
+        work, categories = self.work, self.categories
+        qpos = work.unit_query[u0:u1].tolist()
+        cats = self.category_id[qpos]  # (B,)
+        mask = torch.from_numpy(work.unit_mask[u0:u1])  # (B, K) the supports' visibility
+        batch = {"kp_mask": mask, "support_weight": mask.float(), "category_id": cats, "ann_id": self.ann_id[qpos],
+                 "adj": torch.stack([self._adjacency(c, categories[c]) for c in cats.tolist()])}  # adj (B, K, K)
+        if self.bank is not None:
+            batch = self.bank.fill(batch, self.data.max_keypoints, self.image_table,
+                                   getattr(self.core, "needs_class_embedding", False))
+        batch = to_device(batch, self.device)
+        image = {k: torch.stack([self.cache[q][0][k] for q in qpos]) for k in self.cache[qpos[0]][0]}
+        batch.update({k: torch.stack([self.cache[q][1][k] for q in qpos]) for k in self.cache[qpos[0]][1]})
+        with autocast(self.device):
+            out = self.core.head(image, batch) if self.split else self.model({**batch, **image})
+        inverse = self.inverse[qpos].to(self.device)  # (B, 2, 3)
+        self.preds[u0:u1] = to_image_pixels(out["points"][-1].float(), inverse, self.data.image_size).cpu()
+        for q in qpos:
+            self.left[q] -= 1
+            if self.left[q] == 0:
+                del self.cache[q]
+
+    def score(self, acc: PCKAccumulator, keep: list | None) -> None:
+        """Every pair, in order, with its unit's prediction and its own visibility and normaliser."""
+        work, size = self.work, self.batch_size
+        pair_query = work.pair_query
+        for p0 in range(0, len(work.pairs), size):
+            u, q = work.pair_unit[p0: p0 + size], pair_query[p0: p0 + size]
+            visible = self.visible[q] & torch.from_numpy(work.unit_mask[u])  # (B, K) query AND support
+            batch = {"gt_xy": self.gt_xy[q], "visible": visible, "norm": self.norm[q], "ann_id": self.ann_id[q],
+                     "category_id": self.category_id[q]}
+            score(acc, self.preds[u], batch, keep)
+            if keep is not None:
+                for r, vis in zip(keep[len(keep) - len(u):], visible):
+                    r["visible"] = vis
+        self.clock.lap("score")
+
+
+def _progress(progress: str | None, total: int):
+    if progress is None:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=progress, unit="unit", file=sys.stderr, leave=False)
+
+
 def run_protocol(model: nn.Module, subset, pairs: np.ndarray, data: DataCfg, device: torch.device, *,
                  load_image: Callable, batch_size: int, bank: EmbeddingBank | None = None,
                  online_images: bool = False, thresholds: tuple[float, ...] = THRESHOLDS, rank: int = 0,
-                 world: int = 1, loader_workers: int = 0, records: bool = False, progress: str | None = None
+                 world: int = 1, loader_workers: int = 0, records: bool = False, progress: str | None = None,
+                 dedupe: bool = True, stats: dict[str, Any] | None = None
                  ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """PCK of ``model`` on the (query, support) ``pairs`` of ``subset``.
+    """PCK of ``model`` on the (query, support) ``pairs`` of ``subset``, each unique input's work done once.
 
     Returns ``({"pck_0.05": ..., "pck_mean": ..., "count": n}, records)``; with ``records`` one dict per
-    query (``ann_id``, ``category_id``, ``pred`` (K, 2) image pixels, ``pck`` per threshold, ``visible``
-    (K,)) for pictures of the best and worst queries. ``progress``: a bar with that label on stderr.
+    pair of this rank (``ann_id``, ``category_id`` of its query, ``pred`` (K, 2) image pixels, ``pck`` per
+    threshold, ``visible`` (K,)) for pictures of the best and worst queries. ``progress``: a bar with that
+    label on stderr. ``batch_size``: query crops per backbone forward, and units per head forward.
+    ``dedupe=False``: the per-pair loop (:func:`per_pair_protocol`), the reference for the same numbers.
+    ``stats``, when given, receives the counts of pairs, queries and units and the seconds of each stage.
     """
+    if not dedupe:
+        return per_pair_protocol(model, subset, pairs, data, device, load_image=load_image, batch_size=batch_size,
+                                 bank=bank, online_images=online_images, thresholds=thresholds, rank=rank,
+                                 world=world, loader_workers=loader_workers, records=records, progress=progress)
+    model.eval()
+    work = plan(subset, pairs, data.max_keypoints, rank, world)
+    clock = _Clock(device, stats is not None)
+    bar = _progress(progress, len(work.unit_query))
+    runner = _Cached(model, work, subset.categories, data, device, bank, online_images, batch_size, clock, bar)
+    loader = torch.utils.data.DataLoader(QueryDataset(subset, work.queries, data, load_image), batch_size=batch_size,
+                                         collate_fn=collate, num_workers=loader_workers)
+    with torch.no_grad():
+        start = 0
+        for batch in loader:
+            clock.lap("load")
+            runner.encode(batch, start)
+            start += len(batch["ann_id"])
+            runner.heads()
+        runner.heads(final=True)
+    if bar is not None:
+        bar.close()
+    acc = PCKAccumulator(thresholds)
+    kept: list[dict[str, Any]] | None = [] if records else None
+    runner.score(acc, kept)
+    acc.all_reduce(device)
+    if stats is not None:
+        stats.update(pairs=len(work.pairs), queries=len(work.queries), units=len(work.unit_query),
+                     seconds=dict(clock.seconds))
+    return acc.result(), kept or []
+
+
+def per_pair_protocol(model: nn.Module, subset, pairs: np.ndarray, data: DataCfg, device: torch.device, *,
+                      load_image: Callable, batch_size: int, bank: EmbeddingBank | None = None,
+                      online_images: bool = False, thresholds: tuple[float, ...] = THRESHOLDS, rank: int = 0,
+                      world: int = 1, loader_workers: int = 0, records: bool = False, progress: str | None = None
+                      ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The protocol as a per-pair loop: one :class:`PairDataset` item (decode and crop of the query) and one
+    whole forward per pair, ``batch_size`` pairs per forward, a strided share of the pairs per rank. What
+    :func:`run_protocol` computes, at the cost of every pair; kept as the reference its numbers are
+    checked against. Arguments and result as :func:`run_protocol`."""
     mine = np.arange(rank, len(pairs), world)
     ds = PairDataset(subset, pairs, data, load_image=load_image, positions=mine)  # decoded as in training
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=loader_workers)

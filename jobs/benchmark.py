@@ -1,4 +1,4 @@
-"""Benchmarks that print JSON: ``python -m jobs.benchmark {model,loader,embed,serve,gpu-suite}``.
+"""Benchmarks that print JSON: ``python -m jobs.benchmark {model,loader,embed,serve,evaluate,gpu-suite}``.
 
 Each subcommand measures one thing against a baseline measured in the same run, on the same machine, and
 prints one JSON object (what each measures: its module's docstring, ``--help``, ``docs/benchmarks.md``):
@@ -8,6 +8,8 @@ prints one JSON object (what each measures: its module's docstring, ``--help``, 
   (:mod:`jobs.benchmarks.loader`);
 * ``embed``: the embedding job's img/s against a bare CLIP forward (:mod:`jobs.benchmarks.embed`);
 * ``serve``: Ray Serve requests/s and latency, batching on and off (:mod:`jobs.benchmarks.serve`);
+* ``evaluate``: test-protocol pairs/s against reference-style and our per-pair loops, with the same PCK
+  (:mod:`jobs.benchmarks.evaluate`);
 * ``gpu-suite``: the model, a short training run and every CUDA path, in one run
   (:mod:`jobs.benchmarks.gpu`).
 
@@ -20,7 +22,7 @@ import argparse
 import json
 
 from capenext.cli import run_main
-from jobs.benchmarks import embed, gpu, loader, model, serve
+from jobs.benchmarks import embed, evaluate, gpu, loader, model, serve
 
 # subcommand → (module, one-line help); each module has add_arguments(parser) and run(args) -> dict
 COMMANDS = {
@@ -28,6 +30,7 @@ COMMANDS = {
     "loader": (loader, "training loader from shards vs per-file pycocotools + PIL"),
     "embed": (embed, "embedding job img/s vs a bare CLIP forward"),
     "serve": (serve, "Ray Serve requests/s and latency, batching on vs off"),
+    "evaluate": (evaluate, "test-protocol pairs/s: ours vs the per-pair loops, same numbers"),
     "gpu-suite": (gpu, "the GPU suite: model, a short training run, every CUDA path"),
 }
 

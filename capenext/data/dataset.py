@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from capenext.config import DataCfg
 from capenext.data.mp100 import Category, Sample, Subset
-from capenext.data.transforms import (affine_matrix, apply_affine, box_center_scale, crop, decode_for_crop,
+from capenext.data.transforms import (Crop, affine_matrix, apply_affine, box_center_scale, crop, decode_for_crop,
                                       decode_image, heatmap_targets, random_scale_rotation, target_weights)
 
 
@@ -26,6 +26,23 @@ def adjacency(skeleton: tuple[tuple[int, int], ...], slots: int) -> np.ndarray:
     for a, b in skeleton:
         adj[a, b] = 1.0
     return adj
+
+
+def crop_query(image: np.ndarray | bytes, query: Sample, cfg: DataCfg, scale: float = 1.0, rot: float = 0.0) -> Crop:
+    """The query's top-down crop (scaled by ``scale``, rotated by ``rot`` degrees; 1, 0 at evaluation).
+
+    ``image`` is decoded (RGB uint8) or encoded (the file's bytes): encoded, it is decoded here, and with
+    ``cfg.reduced_decode`` a JPEG is decoded only at the resolution the crop needs
+    (:func:`capenext.data.transforms.decode_for_crop`)."""
+    reduction = 1
+    if not isinstance(image, np.ndarray):
+        where = f"the image of annotation {query.ann_id} ({query.file_name})"
+        if cfg.reduced_decode:
+            step = box_center_scale(query.bbox, cfg.bbox_scale)[1] * scale / cfg.image_size
+            image, reduction = decode_for_crop(bytes(image), where, query.width, query.height, step)
+        else:
+            image = decode_image(image, where)
+    return crop(image, query.bbox, cfg.image_size, cfg.bbox_scale, scale, rot, reduction)
 
 
 def make_item(
@@ -69,15 +86,7 @@ def make_item(
         return random_scale_rotation(rng, cfg.scale_sigma, cfg.scale_clip, cfg.rot_sigma, cfg.rot_prob)
 
     scale, rot = draw()
-    reduction = 1
-    if not isinstance(image, np.ndarray):
-        where = f"the image of annotation {query.ann_id} ({query.file_name})"
-        if cfg.reduced_decode:
-            step = box_center_scale(query.bbox, cfg.bbox_scale)[1] * scale / size
-            image, reduction = decode_for_crop(bytes(image), where, query.width, query.height, step)
-        else:
-            image = decode_image(image, where)
-    c = crop(image, query.bbox, size, cfg.bbox_scale, scale, rot, reduction)
+    c = crop_query(image, query, cfg, scale, rot)
 
     q_vis = query.visible
     s_vis = support.visible
@@ -164,3 +173,48 @@ class PairDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, g]) if self.train else None
         image = self.load_image(query)
         return make_item(image, query, support, self.subset.categories[query.category_id], self.cfg, rng)
+
+
+def query_item(image: np.ndarray | bytes, query: Sample, cfg: DataCfg) -> dict[str, Any]:
+    """What the test protocol keeps of a query, whatever its support: the un-augmented crop and what maps
+    its predictions back and scores them. The same numbers as :func:`make_item`'s item of any pair with
+    this query at evaluation (``rng`` None), for the keys both have.
+
+    Keys (K = ``cfg.max_keypoints`` slots): img (3, S, S); inverse (2, 3) crop → image; gt_xy (K, 2) query
+    keypoints in image pixels; query_visible (K,) bool; norm () max(w, h) of the cleaned query bbox;
+    ann_id; category_id.
+    """
+    slots, k = cfg.max_keypoints, len(query.visible)
+    if k > slots:
+        raise ValueError(f"category {query.category_id} has {k} keypoints, more than the {slots} slots")
+    c = crop_query(image, query, cfg)
+    gt_xy = np.zeros((slots, 2), dtype=np.float32)
+    gt_xy[:k] = query.keypoints[:, :2]
+    visible = np.zeros(slots, dtype=bool)
+    visible[:k] = query.visible
+    return {
+        "img": torch.from_numpy(c.image),
+        "inverse": torch.from_numpy(c.inverse.astype(np.float32)),
+        "gt_xy": torch.from_numpy(gt_xy),
+        "query_visible": torch.from_numpy(visible),
+        "norm": torch.tensor(max(query.bbox[2], query.bbox[3]), dtype=torch.float32),
+        "ann_id": torch.tensor(query.ann_id),
+        "category_id": torch.tensor(query.category_id),
+    }
+
+
+class QueryDataset(Dataset):
+    """:func:`query_item` of the samples ``indices`` of ``subset`` (the unique queries of a test
+    protocol), images from ``load_image(sample)`` as in :class:`PairDataset` (default: the file's bytes)."""
+
+    def __init__(self, subset: Subset, indices: np.ndarray, cfg: DataCfg,
+                 load_image: Callable[[Sample], np.ndarray | bytes] | None = None):
+        self.subset, self.indices, self.cfg = subset, np.asarray(indices, dtype=np.int64), cfg
+        self.load_image = load_image or (lambda s: subset.image_path(s).read_bytes())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        query = self.subset.samples[int(self.indices[i])]
+        return query_item(self.load_image(query), query, self.cfg)

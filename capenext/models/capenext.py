@@ -183,11 +183,12 @@ class CapeNext(nn.Module):
         for head in self.offset_heads:
             head.reset_last()
 
-    def _embeddings(self, batch: dict[str, torch.Tensor]):
+    def _embeddings(self, batch: dict[str, torch.Tensor], image: dict[str, torch.Tensor] | None = None):
         e_img = e_cls = None
         if self.needs_image_embedding:
             if self.image_embedding == "online":
-                e_img = self.clip.encode_image(batch["img"])  # (B, C)
+                # (B, C): from encode_image's output when the image part ran apart, else here
+                e_img = image["img_emb"] if image is not None else self.clip.encode_image(batch["img"])
             elif "img_emb" not in batch:
                 raise KeyError(f"ablation {self.ablation.name!r} with image_embedding='precomputed' needs "
                                "batch['img_emb'] (B, C); set model.image_embedding=online to compute it")
@@ -215,20 +216,46 @@ class CapeNext(nn.Module):
         outputs of the others are zero-filled. MP-100 has 9-68 keypoints per category, so this skips most
         of the 100 slots.
         """
+        return self._slots(batch, None)
+
+    def encode_image(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The part of the forward that depends on the query crop alone: ``{"feat": (B, d, h, w) backbone
+        map}``, plus ``"img_emb"`` (B, C) the CLIP image embedding when the model computes it
+        (``image_embedding == "online"`` with an image stream).
+
+        Text-only CAPE reads nothing of the support but its keypoint texts and visibility, so the test
+        protocol (:func:`capenext.protocol.run_protocol`) runs this once per query crop and :meth:`head`
+        once per (query, support mask); ``head(encode_image(img), batch)`` is ``forward(batch)``.
+        """
+        out = {"feat": self.backbone(img)}  # (B, d, h, w)
+        if self.needs_image_embedding and self.image_embedding == "online":
+            out["img_emb"] = self.clip.encode_image(img)  # (B, C)
+        return out
+
+    def head(self, image: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rest of the forward, given :meth:`encode_image`'s output for the batch's queries: fusion,
+        joint projection, encoder, proposals, decoder. ``batch`` as for :meth:`forward` without ``img``."""
+        return self._slots(batch, image)
+
+    def _slots(self, batch: dict[str, torch.Tensor], image: dict[str, torch.Tensor] | None
+               ) -> dict[str, torch.Tensor]:
+        """The forward over the first :meth:`active_slots` slots, the others zero-filled (see forward)."""
         kp_mask = batch["kp_mask"].bool()
         k_all = kp_mask.shape[1]
         k = self.active_slots(kp_mask) if self.trim_slots else k_all
-        out = self._forward(batch["img"], batch["kp_emb"][:, :k], kp_mask[:, :k], batch["adj"][:, :k, :k], batch)
+        out = self._forward(batch.get("img"), batch["kp_emb"][:, :k], kp_mask[:, :k], batch["adj"][:, :k, :k],
+                            batch, image)
         if k < k_all:  # zero-fill the slots that were not computed, keeping (B, 100, ...) outputs
             out = {name: _pad_slots(v, k_all - k, slot_dim=2 if name == "points" else 1) for name, v in out.items()}
         return out
 
-    def _forward(self, img: torch.Tensor, e_joint: torch.Tensor, kp_mask: torch.Tensor, adj: torch.Tensor,
-                 batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _forward(self, img: torch.Tensor | None, e_joint: torch.Tensor, kp_mask: torch.Tensor, adj: torch.Tensor,
+                 batch: dict[str, torch.Tensor], image: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}  # e_joint (B, K, C), kp_mask (B, K), adj (B, K, K)
         fusion = self.dsfr if self.dsfr is not None else self.projection
         if fusion is not None:
-            e_img, e_cls = self._embeddings(batch)  # (B, C) each, or None
+            e_img, e_cls = self._embeddings(batch, image)  # (B, C) each, or None
             if self.hcmi is not None:
                 e_img, e_cls = self.hcmi(e_img, e_cls)  # (B, 1, C) each, or None
             else:
@@ -238,7 +265,9 @@ class CapeNext(nn.Module):
             out.update({f"gate_{k}": g for k, g in gates.items()})
         kp = self.joint_proj(e_joint, kp_mask)  # (B, K, d)
 
-        feat = self.backbone(img)  # (B, d, h, w)
+        # the backbone after the fusion, as always: in training the order of random draws (dropout,
+        # drop path) stays that of the reference
+        feat = self.backbone(img) if image is None else image["feat"]  # (B, d, h, w)
         b, _, h, w = feat.shape
         pos = self.pos_enc(h, w, device=feat.device).to(feat.dtype)  # (1, d, h, w)
         memory, kp = self.encoder(feat, kp, pos, kp_mask)  # (B, hw, d), (B, K, d)

@@ -1,0 +1,244 @@
+"""The test protocol at the cost of its unique work (:func:`capenext.protocol.run_protocol`) gives the numbers
+of the per-pair loop (:func:`capenext.protocol.per_pair_protocol`), pair by pair.
+
+A tiny model at random weights (the ``tiny`` preset, seeded) on the synthetic set's split 1 test episodes,
+with the session's shards and tiny random-CLIP tables (``prepared``); no training is needed, as any
+weights must give the same predictions both ways.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from capenext.config import THRESHOLDS, load_preset
+from capenext.data.embeddings import load_bank
+from capenext.data.shards import ShardIndex
+from capenext.metrics import pck_key
+from capenext.models import build_model
+from capenext.protocol import _Cached, our_pairs, plan, run_protocol
+
+PX = 1e-4  # largest |Δ| of a prediction, image pixels
+PCK = 1e-9
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data(prepared: Path):
+    index = ShardIndex(prepared / "shards")
+    subset = index.subset(1, "test")
+    return index, subset, our_pairs(subset, 6, 4, seed=2)
+
+
+def _model(**model_sets):
+    cfg = load_preset("tiny")
+    for key, value in model_sets.items():
+        setattr(cfg.model, key, value)
+    torch.manual_seed(0)
+    return build_model(cfg.model).eval(), cfg
+
+
+CASES = {  # name → (model fields, bank variant, online_images)
+    "full-tables": ({}, "clean", False),
+    "full-image-embedding-online": ({"image_embedding": "online"}, "clean", False),
+    "full-images-encoded-in-process": ({}, "clean", True),
+    "noise-typo": ({}, "typo@0.1", False),
+}
+
+
+def _both(model, cfg, subset, pairs, index, bank, online, batch_size):
+    kw = dict(load_image=index.read_bytes, batch_size=batch_size, bank=bank, online_images=online, records=True)
+    ours = run_protocol(model, subset, pairs, cfg.data, CPU, **kw)
+    loop = run_protocol(model, subset, pairs, cfg.data, CPU, dedupe=False, **kw)
+    return ours, loop
+
+
+def _max_diff(a: list[dict], b: list[dict]) -> float:
+    """|Δ| of the predictions at the keypoints visible in query and support (the ones PCK reads)."""
+    return max((float((x["pred"] - y["pred"])[x["visible"]].abs().max()) for x, y in zip(a, b) if x["visible"].any()),
+               default=0.0)
+
+
+@pytest.mark.parametrize("image_embedding", ["precomputed", "online"])
+def test_head_of_encode_image_is_the_forward(data, prepared, image_embedding):
+    """The model split in two (image part once per query, head once per unit) computes the forward."""
+    from capenext.data import collate, make_item
+
+    index, subset, pairs = data
+    model, cfg = _model(image_embedding=image_embedding)
+    items = [make_item(index.read_bytes(subset.samples[q]), subset.samples[q], subset.samples[s],
+                       subset.categories[subset.samples[q].category_id], cfg.data) for q, s in pairs[:6].tolist()]
+    batch = load_bank(prepared / "emb").fill(collate(items), cfg.data.max_keypoints, True, True)
+    with torch.no_grad():
+        whole = model(batch)
+        split = model.head(model.encode_image(batch["img"]), {k: v for k, v in batch.items() if k != "img"})
+    assert whole.keys() == split.keys()
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_unique_work_gives_every_pairs_prediction_and_pck_of_the_per_pair_loop(case, data, prepared):
+    index, subset, pairs = data
+    fields, variant, online = CASES[case]
+    model, cfg = _model(**fields)
+    bank = load_bank(prepared / "emb", variant)
+
+    # one per forward: the very same computation, so the very same numbers
+    (m1, r1), (m0, r0) = _both(model, cfg, subset, pairs, index, bank, online, batch_size=1)
+    assert len(r1) == len(r0) == len(pairs)
+    assert all(torch.equal(a["pred"], b["pred"]) for a, b in zip(r1, r0))
+    assert m1 == m0
+
+    # batched: the pairs' predictions up to float rounding of other batch compositions, the same PCK
+    (m8, r8), (n8, s8) = _both(model, cfg, subset, pairs, index, bank, online, batch_size=8)
+    assert [(r["ann_id"], r["category_id"]) for r in r8] == [(r["ann_id"], r["category_id"]) for r in s8]
+    assert all(torch.equal(a["visible"], b["visible"]) for a, b in zip(r8, s8))
+    assert _max_diff(r8, s8) <= PX
+    assert all(np.allclose(a["pck"], b["pck"], rtol=0, atol=PCK) for a, b in zip(r8, s8))
+    assert m8["count"] == n8["count"] == len(pairs)
+    for t in THRESHOLDS:
+        assert abs(m8[pck_key(t)] - n8[pck_key(t)]) <= PCK
+        assert abs(m8[pck_key(t)] - m0[pck_key(t)]) <= PCK
+
+
+def test_the_noise_variant_changes_the_numbers_it_is_measured_on(data, prepared):
+    """The typo bank really reaches the head (the equality above is not that of two clean runs)."""
+    index, subset, pairs = data
+    model, cfg = _model()
+    kw = dict(load_image=index.read_bytes, batch_size=8)
+    clean = run_protocol(model, subset, pairs, cfg.data, CPU, bank=load_bank(prepared / "emb"), **kw)[0]
+    typo = run_protocol(model, subset, pairs, cfg.data, CPU, bank=load_bank(prepared / "emb", "typo@0.1"), **kw)[0]
+    assert clean != typo
+
+
+def test_each_query_and_each_query_mask_pair_is_one_unit_of_work(data):
+    index, subset, pairs = data
+    work = plan(subset, pairs, slots=100)
+    assert sorted(work.queries.tolist()) == sorted(set(pairs[:, 0].tolist()))
+    assert np.array_equal(work.pairs, pairs)  # one rank: every pair, in order
+    masks = {(q, subset.samples[s].visible.tobytes()) for q, s in pairs.tolist()}
+    assert len(work.unit_query) == len(masks) < len(pairs)
+    assert np.all(np.diff(work.unit_query) >= 0)  # a query's units are contiguous
+    for (q, s), u in zip(pairs.tolist(), work.pair_unit.tolist()):
+        assert work.queries[work.unit_query[u]] == q
+        vis = subset.samples[s].visible
+        assert np.array_equal(work.unit_mask[u, : len(vis)], vis) and not work.unit_mask[u, len(vis):].any()
+
+
+def test_cached_image_work_is_dropped_after_a_querys_last_unit(data, prepared, monkeypatch):
+    """The features held never exceed the queries of two batches, and none are left at the end."""
+    index, subset, pairs = data
+    model, cfg = _model()
+    held, runners = [], []
+    original_head, original_init = _Cached._head, _Cached.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        runners.append(self)
+
+    def head(self, u0, u1):
+        held.append(len(self.cache))
+        original_head(self, u0, u1)
+
+    monkeypatch.setattr(_Cached, "__init__", init)
+    monkeypatch.setattr(_Cached, "_head", head)
+    run_protocol(model, subset, pairs, cfg.data, CPU, load_image=index.read_bytes, batch_size=4,
+                 bank=load_bank(prepared / "emb"))
+    assert held and max(held) <= 2 * 4
+    assert runners[0].cache == {}
+
+
+def test_rank_shares_add_up_to_the_single_process_numbers(data, prepared):
+    """Each rank takes a strided share of the unique queries with all their pairs; the all-reduce (a sum
+    of per-threshold sums and counts) of the shares is the single process's result."""
+    index, subset, pairs = data
+    model, cfg = _model()
+    kw = dict(load_image=index.read_bytes, batch_size=8, bank=load_bank(prepared / "emb"), records=True)
+    whole, _ = run_protocol(model, subset, pairs, cfg.data, CPU, **kw)
+    shares = [run_protocol(model, subset, pairs, cfg.data, CPU, rank=r, world=2, **kw) for r in range(2)]
+    assert sum(m["count"] for m, _ in shares) == whole["count"] == len(pairs)
+    for t in THRESHOLDS:
+        k = pck_key(t)
+        assert abs(sum(m[k] * m["count"] for m, _ in shares) / whole["count"] - whole[k]) <= PCK
+    ann = [{r["ann_id"] for r in records} for _, records in shares]
+    assert not ann[0] & ann[1]  # a query's work is done on one rank only
+
+
+def _rank_main(rank: int, world: int, port: int, prepared: str, out: str) -> None:
+    """One gloo rank of :func:`test_two_gloo_ranks_return_the_single_process_metrics`."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        index = ShardIndex(Path(prepared) / "shards")
+        subset = index.subset(1, "test")
+        model, cfg = _model()
+        metrics, records = run_protocol(model, subset, our_pairs(subset, 6, 4, seed=2), cfg.data, CPU,
+                                        load_image=index.read_bytes, batch_size=8,
+                                        bank=load_bank(Path(prepared) / "emb"), rank=rank, world=world, records=True)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, "records": len(records)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_return_the_single_process_metrics(data, prepared, tmp_path):
+    """Two real processes (gloo): every rank returns the all-reduced metrics of all pairs, those of one
+    process; the ranks' records together are every pair."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    index, subset, pairs = data
+    model, cfg = _model()
+    whole, _ = run_protocol(model, subset, pairs, cfg.data, CPU, load_image=index.read_bytes, batch_size=8,
+                            bank=load_bank(prepared / "emb"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(2, port, str(prepared), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["metrics"]["count"] == whole["count"] == len(pairs)
+        assert all(abs(r["metrics"][k] - whole[k]) <= PCK for k in whole)
+    assert sum(r["records"] for r in ranks) == len(pairs)
+
+
+def test_a_model_without_an_image_part_runs_whole_on_the_cached_crops(data):
+    """The mean-position floor (no ``encode_image``/``head``) through the same protocol: same numbers."""
+    from capenext.baselines import MeanPositionModel
+
+    index, subset, pairs = data
+    cfg = load_preset("tiny")
+    floor = MeanPositionModel(index.subset(1, "train"), subset.categories, cfg.data)
+    kw = dict(load_image=index.read_bytes, batch_size=8)
+    ours, _ = run_protocol(floor, subset, pairs, cfg.data, CPU, **kw)
+    loop, _ = run_protocol(floor, subset, pairs, cfg.data, CPU, dedupe=False, **kw)
+    assert all(abs(ours[k] - loop[k]) <= PCK for k in loop)
+
+
+def test_quick_benchmark_reports_a_positive_ratio_and_equal_pck(prepared):
+    from capenext.cli import run_main
+    from jobs import benchmark
+
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit) as exc:
+        run_main(benchmark.main, ["evaluate", "--shards", str(prepared / "shards"), "--embeddings",
+                                  str(prepared / "emb"), "--preset", "tiny", "--quick", "--threads", "1"])
+    assert exc.value.code == 0
+    result = json.loads(out.getvalue())
+    for key in ("reference_style", "per_pair", "ours", "ratio_vs_per_pair", "ratio_vs_our_per_pair_loop",
+                "pck_equal", "projected_five_splits", "machine"):
+        assert key in result, key
+    assert math.isfinite(result["ratio_vs_per_pair"]) and result["ratio_vs_per_pair"] > 0
+    assert result["pck_equal"] is True
+    assert result["ours"]["pairs_measured"] == result["pairs"] > result["per_pair"]["pairs_measured"]
+    assert result["ours"]["units"] < result["pairs"]
+    assert result["projected_five_splits"]["pairs"] == 300_000
