@@ -46,9 +46,18 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPU; full precision on CPU for determinism."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def precision_of(model: nn.Module) -> str:
+    """The model's precision setting (``model.precision`` of its config: ``fp32`` or ``bf16``); a model
+    without one (the mean-position floor) runs in fp32."""
+    return getattr(getattr(model, "module", model), "precision", "fp32")
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """bf16 autocast on CUDA when the model's precision is ``bf16`` (an opt-in for speed); full precision
+    otherwise, as the reference runs the pose model (and always on CPU, for determinism)."""
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def train_one_epoch(
@@ -79,7 +88,7 @@ def train_one_epoch(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at_step(step)
         batch = to_device(prepare(batch), device)
-        with autocast(device):
+        with autocast(device, precision_of(model)):
             out = model(batch)
         losses = criterion(
             {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()},
@@ -123,7 +132,7 @@ def evaluate(
     acc = PCKAccumulator(thresholds)
     for batch in batches:
         batch = to_device(prepare(batch), device)
-        with autocast(device):
+        with autocast(device, precision_of(model)):
             out = model(batch)
         pred = to_image_pixels(out["points"][-1].float(), batch["inverse"], image_size)
         score(acc, pred, batch, keep)

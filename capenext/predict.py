@@ -62,7 +62,7 @@ from capenext.checkpoint import FORMAT, load_model, load_weights, trainable_stat
 from capenext.config import from_dict, to_dict
 from capenext.data.dataset import adjacency
 from capenext.data.transforms import IMAGE_FORMATS, Crop, crop
-from capenext.engine import autocast, to_image_pixels
+from capenext.engine import autocast, precision_of, to_image_pixels
 from capenext.inputs import (check_bbox, check_class_name, check_names, check_skeleton, parse_bbox,  # noqa: F401
                              parse_names, parse_skeleton, short)
 from capenext.viz import to_rgb
@@ -368,7 +368,7 @@ class Predictor:
         """
         batch, inverse, size = self._prepare(image, names, class_name, skeleton, bbox, True)
         k = int(batch["kp_mask"].sum())
-        with autocast(self.device):
+        with autocast(self.device, precision_of(self.model)):
             out = self.model(batch)
         pts01 = out["points"][-1][:, :k].float()  # (1, k, 2) in [0, 1] crop coordinates
         inv = torch.from_numpy(inverse.astype(np.float32)).unsqueeze(0).to(pts01.device)  # (1, 2, 3)
@@ -398,7 +398,7 @@ class Predictor:
         batch = {key: torch.cat([b[key] for b in inputs]) for key in inputs[0]}  # (B, ...)
         if self.model.needs_image_embedding and self.model.image_embedding == "precomputed":
             batch["img_emb"] = self.model.clip.encode_image(batch["img"])  # (B, C), as pipelines.embed
-        with autocast(self.device):
+        with autocast(self.device, precision_of(self.model)):
             out = self.model(batch)
         inv = torch.from_numpy(np.stack(inverses).astype(np.float32)).to(self.device)  # (B, 2, 3)
         pts01 = out["points"][-1].float()  # (B, K, 2) in [0, 1] crop coordinates

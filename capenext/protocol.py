@@ -44,7 +44,7 @@ from capenext.config import DataCfg
 from capenext.data import PairDataset, adjacency, collate, episodes
 from capenext.data.dataset import QueryDataset
 from capenext.data.embeddings import EmbeddingBank
-from capenext.engine import autocast, evaluate, score, to_device, to_image_pixels
+from capenext.engine import autocast, evaluate, precision_of, score, to_device, to_image_pixels
 from capenext.metrics import THRESHOLDS, PCKAccumulator
 
 
@@ -234,7 +234,7 @@ class _Cached:
         if self.online_table:  # as preparer: the model's CLIP on the crop, outside autocast
             extra["img_emb"] = self.core.clip.encode_image(img)  # (B, C)
         if self.split:
-            with autocast(self.device):
+            with autocast(self.device, precision_of(self.core)):
                 image = self.core.encode_image(img)  # feat (B, d, h, w) [, img_emb (B, C)]
         else:
             image = {"img": img}
@@ -271,7 +271,7 @@ class _Cached:
         batch = to_device(batch, self.device)
         image = {k: torch.stack([self.cache[q][0][k] for q in qpos]) for k in self.cache[qpos[0]][0]}
         batch.update({k: torch.stack([self.cache[q][1][k] for q in qpos]) for k in self.cache[qpos[0]][1]})
-        with autocast(self.device):
+        with autocast(self.device, precision_of(self.core)):
             out = self.core.head(image, batch) if self.split else self.model({**batch, **image})
         inverse = self.inverse[qpos].to(self.device)  # (B, 2, 3)
         self.preds[u0:u1] = to_image_pixels(out["points"][-1].float(), inverse, self.data.image_size).cpu()

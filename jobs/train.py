@@ -10,7 +10,8 @@ NCCL on GPU); ``--local`` runs the *same* function in this process (Ray Train's 
   share (the remainder is dropped, so every worker runs the same number of steps and nothing hangs) and
   the global batch stays ``--batch-size`` whatever the number of workers;
 * follows the reference's schedule: Adam, lr 1e-5, no weight decay, no clipping, linear warm-up over
-  1000 iterations from 0.001×, lr ÷10 at 80 % and 90 % of the epochs; bf16 autocast on GPU (``--device cuda``); seeded;
+  1000 iterations from 0.001×, lr ÷10 at 80 % and 90 % of the epochs; the model in fp32 (``--precision bf16``:
+  autocast on CUDA, an opt-in for speed); seeded;
 * every ``--val-every`` epochs measures PCK@0.2 on the split's val categories (100 × 15 episodes), and
   at the end PCK@0.05-0.25 and their mean on the test categories (``--episodes`` × ``--queries``, 200 × 15)
   with the one test protocol of :mod:`capenext.protocol`;

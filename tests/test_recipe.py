@@ -135,3 +135,27 @@ def test_paper_recipe_trains_on_cpu_and_says_how_far_it_is(prepared, synthetic_r
                                  "data.descriptions")) for d in found), found
     assert run.info.status == "FINISHED" and run.data.metrics["test/queries"] > 0
     assert os.path.isfile(tmp_path / "runs" / "split1-full-tiny" / "artifacts" / "final.pt")
+
+
+def test_precision_is_the_models_setting_where_the_forward_runs():
+    """``model.precision`` is what every forward (training, the protocol, prediction) reads: fp32 by default as
+    the reference, bf16 autocast only when asked and only on CUDA."""
+    import warnings
+    from contextlib import nullcontext
+
+    import torch
+
+    from capenext.engine import autocast, precision_of
+    from capenext.models import build_model
+
+    cfg = load_preset("tiny")
+    assert precision_of(build_model(cfg.model)) == "fp32"
+    cfg.model.precision = "bf16"
+    model = build_model(cfg.model)
+    assert precision_of(model) == "bf16"
+    assert isinstance(autocast(torch.device("cpu"), precision_of(model)), nullcontext)
+    assert isinstance(autocast(torch.device("cuda"), "fp32"), nullcontext)
+    with warnings.catch_warnings():  # no CUDA here: torch warns that the context would be disabled
+        warnings.simplefilter("ignore")
+        bf16 = autocast(torch.device("cuda"), "bf16")
+    assert isinstance(bf16, torch.autocast) and bf16.fast_dtype == torch.bfloat16

@@ -157,6 +157,7 @@ class CapeNext(nn.Module):
         self.cfg = cfg
         self.ablation = ab = get_ablation(cfg.ablation)
         self.image_embedding = cfg.image_embedding
+        self.precision = cfg.precision  # fp32, or bf16 autocast on CUDA (capenext.engine.autocast)
         self.needs_image_embedding = "img" in ab.streams
         self.needs_class_embedding = "cls" in ab.streams
         self.trim_slots = True  # compute only up to the last valid slot (see forward)

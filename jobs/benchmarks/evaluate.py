@@ -44,7 +44,7 @@ import torch
 from capenext.cli import UsageError
 from capenext.config import THRESHOLDS, RunCfg, load_preset
 from capenext.data import PairDataset, collate
-from capenext.engine import autocast, score, to_device, to_image_pixels
+from capenext.engine import autocast, precision_of, score, to_device, to_image_pixels
 from capenext.metrics import PCKAccumulator, episode_seed, pck_key
 from capenext.protocol import our_pairs, run_protocol
 from jobs.benchmarks import machine
@@ -133,7 +133,7 @@ def reference_style(model: torch.nn.Module, subset, pairs: np.ndarray, cfg: RunC
                 batch["cls_emb"] = clip.encode_class(names)  # (B, C)
             if model.needs_image_embedding and model.image_embedding == "precomputed":
                 batch["img_emb"] = clip.encode_image(batch["img"])  # (B, C) the reference encodes it in forward
-            with autocast(device):
+            with autocast(device, precision_of(model)):
                 out = model(batch)
             pred = to_image_pixels(out["points"][-1].float(), batch["inverse"], cfg.data.image_size)
             start = len(kept)
