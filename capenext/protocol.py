@@ -121,9 +121,11 @@ class Plan:
         unit_query: (U,) the query (position in ``queries``) of each unit, non-decreasing: a query's units
             are contiguous and follow the query order.
         unit_support: (U,) one support (sample index) of each unit; every support of the unit has its mask.
-        unit_mask: (U, K) bool the unit's support visibility mask (the model's ``kp_mask``).
+        unit_mask: (U, K) bool the unit's support mask, the model's ``kp_mask``: the support's visibility
+            with the reference's test-crop rule (:func:`capenext.data.dataset.support_mask`).
         pairs: (P, 2) the share's pairs, in the order they are scored.
         pair_unit: (P,) the unit of each pair.
+        pair_visible: (P, K) bool each pair's support annotation visibility: what is scored (with the query's).
     """
 
     queries: np.ndarray
@@ -132,6 +134,7 @@ class Plan:
     unit_mask: np.ndarray
     pairs: np.ndarray
     pair_unit: np.ndarray
+    pair_visible: np.ndarray
 
     @property
     def pair_query(self) -> np.ndarray:
@@ -143,11 +146,15 @@ class Plan:
         return (int(np.searchsorted(self.unit_query, q0, "left")), int(np.searchsorted(self.unit_query, q1, "left")))
 
 
-def plan(subset, pairs: np.ndarray, slots: int, rank: int = 0, world: int = 1,
+def plan(subset, pairs: np.ndarray, data: DataCfg, rank: int = 0, world: int = 1,
          key: Callable[[Any], Hashable] = texts_key) -> Plan:
     """The units of this rank's share of ``pairs``: the unique queries at positions ``rank::world`` of the
     first-appearance order, every pair of those queries, and per (query, support mask, ``key(query)``) one
-    unit."""
+    unit. The support mask is the reference's at test (:func:`~capenext.data.dataset.support_mask`), once
+    per support."""
+    from capenext.data.dataset import support_mask
+
+    slots = data.max_keypoints
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     _, first = np.unique(pairs[:, 0], return_index=True)
     queries = pairs[np.sort(first), 0][rank::world]  # (Q,)
@@ -156,9 +163,14 @@ def plan(subset, pairs: np.ndarray, slots: int, rank: int = 0, world: int = 1,
     units: dict[tuple, int] = {}
     found: list[tuple[int, int, int]] = []  # (query position, first pair, support) per unit, as found
     pair_unit = np.empty(len(mine), dtype=np.int64)
+    pair_visible = np.zeros((len(mine), slots), dtype=bool)
+    masks: dict[int, np.ndarray] = {}
     for p, (qi, si) in enumerate(mine.tolist()):
         query, support = subset.samples[qi], subset.samples[si]
-        k = (position[qi], support.visible.tobytes(), key(query))
+        if si not in masks:
+            masks[si] = support_mask(support, data) > 0  # (k,)
+        pair_visible[p, : len(support.visible)] = support.visible
+        k = (position[qi], masks[si].tobytes(), key(query))
         if k not in units:
             units[k] = len(found)
             found.append((position[qi], p, si))
@@ -168,11 +180,11 @@ def plan(subset, pairs: np.ndarray, slots: int, rank: int = 0, world: int = 1,
     rank_of[order] = np.arange(len(found))
     unit_mask = np.zeros((len(found), slots), dtype=bool)
     for new, u in enumerate(order):
-        vis = subset.samples[found[u][2]].visible
-        unit_mask[new, : len(vis)] = vis
+        mask = masks[found[u][2]]
+        unit_mask[new, : len(mask)] = mask
     return Plan(queries=queries, unit_query=np.asarray([found[u][0] for u in order], dtype=np.int64),
                 unit_support=np.asarray([found[u][2] for u in order], dtype=np.int64), unit_mask=unit_mask,
-                pairs=mine, pair_unit=rank_of[pair_unit])
+                pairs=mine, pair_unit=rank_of[pair_unit], pair_visible=pair_visible)
 
 
 class _Clock:
@@ -286,7 +298,7 @@ class _Cached:
         pair_query = work.pair_query
         for p0 in range(0, len(work.pairs), size):
             u, q = work.pair_unit[p0: p0 + size], pair_query[p0: p0 + size]
-            visible = self.visible[q] & torch.from_numpy(work.unit_mask[u])  # (B, K) query AND support
+            visible = self.visible[q] & torch.from_numpy(work.pair_visible[p0: p0 + size])  # (B, K) query AND support
             batch = {"gt_xy": self.gt_xy[q], "visible": visible, "norm": self.norm[q], "ann_id": self.ann_id[q],
                      "category_id": self.category_id[q]}
             score(acc, self.preds[u], batch, keep)
@@ -324,7 +336,7 @@ def run_protocol(model: nn.Module, subset, pairs: np.ndarray, data: DataCfg, dev
                                  bank=bank, online_images=online_images, thresholds=thresholds, rank=rank,
                                  world=world, loader_workers=loader_workers, records=records, progress=progress)
     model.eval()
-    work = plan(subset, pairs, data.max_keypoints, rank, world)
+    work = plan(subset, pairs, data, rank, world)
     clock = _Clock(device, stats is not None)
     bar = _progress(progress, len(work.unit_query))
     runner = _Cached(model, work, subset.categories, data, device, bank, online_images, batch_size, clock, bar)

@@ -120,7 +120,7 @@ def test_the_noise_variant_changes_the_numbers_it_is_measured_on(data, prepared)
 
 def test_each_query_and_each_query_mask_pair_is_one_unit_of_work(data):
     index, subset, pairs = data
-    work = plan(subset, pairs, slots=100)
+    work = plan(subset, pairs, load_preset("tiny").data)
     assert sorted(work.queries.tolist()) == sorted(set(pairs[:, 0].tolist()))
     assert np.array_equal(work.pairs, pairs)  # one rank: every pair, in order
     masks = {(q, subset.samples[s].visible.tobytes()) for q, s in pairs.tolist()}
@@ -242,3 +242,44 @@ def test_quick_benchmark_reports_a_positive_ratio_and_equal_pck(prepared):
     assert result["ours"]["pairs_measured"] == result["pairs"] > result["per_pair"]["pairs_measured"]
     assert result["ours"]["units"] < result["pairs"]
     assert result["projected_five_splits"]["pairs"] == 300_000
+
+
+def test_no_support_keypoint_of_the_synthetic_set_falls_off_so_its_pck_is_unchanged(data):
+    """The reference's test-time support mask equals visibility wherever no visible support keypoint falls off
+    the heatmap after the test crop: on the synthetic set (every split's test categories) that is every
+    sample, so its numbers are those of the visibility-only mask."""
+    from capenext.data.dataset import support_mask
+
+    index, _, _ = data
+    cfg = load_preset("tiny")
+    for split in (1, 2, 3, 4, 5):
+        for sample in index.subset(split, "test").samples:
+            assert np.array_equal(support_mask(sample, cfg.data) > 0, sample.visible), sample.ann_id
+
+
+def test_a_visible_support_keypoint_far_outside_its_box_is_masked_in_the_input_and_still_scored(data):
+    """The reference's rule (``top_down_transform.py:244-247``): a visible support keypoint whose Gaussian
+    falls wholly off the 64x64 heatmap after the test crop gets target weight 0, so its text is zeroed and
+    its slot masked; PCK still counts it where the query and the support annotation mark it visible."""
+    import dataclasses
+
+    from capenext.data import make_item
+
+    index, subset, pairs = data
+    cfg = load_preset("tiny")
+    qi, si = (int(v) for v in pairs[0])
+    query, support = subset.samples[qi], subset.samples[si]
+    j = int(np.flatnonzero(support.visible & query.visible)[0])
+    far = support.keypoints.copy()
+    x, y, w, h = support.bbox
+    far[j, :2] = (x + 10 * w, y + 10 * h)  # visible, far outside the box
+    moved = dataclasses.replace(support, keypoints=far)
+    item = make_item(index.read_bytes(query), query, moved, subset.categories[query.category_id], cfg.data)
+    assert not item["kp_mask"][j] and item["support_weight"][j] == 0  # masked in the model's input
+    assert item["visible"][j]  # and scored
+    assert item["kp_mask"][: len(far)].sum() == int(support.visible.sum()) - 1
+
+    samples = list(subset.samples)
+    samples[si] = moved
+    work = plan(dataclasses.replace(subset, samples=samples), pairs[:1], cfg.data)
+    assert not work.unit_mask[0, j] and work.pair_visible[0, j]

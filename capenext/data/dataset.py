@@ -45,6 +45,20 @@ def crop_query(image: np.ndarray | bytes, query: Sample, cfg: DataCfg, scale: fl
     return crop(image, query.bbox, cfg.image_size, cfg.bbox_scale, scale, rot, reduction)
 
 
+def support_mask(support: Sample, cfg: DataCfg, scale: float = 1.0, rot: float = 0.0) -> np.ndarray:
+    """The support mask (K,) float32 in {0, 1}, as the reference computes it in training and at test: the
+    support's keypoints go through its own crop (its box, ``scale``/``rot``: the augmentation's draw in
+    training, none at test) and a visible keypoint whose Gaussian falls wholly off the heatmap gets weight 0
+    (:func:`capenext.data.transforms.target_weights`; the reference's ``top_down_transform.py:244-247``). Its
+    text is then zeroed and its slot masked in the model's input; it is still scored where the query and the
+    support annotation both mark it visible."""
+    size = cfg.image_size
+    center, side = box_center_scale(support.bbox, cfg.bbox_scale)
+    m = affine_matrix(center, side * scale, rot, size)
+    points = apply_affine(support.keypoints[:, :2].astype(np.float64), m)
+    return target_weights(points, support.visible, size, cfg.heatmap_size, cfg.sigma)
+
+
 def make_item(
     image: np.ndarray | bytes,
     query: Sample,
@@ -62,17 +76,17 @@ def make_item(
 
     The support image is never decoded (text-only CAPE needs only its keypoints), but in training its
     keypoints go through the crop the reference would make of it (its own bbox, its own draw), and its
-    target weight is the reference's (:func:`capenext.data.transforms.target_weights`): the support mask
-    (the reference's ``mask_s``), which masks the keypoint text embeddings and the loss.
+    target weight is the reference's (:func:`support_mask`): the support mask (the reference's ``mask_s``),
+    which masks the keypoint text embeddings and the loss. At evaluation the same rule runs on the support's
+    un-augmented test crop, as the reference's test pipeline does.
 
     Keys (K = ``cfg.max_keypoints`` slots, k = the category's keypoints):
         img (3, S, S); heatmap (K, Hh, Hh); points (K, 2) query keypoints in [0, 1] crop coordinates;
         query_weight (K,) the query's target weight (visible, and its Gaussian not wholly off the heatmap
-        after the query's warp); support_weight (K,) the support mask: in training the support's target
-        weight after its own augmented warp, at evaluation its visibility; kp_mask (K,) bool
-        ``support_weight > 0``; support_masked () int64, visible support keypoints the rule zeroed (0 at
-        evaluation); adj (K, K); gt_xy (K, 2) query keypoints in image pixels; visible (K,) bool query AND
-        support visible (annotation visibility, for PCK); norm () max(w, h) of the cleaned query bbox;
+        after the query's warp); support_weight (K,) the support mask (:func:`support_mask`: the support's
+        target weight after its own warp, augmented in training, the test crop at evaluation); kp_mask (K,)
+        bool ``support_weight > 0``; support_masked () int64, visible support keypoints the rule zeroed;
+        adj (K, K); gt_xy (K, 2) query keypoints in image pixels; visible (K,) bool query AND support visible (annotation visibility, for PCK); norm () max(w, h) of the cleaned query bbox;
         inverse (2, 3) crop → image; category_id, ann_id, support_ann_id, num_keypoints.
     """
     slots, size = cfg.max_keypoints, cfg.image_size
@@ -92,14 +106,7 @@ def make_item(
     s_vis = support.visible
     pts = apply_affine(query.keypoints[:, :2].astype(np.float64), c.matrix)
     heat, q_weight = heatmap_targets(pts, q_vis, size, cfg.heatmap_size, cfg.sigma, slots)
-    if rng is not None:
-        s_scale, s_rot = draw()
-        center, side = box_center_scale(support.bbox, cfg.bbox_scale)
-        m = affine_matrix(center, side * s_scale, s_rot, size)
-        s_pts = apply_affine(support.keypoints[:, :2].astype(np.float64), m)
-        s_weight = target_weights(s_pts, s_vis, size, cfg.heatmap_size, cfg.sigma)
-    else:
-        s_weight = s_vis.astype(np.float32)
+    s_weight = support_mask(support, cfg, *draw())  # training: the support's own draw, after the query's
 
     def pad(a: np.ndarray, *tail: int, dtype=np.float32) -> np.ndarray:
         out = np.zeros((slots, *tail), dtype=dtype)
