@@ -282,20 +282,21 @@ def test_training_support_mask_is_the_reference_rule_after_the_supports_own_draw
     assert len(set(masked_counts)) > 1 and min(masked_counts) >= 0
 
 
-def test_evaluation_support_mask_is_the_visibility():
+def test_evaluation_support_mask_is_the_reference_rule_on_the_test_crop():
+    """At evaluation the support goes through its own un-augmented test crop and the reference's target-weight
+    rule, as its test pipeline does: the far keypoints of this support are masked in the model's input, and
+    still scored (the PCK mask stays query AND support annotation visibility)."""
     cat, query, support = spread_pair()
     image = np.zeros((120, 160, 3), dtype=np.uint8)
     item = make_item(image, query, support, cat, DataCfg(image_size=128, heatmap_size=32))
     k = cat.num_keypoints
-    assert np.array_equal(item["support_weight"][:k].numpy(), support.visible.astype(np.float32))
-    assert np.array_equal(item["kp_mask"][:k].numpy(), support.visible)
-    assert int(item["support_masked"]) == 0
-    # even though the rule would drop the far keypoints of this support
     x, y, w, h = support.bbox
     m = mmpose_affine(np.array([x + 0.5 * w, y + 0.5 * h]), np.array([w, w]) / 200 * 1.25, 0.0, 128)
-    assert reference_rule(support.keypoints[:, :2] @ m[:, :2].T + m[:, 2], support.visible, 128, 32, 1.0).sum() \
-        < support.visible.sum()
-    # and the PCK mask stays query AND support annotation visibility
+    expected = reference_rule(support.keypoints[:, :2] @ m[:, :2].T + m[:, 2], support.visible, 128, 32, 1.0)
+    assert expected.sum() < support.visible.sum()  # the rule drops some visible keypoints of this support
+    assert np.array_equal(item["support_weight"][:k].numpy(), expected)
+    assert np.array_equal(item["kp_mask"][:k].numpy(), expected > 0)
+    assert int(item["support_masked"]) == int(support.visible.sum() - expected.sum())
     assert np.array_equal(item["visible"][:k].numpy(), query.visible & support.visible)
 
 
