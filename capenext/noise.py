@@ -3,7 +3,13 @@
 Three kinds, shared by the embedding pipeline (which precomputes the noisy keypoint variants) and the
 evaluation job:
 
-* ``class``: the class prompt is replaced by a random *other* category's name (:func:`wrong_class`);
+* ``class``: each query's class prompt is replaced by a random *other* name of a list of category names, as
+  the reference's Table 4 run does it (``capex.py`` up to commit 4e08e71: per query, a uniformly drawn
+  other index of its 100 MP-100 names); the list is the reference's own when a checkout is given
+  (:func:`reference_class_names`, read, never run), else the category names of the annotation files; the
+  draw is seeded per (query, support) pair (:func:`query_class`), the reference's was not;
+* ``class_per_category``: one wrong name per test category and seed (:func:`wrong_class`): an
+  approximation of Table 4 with far fewer draws (about 20 per split), kept for comparison;
 * ``typo``: keypoint names get character swaps, drops, insertions and substitutions, each letter hit
   with probability ``rate`` (:func:`typo`; "left eey", "nosse", as in CapeX's typo study);
 * ``template``: keypoint names are rewritten by a word map (:func:`rewrite`). The default maps ship as
@@ -86,6 +92,43 @@ def wrong_class(name: str, others: list[str], seed: int) -> str:
     return pool[int(_rng(seed, "class", name).integers(len(pool)))]
 
 
+def query_class(name: str, names: list[str], seed: int, query_ann: int, support_ann: int) -> str:
+    """The reference's per-query class noise, seeded: a name of ``names`` at an index other than ``name``'s
+    first (the reference draws ``randint(0, 99)`` until it differs from ``names.index(name)``; a name the
+    list lacks draws from all of it). Keyed by the (query, support) pair, so a pair's noise is one draw."""
+    if len(names) < 2:
+        raise ValueError("class noise needs a list of at least two category names")
+    own = names.index(name) if name in names else None
+    rng = _rng(seed, "query-class", query_ann, support_ann)
+    if own is None:
+        return names[int(rng.integers(len(names)))]
+    j = int(rng.integers(len(names) - 1))
+    return names[j + (j >= own)]
+
+
+REFERENCE_CLASS_FILE = "models/models/detectors/capex.py"  # where the reference lists MP-100's 100 names
+
+
+def reference_class_names(checkout: str | Path) -> list[str]:
+    """The reference's list of MP-100 category names for its class-noise run (``self.category_names`` in
+    ``capex.py``, present up to commit 4e08e71), read with ``ast`` from a checkout, never run. One line
+    when the file or the list is not there."""
+    import ast
+
+    path = Path(checkout) / REFERENCE_CLASS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--class-names {checkout}: {REFERENCE_CLASS_FILE} not found (a checkout of the "
+                                "official code, yzrs/CapeNext)")
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.List) and any(
+                isinstance(t, ast.Attribute) and t.attr == "category_names" for t in node.targets):
+            names = [e.value for e in node.value.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+            if len(names) == len(node.value.elts) and len(names) >= 2:
+                return names
+    raise ValueError(f"{path}: no list of category names (self.category_names = [...]); the reference has it up to "
+                     "commit 4e08e71: git checkout 4e08e71 -- models/models/detectors/capex.py")
+
+
 def load_template_maps(path: str | Path | None = None) -> dict[str, dict[str, str]]:
     """Named word maps. ``None``: the paper's Table 5 maps. A file holding one flat map
     ``{"word": "replacement"}`` is returned as ``{<file stem>: map}``."""
@@ -147,6 +190,7 @@ class Variant:
     name: str
     text: Callable[[str], str]
     wrong_class: bool = False
+    per_query: bool = False  # the wrong class is drawn per (query, support) pair, not per category
     word_map: dict[str, str] | None = None
     rate: float | None = None
     # category (with the annotation's names) → its keypoint texts, for kinds that rewrite whole categories
@@ -220,8 +264,13 @@ register_noise(NoiseKind(
     "none", "nothing", "the clean prompts", lambda **_: [Variant("none", "clean", lambda t: t)],
     lambda v, meta, seed: True))
 register_noise(NoiseKind(
-    "class", "class", "each query's class prompt becomes another category's name",
-    lambda **_: [Variant("class", "class", lambda t: t, wrong_class=True)],
+    "class", "class", "each query's class prompt becomes another name of the category list, drawn per query "
+    "(the paper's Table 4; the list: --class-names CHECKOUT, else the annotations' categories)",
+    lambda **_: [Variant("class", "class", lambda t: t, wrong_class=True, per_query=True)],
+    lambda v, meta, seed: True))
+register_noise(NoiseKind(
+    "class_per_category", "class", "one wrong category name per test category and seed (an approximation of "
+    "Table 4)", lambda **_: [Variant("class_per_category", "class_per_category", lambda t: t, wrong_class=True)],
     lambda v, meta, seed: True))
 register_noise(NoiseKind(
     "typo", "keypoints", f"typos in the keypoint texts at --typo-rate (default {DEFAULT_TYPO_RATE})", _typo_rows,

@@ -104,11 +104,27 @@ def preparer(model: nn.Module, bank: EmbeddingBank | None, data: DataCfg, device
     return prepare
 
 
-def texts_key(sample) -> Hashable:
-    """The identity of the texts (keypoint texts and class prompt) a pair with query ``sample`` is given:
-    its category, since one :class:`EmbeddingBank` holds one text per category and keypoint. Part of a
-    unit's key, so that a noise that gives queries their own texts keys the cached work by them."""
-    return sample.category_id
+@dataclass(frozen=True)
+class PairClasses:
+    """A class prompt per (query, support) pair instead of the category's: the reference's per-query class
+    noise (:func:`capenext.noise.query_class`). ``name(query ann id, support ann id)`` is the pair's class
+    name, ``embeddings[name]`` its (C,) embedding of ``a photo of {name}``."""
+
+    name: Callable[[int, int], str]
+    embeddings: dict[str, torch.Tensor]
+
+    def stack(self, ann_ids: torch.Tensor, support_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) query and support annotation ids → (B, C) class embeddings."""
+        return torch.stack([self.embeddings[self.name(int(a), int(s))] for a, s in zip(ann_ids, support_ids)])
+
+
+def texts_key(query, support, classes: PairClasses | None = None) -> Hashable:
+    """The identity of the texts (keypoint texts and class prompt) a pair is given: its category (one
+    :class:`EmbeddingBank` holds one text per category and keypoint), and with per-pair class prompts the
+    pair's class name. Part of a unit's key, so that cached work is keyed by the texts actually used."""
+    if classes is None:
+        return query.category_id
+    return query.category_id, classes.name(query.ann_id, support.ann_id)
 
 
 @dataclass
@@ -147,9 +163,9 @@ class Plan:
 
 
 def plan(subset, pairs: np.ndarray, data: DataCfg, rank: int = 0, world: int = 1,
-         key: Callable[[Any], Hashable] = texts_key) -> Plan:
+         key: Callable[[Any, Any], Hashable] = texts_key) -> Plan:
     """The units of this rank's share of ``pairs``: the unique queries at positions ``rank::world`` of the
-    first-appearance order, every pair of those queries, and per (query, support mask, ``key(query)``) one
+    first-appearance order, every pair of those queries, and per (query, support mask, ``key(query, support)``) one
     unit. The support mask is the reference's at test (:func:`~capenext.data.dataset.support_mask`), once
     per support."""
     from capenext.data.dataset import support_mask
@@ -170,7 +186,7 @@ def plan(subset, pairs: np.ndarray, data: DataCfg, rank: int = 0, world: int = 1
         if si not in masks:
             masks[si] = support_mask(support, data) > 0  # (k,)
         pair_visible[p, : len(support.visible)] = support.visible
-        k = (position[qi], masks[si].tobytes(), key(query))
+        k = (position[qi], masks[si].tobytes(), key(query, support))
         if k not in units:
             units[k] = len(found)
             found.append((position[qi], p, si))
@@ -234,6 +250,8 @@ class _Cached:
         self.left = np.bincount(work.unit_query, minlength=q)  # units still to run, per query
         self.adj: dict[int, torch.Tensor] = {}
         self.done = self.ready = 0  # units run; units whose query is encoded
+        self.classes: PairClasses | None = None  # per-pair class prompts (run_protocol sets them)
+        self.support_ann: dict[int, int] = {}  # sample index → annotation id
 
     def encode(self, batch: dict[str, torch.Tensor], start: int) -> None:
         """The image part of the queries at positions ``start ..`` (a collated :class:`QueryDataset` batch)."""
@@ -280,6 +298,9 @@ class _Cached:
         if self.bank is not None:
             batch = self.bank.fill(batch, self.data.max_keypoints, self.image_table,
                                    getattr(self.core, "needs_class_embedding", False))
+            if self.classes is not None and "cls_emb" in batch:  # the pair's class prompt, not the category's
+                supports = torch.tensor([self.support_ann[int(i)] for i in work.unit_support[u0:u1]])
+                batch["cls_emb"] = self.classes.stack(batch["ann_id"], supports)  # (B, C)
         batch = to_device(batch, self.device)
         image = {k: torch.stack([self.cache[q][0][k] for q in qpos]) for k in self.cache[qpos[0]][0]}
         batch.update({k: torch.stack([self.cache[q][1][k] for q in qpos]) for k in self.cache[qpos[0]][1]})
@@ -320,7 +341,7 @@ def run_protocol(model: nn.Module, subset, pairs: np.ndarray, data: DataCfg, dev
                  load_image: Callable, batch_size: int, bank: EmbeddingBank | None = None,
                  online_images: bool = False, thresholds: tuple[float, ...] = THRESHOLDS, rank: int = 0,
                  world: int = 1, loader_workers: int = 0, records: bool = False, progress: str | None = None,
-                 dedupe: bool = True, stats: dict[str, Any] | None = None
+                 dedupe: bool = True, stats: dict[str, Any] | None = None, classes: PairClasses | None = None
                  ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """PCK of ``model`` on the (query, support) ``pairs`` of ``subset``, each unique input's work done once.
 
@@ -330,16 +351,19 @@ def run_protocol(model: nn.Module, subset, pairs: np.ndarray, data: DataCfg, dev
     label on stderr. ``batch_size``: query crops per backbone forward, and units per head forward.
     ``dedupe=False``: the per-pair loop (:func:`per_pair_protocol`), the reference for the same numbers.
     ``stats``, when given, receives the counts of pairs, queries and units and the seconds of each stage.
+    ``classes``: a class prompt per pair (:class:`PairClasses`) instead of the bank's per category.
     """
     if not dedupe:
         return per_pair_protocol(model, subset, pairs, data, device, load_image=load_image, batch_size=batch_size,
                                  bank=bank, online_images=online_images, thresholds=thresholds, rank=rank,
-                                 world=world, loader_workers=loader_workers, records=records, progress=progress)
+                                 world=world, loader_workers=loader_workers, records=records, progress=progress,
+                                 classes=classes)
     model.eval()
-    work = plan(subset, pairs, data, rank, world)
+    work = plan(subset, pairs, data, rank, world, key=lambda q, s: texts_key(q, s, classes))
     clock = _Clock(device, stats is not None)
     bar = _progress(progress, len(work.unit_query))
     runner = _Cached(model, work, subset.categories, data, device, bank, online_images, batch_size, clock, bar)
+    runner.classes, runner.support_ann = classes, {i: s.ann_id for i, s in enumerate(subset.samples)}
     loader = torch.utils.data.DataLoader(QueryDataset(subset, work.queries, data, load_image), batch_size=batch_size,
                                          collate_fn=collate, num_workers=loader_workers)
     with torch.no_grad():
@@ -365,8 +389,8 @@ def run_protocol(model: nn.Module, subset, pairs: np.ndarray, data: DataCfg, dev
 def per_pair_protocol(model: nn.Module, subset, pairs: np.ndarray, data: DataCfg, device: torch.device, *,
                       load_image: Callable, batch_size: int, bank: EmbeddingBank | None = None,
                       online_images: bool = False, thresholds: tuple[float, ...] = THRESHOLDS, rank: int = 0,
-                      world: int = 1, loader_workers: int = 0, records: bool = False, progress: str | None = None
-                      ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                      world: int = 1, loader_workers: int = 0, records: bool = False, progress: str | None = None,
+                      classes: PairClasses | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The protocol as a per-pair loop: one :class:`PairDataset` item (decode and crop of the query) and one
     whole forward per pair, ``batch_size`` pairs per forward, a strided share of the pairs per rank. What
     :func:`run_protocol` computes, at the cost of every pair; kept as the reference its numbers are
@@ -374,7 +398,14 @@ def per_pair_protocol(model: nn.Module, subset, pairs: np.ndarray, data: DataCfg
     mine = np.arange(rank, len(pairs), world)
     ds = PairDataset(subset, pairs, data, load_image=load_image, positions=mine)  # decoded as in training
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=loader_workers)
-    prepare = preparer(model, bank, data, device, online_images)
+    fill = preparer(model, bank, data, device, online_images)
+
+    def prepare(batch: dict) -> dict:
+        batch = fill(batch)
+        if classes is not None and "cls_emb" in batch:
+            batch["cls_emb"] = classes.stack(batch["ann_id"], batch["support_ann_id"])  # (B, C)
+        return batch
+
     visible: list[torch.Tensor] = []
 
     def keep_visible(batch: dict) -> dict:

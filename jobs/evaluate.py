@@ -7,7 +7,9 @@ protocol, the one function :func:`capenext.protocol.run_protocol` (per category 
 training run's logged ``test/pck_*`` exactly. With noise (paper Tables 4 and 5; the noise
 is defined once in :mod:`capenext.noise` and seeded by ``--noise-seed``):
 
-* ``class``: each query's class prompt becomes ``wrong_class(true name, every category name, seed)``;
+* ``class``: each query's class prompt becomes another name of a list, drawn per (query, support) pair as
+  the reference's Table 4 run (:func:`capenext.noise.query_class`; the list: ``--class-names CHECKOUT``, the
+  reference's own, else the annotations' categories); ``class_per_category``: one wrong name per category;
 * ``typo``: each keypoint text gets typos at ``--typo-rate`` (default 0.1);
 * ``template``: keypoint texts are rewritten by each word map of ``--template-map`` (default: the paper's
   five Table 5 maps), one result row per map;
@@ -108,6 +110,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="JSON word map {\"word\": \"replacement\"} or {\"name\": {...}, ...} (--noise template; "
                         "default: each of the paper's Table 5 maps, one result row each)")
     add_noise_seed(g)
+    g.add_argument("--class-names", type=Path, default=None, metavar="CHECKOUT",
+                   help="--noise class draws each query's wrong name from the reference's own list of MP-100's 100 "
+                        "category names, read (never run) from this checkout of the official code at a commit up to "
+                        "4e08e71; default: the category names of the shards' annotation files")
     g = p.add_argument_group("protocol")
     add_recipe(g)
     add_config_option(g, "precision", help="the pose model's precision: fp32 (the reference's, and the default) or "
@@ -394,6 +400,38 @@ def prepare(args: argparse.Namespace, uri: str) -> tuple[Evaluation, Any]:
                       ep_seed, emb, label, training_id, args.eval_batch_size or cfg.optim.batch_size), train_run
 
 
+def class_names(ev: Evaluation, args: argparse.Namespace) -> tuple[list[str], str]:
+    """The list per-query class noise draws from, and where it came from (recorded on the run)."""
+    from capenext.noise import reference_class_names
+
+    if args.class_names is not None:
+        names = reference_class_names(args.class_names)
+        return names, f"reference ({len(names)} names, {args.class_names})"
+    names = [c.name for c in sorted(ev.index.categories.values(), key=lambda c: c.id)]
+    return names, f"annotations ({len(names)} categories)"
+
+
+def pair_classes(ev: Evaluation, args: argparse.Namespace):
+    """Per-query class noise as the reference's Table 4 run: each (query, support) pair's class prompt is
+    another name of the list (:func:`capenext.noise.query_class`); returns the pairs' classes and the share
+    of pairs whose name changed."""
+    from capenext.noise import query_class
+    from capenext.protocol import PairClasses
+
+    names, _ = class_names(ev, args)
+    true = {s.ann_id: ev.subset.categories[s.category_id].name for s in ev.subset.samples}
+    unique = sorted(set(names))
+    table = ev.embeddings.classes(dict(enumerate(unique)))  # index → (C,)
+    embeddings = {name: table[i] for i, name in enumerate(unique)}
+
+    def name(query_ann: int, support_ann: int) -> str:
+        return query_class(true[query_ann], names, args.noise_seed, query_ann, support_ann)
+
+    anns = [(ev.subset.samples[q].ann_id, ev.subset.samples[s].ann_id) for q, s in ev.pairs.tolist()]
+    changed = float(np.mean([name(a, s) != true[a] for a, s in anns])) if anns else 0.0
+    return PairClasses(name, embeddings), changed
+
+
 def measure(ev: Evaluation, v: Variant, args: argparse.Namespace) -> tuple[dict[str, Any], list[dict]]:
     """One result row: the variant's embeddings, the protocol, the share of prompts the noise changed."""
     from capenext.data.embeddings import needs_image_table
@@ -401,7 +439,11 @@ def measure(ev: Evaluation, v: Variant, args: argparse.Namespace) -> tuple[dict[
 
     categories = sorted(ev.subset.categories.values(), key=lambda c: c.id)
     names = {c.id: c.name for c in categories}
-    if v.wrong_class:
+    classes = None
+    if v.per_query:
+        classes, share = pair_classes(ev, args)
+        changed = [share]
+    elif v.wrong_class:
         all_names = [c.name for c in ev.index.categories.values()]
         names = {c.id: wrong_class(c.name, all_names, args.noise_seed) for c in categories}
         changed = [names[c.id] != c.name for c in categories]
@@ -412,7 +454,7 @@ def measure(ev: Evaluation, v: Variant, args: argparse.Namespace) -> tuple[dict[
     metrics, records = run_protocol(ev.model, ev.subset, ev.pairs, ev.cfg.data, ev.device,
                                     load_image=ev.index.read_bytes, batch_size=ev.batch_size, bank=bank,
                                     online_images=online, loader_workers=args.loader_workers, records=True,
-                                    progress=None if args.quiet else v.name)
+                                    progress=None if args.quiet else v.name, classes=classes)
     row = {"noise": v.noise, "noise_variant": v.name,
            "embeddings": where if not online else f"{where} (images in-process)",
            **{f"test/{k}": val for k, val in metrics.items() if k != "count"},
@@ -429,7 +471,8 @@ def row_params(ev: Evaluation, v: Variant, row: dict[str, Any], args: argparse.N
             "sampler": ev.sampler, "eval_batch_size": ev.batch_size,
             "keypoint_texts": ev.cfg.data.descriptions or "annotations", "text_variant": ev.cfg.data.text_variant,
             "clip_precision": ev.cfg.model.clip_precision, "precision": ev.cfg.model.precision,
-            "embeddings": row["embeddings"], "split": ev.split, "device": str(ev.device), "recipe": args.recipe}
+            "embeddings": row["embeddings"], "split": ev.split, "device": str(ev.device), "recipe": args.recipe,
+            "class_names": class_names(ev, args)[1] if v.per_query else ""}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ CURVE_KEYS = ("train/loss", f"val/{pck_key(0.2)}")
 PAPER = json.loads(resources.files("jobs.reports").joinpath("paper_results.json").read_text(encoding="utf-8"))
 BACKBONE_NAMES = {**PAPER["backbones"], "tiny": "tiny (tests)"}  # the paper's names, in its Table 1 order
 METHODS = tuple(PAPER["methods"].items())  # Table 1: (ablation, method)
-CLASS_NOISE = "class"  # the noise of Table 4; every other noise variant is a column of Table 5
+CLASS_NOISE = "class"  # the noise of Table 4 (per query, as the reference); every other variant is a Table 5 column
 SPLIT_COLUMNS = [f"Split{k}" for k in SPLITS] + ["Avg"]
 PARTIAL_NOTE = "† mean over the splits present (fewer than five)."
 LABEL_COLUMNS = {"Method", "Backbone", "Source", "Setting", "Ablation"}  # left-aligned in Markdown
@@ -406,10 +406,12 @@ def describe(variant: str) -> tuple[tuple, str, str | None]:
         a, _, b = name.partition("-")
         label = f"{a.replace('_', ' ')}→{b.replace('_', ' ')}" if b else name
         return (2, order.index(name) if name in order else len(order), variant), f"{APPROX} {label} (every text)", None
+    if variant == "class_per_category":
+        return (4, 0, variant), f"{APPROX} wrong class per category", None
     if kind == "reference" and name:
         rank = order.index(exact) if exact in order else len(order)
         return (3, rank, variant), f"reference texts: {name}", exact
-    return (4, 0, variant), variant, None
+    return (5, 0, variant), variant, None
 
 
 def table5(data: Data, with_paper: bool, main: str) -> Table | None:

@@ -80,7 +80,9 @@ def test_accumulator_over_batches_equals_pck_of_everything():
 
 
 def test_noise_registry_gives_rows_and_takes_new_kinds():
-    assert noise_kinds()[:4] == ["none", "class", "typo", "template"]
+    assert noise_kinds()[:5] == ["none", "class", "class_per_category", "typo", "template"]
+    (per_query,) = get_noise("class").variants()
+    assert per_query.per_query and not get_noise("class_per_category").variants()[0].per_query
     (row,) = get_noise("typo").variants(rate=0.3, seed=1)
     assert row.name == "typo@0.3" and row.text("left eye") != "left eye"
     assert get_noise("typo").in_tables(row, {"typo_rates": [0.3], "noise_seed": 1}, 1)

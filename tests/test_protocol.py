@@ -283,3 +283,51 @@ def test_a_visible_support_keypoint_far_outside_its_box_is_masked_in_the_input_a
     samples[si] = moved
     work = plan(dataclasses.replace(subset, samples=samples), pairs[:1], cfg.data)
     assert not work.unit_mask[0, j] and work.pair_visible[0, j]
+
+
+def test_per_query_class_noise_keys_the_work_by_the_class_each_pair_is_given(data, prepared):
+    """Per-query class noise (the reference's Table 4): each (query, support) pair gets its own wrong class;
+    the unique-work protocol keys its units by it and equals the per-pair loop, and the noise reaches the
+    model (its numbers differ from the clean ones)."""
+    from capenext.noise import query_class
+    from capenext.protocol import PairClasses
+
+    index, subset, pairs = data
+    model, cfg = _model()
+    bank = load_bank(prepared / "emb")
+    names = [c.name for c in sorted(index.categories.values(), key=lambda c: c.id)]
+    by_name = {c.name: bank.classes[c.id] for c in index.categories.values()}
+    true = {s.ann_id: subset.categories[s.category_id].name for s in subset.samples}
+    classes = PairClasses(lambda a, s: query_class(true[a], names, 0, a, s), by_name)
+    drawn = {(subset.samples[q].ann_id, subset.samples[s].ann_id) for q, s in pairs.tolist()}
+    assert len({classes.name(a, s) for a, s in drawn}) > 3  # per pair, not one name per category
+    assert all(classes.name(a, s) != true[a] for a, s in drawn)
+    kw = dict(load_image=index.read_bytes, batch_size=8, bank=bank, records=True, classes=classes)
+    (m, r), (n, t) = (run_protocol(model, subset, pairs, cfg.data, CPU, **kw),
+                      run_protocol(model, subset, pairs, cfg.data, CPU, dedupe=False, **kw))
+    assert _max_diff(r, t) <= PX and all(abs(m[pck_key(x)] - n[pck_key(x)]) <= PCK for x in THRESHOLDS)
+    clean = run_protocol(model, subset, pairs, cfg.data, CPU, load_image=index.read_bytes, batch_size=8, bank=bank)[0]
+    assert clean != m
+    keyed = plan(subset, pairs, cfg.data, key=lambda q, s: (q.category_id, classes.name(q.ann_id, s.ann_id)))
+    assert len(keyed.unit_query) > len(plan(subset, pairs, cfg.data).unit_query)
+
+
+def test_the_reference_class_list_is_read_never_run(tmp_path):
+    """The reference's 100 names for its class-noise run are read from ``capex.py`` with ``ast``: a file whose
+    list is there gives it (duplicates kept, as the reference draws by index); one without it is one line."""
+    from capenext.noise import REFERENCE_CLASS_FILE, query_class, reference_class_names
+
+    marker = tmp_path / "ran"
+    path = tmp_path / REFERENCE_CLASS_FILE
+    path.parent.mkdir(parents=True)
+    path.write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                    "class CapeX:\n    def __init__(self):\n"
+                    "        self.category_names = ['alpaca face', 'Tern', 'dog body', 'Tern']\n")
+    names = reference_class_names(tmp_path)
+    assert names == ["alpaca face", "Tern", "dog body", "Tern"] and not marker.exists()
+    assert {query_class("Tern", names, 0, a, 1) for a in range(200)} == {"alpaca face", "dog body", "Tern"}
+    path.write_text("class CapeX:\n    use_wrong_catName = False\n")
+    with pytest.raises(ValueError, match="no list of category names.*4e08e71"):
+        reference_class_names(tmp_path)
+    with pytest.raises(FileNotFoundError, match="--class-names"):
+        reference_class_names(tmp_path / "nowhere")
