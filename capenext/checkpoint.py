@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -63,29 +63,28 @@ def _replace_durably(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary name beside ``path``, then a durable rename (:func:`_replace_durably`)."""
+def _write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path`` durably
+    (:func:`_replace_durably`); a failed write leaves the old file and no temporary."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         _replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` whole or not at all (:func:`_write_atomically`)."""
+    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_copy(src: str | Path, path: str | Path) -> None:
-    """Copy ``src`` to ``path`` through a temporary name and a durable rename (a reader of ``best.pt``
-    never sees half a file)."""
+    """Copy ``src`` to ``path`` whole or not at all: a reader of ``best.pt`` never sees half a file."""
     import shutil
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        _replace_durably(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_atomically(path, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, cfg: RunCfg, meta: dict[str, Any] | None = None) -> None:

@@ -62,6 +62,24 @@ def prepared(synthetic_root, ray_local, tmp_path_factory) -> Path:
     return base
 
 
+@pytest.fixture(scope="session")
+def random_tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny CapeNext at random weights (seed 0, the random tiny CLIP), saved once per session; tests must
+    not modify it."""
+    import torch
+
+    from capenext.checkpoint import save_checkpoint
+    from capenext.config import load_preset
+    from capenext.models import build_model
+
+    cfg = load_preset("tiny")
+    cfg.model.clip_checkpoint = "random"
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("random_tiny") / "tiny.pt"
+    save_checkpoint(path, build_model(cfg.model), cfg)
+    return path
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
     """``python -m <args>`` as a user runs it; returns the CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}

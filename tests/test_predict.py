@@ -353,17 +353,8 @@ def test_clip_precision_swap_refuses_fp16_off_cuda_and_keeps_a_matching_clip():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Predictor:
-    from capenext.checkpoint import save_checkpoint
-    from capenext.config import load_preset
-    from capenext.models import build_model
-
-    cfg = load_preset("tiny")
-    cfg.model.clip_checkpoint = "random"
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "m.pt"
-    save_checkpoint(path, build_model(cfg.model), cfg)
-    return Predictor(path)
+def tiny(random_tiny_checkpoint) -> Predictor:
+    return Predictor(random_tiny_checkpoint)
 
 
 def _image(seed: int = 0, h: int = 60, w: int = 90) -> np.ndarray:

@@ -12,7 +12,6 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from capenext.predict import Query
@@ -23,17 +22,8 @@ from jobs.serving.options import ServeOptions, check_options
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    from capenext.checkpoint import save_checkpoint
-    from capenext.config import load_preset
-    from capenext.models import build_model
-
-    cfg = load_preset("tiny")
-    cfg.model.clip_checkpoint = "random"
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("security") / "tiny.pt"
-    save_checkpoint(path, build_model(cfg.model), cfg)
-    return str(path)
+def checkpoint(random_tiny_checkpoint) -> str:
+    return str(random_tiny_checkpoint)
 
 
 def _service(checkpoint: str, **options) -> Service:
