@@ -268,9 +268,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_reference(args.reference, args.config)
+    with torch.no_grad():  # the whole comparison; the caller's grad mode is left as it was
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build both models, convert, compare stage by stage; 0 when every stage agrees."""
     reference = args.reference
-    check_reference(reference, args.config)
-    torch.set_grad_enabled(False)
     from capenext.checkpoint import load_model
     from jobs.convert import main as convert_main
 

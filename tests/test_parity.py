@@ -213,3 +213,14 @@ def test_expected_stage_names_a_stage():
                 "decoder.layers.1.choker.weight", "decoder.norm.weight", "offset_heads.0.out.weight",
                 "offset_heads.2.out.weight"):
         assert parity.expected_stage(key) in labels, key
+
+
+def test_parity_leaves_the_callers_grad_mode_as_it_was(tmp_path, capsys):
+    """The comparison runs without gradients, but a caller in the same process (a test session, a notebook)
+    trains afterwards: its grad mode is left as it was, also when the check stops inside the comparison."""
+    import torch
+
+    assert torch.is_grad_enabled()
+    root = _fake_checkout(tmp_path / "checkout")
+    assert "'mmcv.ops'" in _error_line(capsys, ["--reference", str(root)])  # fails while building the reference
+    assert torch.is_grad_enabled()
