@@ -37,6 +37,11 @@ Text embeddings are cached per text, keyed by ``(kind, text, CLIP identity)`` (k
 Images from bytes are opened by PIL in the formats of :data:`IMAGE_FORMATS` only (PIL would otherwise try
 every format it knows, EPS through Ghostscript included).
 
+``Predictor(checkpoint, runtime="onnx", onnx_dir=DIR)`` computes with onnxruntime on CPU over the folder
+``python -m jobs.export`` wrote from that checkpoint (:class:`capenext.export.OnnxModel`; its ``model.json``
+sha256 must be the checkpoint's): the CLIP text and image towers and the pose network; the checkpoint still
+gives the config, the checks and the tokenizer. ``runtime="torch"`` (default) is PyTorch, unchanged.
+
 Weights load with ``weights_only=True`` (:func:`capenext.checkpoint.read_checkpoint`); it runs on CPU.
 :meth:`Predictor.save_pretrained` / :meth:`Predictor.from_pretrained` keep a model as a folder of
 ``config.json`` (the config and meta) and ``model.safetensors`` (the trainable weights, no pickle at all).
@@ -74,6 +79,7 @@ ImageLike = str | Path | bytes | Image.Image | np.ndarray
 CONFIG_FILE = "config.json"  # save_pretrained's folder: config and meta ...
 WEIGHTS_FILE = "model.safetensors"  # ... and the trainable weights
 TEXT_CACHE_SIZE = 4096  # text embeddings a predictor keeps (least recently used out)
+RUNTIMES = ("torch", "onnx")  # what computes: PyTorch, or onnxruntime on the files jobs.export wrote
 
 
 def load_image(image: ImageLike) -> np.ndarray:
@@ -181,9 +187,19 @@ class Predictor:
     """
 
     def __init__(self, checkpoint: str | Path, clip_checkpoint: str | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", *, runtime: str = "torch", onnx_dir: str | Path | None = None):
         """Load ``checkpoint`` (a capenext checkpoint file, ``weights_only=True``). ``clip_checkpoint``
-        overrides where the frozen CLIP's weights are on this machine (default: the training config's)."""
+        overrides where the frozen CLIP's weights are on this machine (default: the training config's).
+
+        ``runtime="onnx"`` runs the folder ``onnx_dir`` that ``python -m jobs.export`` wrote from this very
+        checkpoint (its ``model.json`` sha256 is checked) with onnxruntime on CPU: the pose network and both
+        CLIP towers; the checkpoint still gives the config, the checks and the tokenizer."""
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime={runtime!r}; valid: {list(RUNTIMES)}")
+        if runtime == "onnx" and onnx_dir is None:
+            raise ValueError("runtime='onnx' needs onnx_dir (a folder written by python -m jobs.export)")
+        if runtime == "onnx" and torch.device(device).type != "cpu":
+            raise ValueError(f"runtime='onnx' runs on CPU (onnxruntime), not on {torch.device(device).type}")
         self.device = torch.device(device)
         try:
             model, cfg, meta = load_model(checkpoint, clip_checkpoint, self.device)
@@ -191,12 +207,20 @@ class Predictor:
             msg = err.args[0] if err.args else err
             raise ValueError(f"{checkpoint}: checkpoint of an unknown config ({msg})") from None
         self._attach(model, cfg, meta)
+        if runtime == "onnx":
+            self.onnx = _onnx_model(onnx_dir, checkpoint)
 
     def _attach(self, model: torch.nn.Module, cfg, meta: dict[str, Any]) -> None:
         self.model, self.cfg, self.meta = model, cfg, meta
         self.slots = self.cfg.data.max_keypoints
         self.image_size = self.cfg.data.image_size
         self._text_cache: OrderedDict[tuple[str, str, tuple], torch.Tensor] = OrderedDict()
+        self.onnx = None  # an OnnxModel when runtime="onnx"
+
+    @property
+    def runtime(self) -> str:
+        """``"onnx"`` when the exported files compute, else ``"torch"``."""
+        return "torch" if self.onnx is None else "onnx"
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``directory/config.json`` (format, config, meta) and ``directory/model.safetensors`` (the
@@ -268,7 +292,13 @@ class Predictor:
         keys = [(kind, str(t), identity) for t in texts]
         missing = list(dict.fromkeys(k[1] for k in keys if k not in self._text_cache))
         if missing:
-            emb = clip.encode_text(missing) if kind == "keypoint" else clip.encode_class(missing)  # (M, C)
+            if self.onnx is not None:  # the text tower of the export, on the same token ids
+                from capenext.models.clip import class_prompt
+
+                prompts = missing if kind == "keypoint" else [class_prompt(t) for t in missing]
+                emb = torch.from_numpy(self.onnx.encode_text(clip.tokenize(prompts).numpy()))  # (M, C)
+            else:
+                emb = clip.encode_text(missing) if kind == "keypoint" else clip.encode_class(missing)  # (M, C)
             for text, row in zip(missing, emb):
                 self._text_cache[(kind, text, identity)] = row.clone()  # not a view keeping the batch alive
         out = []
@@ -344,8 +374,22 @@ class Predictor:
         if self.model.needs_class_embedding:
             batch["cls_emb"] = self._encode_class(class_name)  # (1, C)
         if image_embedding and self.model.needs_image_embedding and self.model.image_embedding == "precomputed":
-            batch["img_emb"] = self.model.clip.encode_image(img)  # (1, C), as pipelines.embed
+            batch["img_emb"] = self._encode_image(img)  # (1, C), as pipelines.embed
         return batch, c.inverse, (int(rgb.shape[1]), int(rgb.shape[0]))
+
+    def _encode_image(self, img: torch.Tensor) -> torch.Tensor:
+        """(B, C) CLIP image embeddings of the crops: the frozen CLIP's, or the export's image tower."""
+        if self.onnx is not None:
+            return torch.from_numpy(self.onnx.encode_image(img.cpu().numpy()))
+        return self.model.clip.encode_image(img)
+
+    def _run(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's outputs on ``batch`` (``points`` and ``sim`` at least): PyTorch's, or onnxruntime's."""
+        if self.onnx is not None:
+            out = self.onnx.pose({k: v.cpu().numpy() for k, v in batch.items()})
+            return {k: torch.from_numpy(v) for k, v in out.items()}
+        with autocast(self.device, precision_of(self.model)):
+            return self.model(batch)
 
     @torch.no_grad()
     def predict(self, image: ImageLike, names: Sequence[str], class_name: str | None = None,
@@ -368,8 +412,7 @@ class Predictor:
         """
         batch, inverse, size = self._prepare(image, names, class_name, skeleton, bbox, True)
         k = int(batch["kp_mask"].sum())
-        with autocast(self.device, precision_of(self.model)):
-            out = self.model(batch)
+        out = self._run(batch)
         pts01 = out["points"][-1][:, :k].float()  # (1, k, 2) in [0, 1] crop coordinates
         inv = torch.from_numpy(inverse.astype(np.float32)).unsqueeze(0).to(pts01.device)  # (1, 2, 3)
         xy = to_image_pixels(pts01, inv, self.image_size)[0].cpu()  # (k, 2) image pixels
@@ -397,9 +440,8 @@ class Predictor:
             sizes.append(size)
         batch = {key: torch.cat([b[key] for b in inputs]) for key in inputs[0]}  # (B, ...)
         if self.model.needs_image_embedding and self.model.image_embedding == "precomputed":
-            batch["img_emb"] = self.model.clip.encode_image(batch["img"])  # (B, C), as pipelines.embed
-        with autocast(self.device, precision_of(self.model)):
-            out = self.model(batch)
+            batch["img_emb"] = self._encode_image(batch["img"])  # (B, C), as pipelines.embed
+        out = self._run(batch)
         inv = torch.from_numpy(np.stack(inverses).astype(np.float32)).to(self.device)  # (B, 2, 3)
         pts01 = out["points"][-1].float()  # (B, K, 2) in [0, 1] crop coordinates
         xy = to_image_pixels(pts01, inv, self.image_size).cpu()  # (B, K, 2) image pixels
@@ -426,6 +468,20 @@ class Predictor:
             except Exception as err:  # noqa: BLE001 -- returned to the caller, as this query's answer
                 out.append(_as_answer(err))
         return out
+
+
+def _onnx_model(onnx_dir: str | Path, checkpoint: str | Path):
+    """The export folder ``onnx_dir`` loaded for onnxruntime, checked to come from ``checkpoint``."""
+    try:
+        import onnxruntime  # noqa: F401
+
+        from capenext.export import OnnxModel
+    except ImportError as err:
+        raise ValueError(f"runtime='onnx' needs onnxruntime ({err.name} is missing): "
+                         "pip install 'capenext[onnx]'") from None
+    from capenext.files import file_sha256
+
+    return OnnxModel(onnx_dir, checkpoint_sha256=file_sha256(checkpoint))
 
 
 def _as_answer(err: Exception) -> Exception:

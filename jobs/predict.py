@@ -21,6 +21,10 @@ cuda``); weights load with ``weights_only=True``. The names, class, skeleton and
 :mod:`capenext.inputs`, as the server reads them. Every bad input (an unreadable image, no names, more than
 100 names, a skeleton index out of range, a bbox outside the image, a checkpoint of an unknown config) is
 one ``error:`` line and exit code 2.
+
+``--runtime onnx --onnx DIR`` runs the folder ``python -m jobs.export`` wrote from the same checkpoint (its
+``model.json`` sha256 is checked) with onnxruntime on CPU instead of PyTorch; the points agree within float
+rounding.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pipelines.runtime.checkpoints import CHECKPOINT_HELP
 from pipelines.runtime.options import add_clip_precision, add_config_option, add_device, add_tracking_uri
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+RUNTIMES = ("torch", "onnx")  # capenext.predict.RUNTIMES, spelled here so --help needs no torch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,6 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            "regular)")
     add_clip_precision(p)
     add_device(p)
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="what computes: PyTorch (default), or onnxruntime on CPU over the files of --onnx")
+    p.add_argument("--onnx", type=Path, default=None, metavar="DIR",
+                   help="with --runtime onnx: the folder python -m jobs.export wrote from this checkpoint")
     add_config_option(p, "clip_checkpoint",
                       help="where the frozen CLIP's weights are on this machine (default: the training config's)")
     add_tracking_uri(p)
@@ -97,6 +106,18 @@ def image_files(args: argparse.Namespace) -> list[Path]:
     if not found:
         raise FileNotFoundError(f"--images: no image files in {args.images} (looked for {', '.join(IMAGE_SUFFIXES)})")
     return found
+
+
+def check_runtime(args: argparse.Namespace) -> None:
+    """--runtime onnx needs --onnx DIR and runs on CPU in fp32; --onnx needs --runtime onnx."""
+    if args.runtime == "onnx":
+        if args.onnx is None:
+            raise UsageError("--runtime onnx needs --onnx DIR (a folder written by python -m jobs.export)")
+        if args.device != "cpu" or args.clip_precision == "fp16":
+            raise UsageError("--runtime onnx runs on CPU in fp32 (onnxruntime): drop --device cuda and "
+                             "--clip-precision fp16")
+    elif args.onnx is not None:
+        raise UsageError("--onnx DIR is read with --runtime onnx only: add --runtime onnx")
 
 
 def picture_path(args: argparse.Namespace, image: Path) -> Path:
@@ -119,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from capenext.viz import draw_keypoints
 
     args = parse_args(argv)
+    check_runtime(args)
     if args.keypoints_file is not None:
         spec = read_keypoints_file(args.keypoints_file)
     else:
@@ -153,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.runtime.tracking import tracking_uri
 
             ckpt = resolve_checkpoint(ckpt, tracking_uri(args.tracking_uri), Path(tmp)).path
-        predictor = Predictor(ckpt, clip_checkpoint=args.clip_checkpoint, device=args.device)
+        predictor = Predictor(ckpt, clip_checkpoint=args.clip_checkpoint, device=args.device, runtime=args.runtime,
+                              onnx_dir=args.onnx)
     cfg = predictor.cfg
     check_class_name(class_name, predictor.model.needs_class_embedding, cfg.model.ablation,
                      "pass --class NAME (or 'class' in the keypoints file)")
@@ -166,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--text-variant {args.text_variant} needs --descriptions FILE (python -m pipelines.descriptions)")
     if args.clip_precision is not None:
         cfg.model.clip_precision = args.clip_precision
-    set_clip_precision(predictor.model, cfg, predictor.device)
+    if args.runtime == "torch":  # the exported towers are fp32
+        set_clip_precision(predictor.model, cfg, predictor.device)
 
     for i, path in enumerate(files):
         image = first if (i == 0 and first is not None) else load_image(path)
