@@ -60,10 +60,10 @@ from capenext.data.mp100 import TEXT_VARIANTS
 from capenext.metrics import THRESHOLDS, episode_seed, metric_keys
 from capenext.noise import DEFAULT_TYPO_RATE, Variant, get_noise, noise_kinds, wrong_class
 from capenext.recipe import JobFacts, departures
-from pipelines.runtime.checkpoints import CHECKPOINT_HELP, Source, resolve_checkpoint
-from pipelines.runtime.options import (add_clip_precision, add_config_option, add_device, add_noise_seed,
+from jobs.runtime.checkpoints import CHECKPOINT_HELP, Source, resolve_checkpoint
+from capenext.options import (add_clip_precision, add_config_option, add_device, add_noise_seed,
                                        add_recipe, add_tracking_uri, positive)
-from pipelines.runtime.tracking import ensure_experiment, find_run, open_client, tracking_uri
+from jobs.runtime.tracking import ensure_experiment, find_run, open_client, tracking_uri
 
 PICTURE_THRESHOLD = 0.2  # the threshold that ranks the best and worst queries in the pictures
 

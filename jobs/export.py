@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from capenext.cli import UsageError, run_main
-from pipelines.runtime.checkpoints import CHECKPOINT_HELP
-from pipelines.runtime.options import add_config_option, add_tracking_uri
+from jobs.runtime.checkpoints import CHECKPOINT_HELP
+from capenext.options import add_config_option, add_tracking_uri
 
 DEFAULT_OPSET = 17  # capenext.export.DEFAULT_OPSET, spelled here so --help needs no torch
 
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="capenext-export-") as tmp:
         ckpt = args.checkpoint
         if not Path(ckpt).is_file():
-            from pipelines.runtime.checkpoints import resolve_checkpoint
-            from pipelines.runtime.tracking import tracking_uri
+            from jobs.runtime.checkpoints import resolve_checkpoint
+            from jobs.runtime.tracking import tracking_uri
 
             ckpt = resolve_checkpoint(ckpt, tracking_uri(args.tracking_uri), Path(tmp)).path
         record = export(ckpt, args.out, opset=args.opset, clip_checkpoint=args.clip_checkpoint,

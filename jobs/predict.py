@@ -36,8 +36,8 @@ import tempfile
 from pathlib import Path
 
 from capenext.cli import UsageError, run_main
-from pipelines.runtime.checkpoints import CHECKPOINT_HELP
-from pipelines.runtime.options import add_clip_precision, add_config_option, add_device, add_tracking_uri
+from jobs.runtime.checkpoints import CHECKPOINT_HELP
+from capenext.options import add_clip_precision, add_config_option, add_device, add_tracking_uri
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 RUNTIMES = ("torch", "onnx")  # capenext.predict.RUNTIMES, spelled here so --help needs no torch
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="capenext-predict-") as tmp:
         ckpt = args.checkpoint
         if not Path(ckpt).is_file():
-            from pipelines.runtime.checkpoints import resolve_checkpoint
-            from pipelines.runtime.tracking import tracking_uri
+            from jobs.runtime.checkpoints import resolve_checkpoint
+            from jobs.runtime.tracking import tracking_uri
 
             ckpt = resolve_checkpoint(ckpt, tracking_uri(args.tracking_uri), Path(tmp)).path
         predictor = Predictor(ckpt, clip_checkpoint=args.clip_checkpoint, device=args.device, runtime=args.runtime,

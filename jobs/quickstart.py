@@ -34,8 +34,8 @@ from capenext.data import SUBSETS, load_split
 from capenext.metrics import FLOOR
 from jobs.training import driver
 from jobs.training.spec import TrainRun
-from pipelines.runtime.options import add_recipe, add_tracking_uri
-from pipelines.runtime.tracking import tracking_uri
+from capenext.options import add_recipe, add_tracking_uri
+from jobs.runtime.tracking import tracking_uri
 
 STAGES = 6
 

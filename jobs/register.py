@@ -12,7 +12,7 @@ MLflow 3's model objects, with the capenext checkpoint file itself as the model'
 There is no pyfunc flavour and no pickled Python in the store: a reader fetches ``checkpoint.pt`` and loads
 it with ``weights_only=True`` (:func:`capenext.checkpoint.read_checkpoint`). Every job that takes
 ``--checkpoint`` (predict, evaluate, serve) accepts ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION``
-through :func:`pipelines.runtime.checkpoints.resolve_checkpoint`.
+through :func:`jobs.runtime.checkpoints.resolve_checkpoint`.
 
 ``RUN_OR_CHECKPOINT`` is a checkpoint file, ``runs:/<run_id>/<path>`` or a training run id (its
 ``checkpoints/final.pt``). The store is ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else
@@ -25,9 +25,9 @@ import argparse
 import json
 
 from capenext.cli import run_main
-from pipelines.runtime.options import add_tracking_uri
-from pipelines.runtime.registry import register
-from pipelines.runtime.tracking import tracking_uri
+from capenext.options import add_tracking_uri
+from jobs.runtime.registry import register
+from jobs.runtime.tracking import tracking_uri
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

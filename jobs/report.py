@@ -36,7 +36,7 @@ from capenext.cli import UsageError, run_main
 from capenext.data.mp100 import SPLITS
 from capenext.metrics import FLOOR, THRESHOLDS, metric_keys, pck_key
 from jobs.reports import plots
-from pipelines.runtime.tracking import find_run, open_client, require_store, tracking_uri
+from jobs.runtime.tracking import find_run, open_client, require_store, tracking_uri
 
 DASH = "—"
 PUBLISHED = "paper (published)"

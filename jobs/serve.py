@@ -35,7 +35,7 @@ fails in a batched forward fails alone. ``/docs`` is off unless ``--api-docs``.
 The same application runs under Serve's own tools: ``serve run jobs.serve:app checkpoint=X`` (``app`` is an
 application builder taking :class:`~jobs.serving.options.ServeOptions`' fields as ``key=value``), ``serve deploy cluster/serve.yaml``, and
 KubeRay's ``cluster/rayservice.yaml``. ``--checkpoint`` is anything
-:func:`pipelines.runtime.checkpoints.resolve_checkpoint` takes (a file, ``runs:/...``, a run id,
+:func:`jobs.runtime.checkpoints.resolve_checkpoint` takes (a file, ``runs:/...``, a run id,
 ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``); each replica resolves it itself, so on a cluster the file or
 the MLflow store must be reachable from every node.
 
@@ -60,8 +60,8 @@ from capenext.cli import UsageError, run_main
 from jobs.serving.app import display_name
 from jobs.serving.deployment import build_application, check_checkpoint, port_free
 from jobs.serving.options import APP_NAME, DEFAULT_PORT, ServeOptions, check_options
-from pipelines.runtime.checkpoints import CHECKPOINT_HELP
-from pipelines.runtime.options import add_address, add_config_option, add_device, add_tracking_uri
+from jobs.runtime.checkpoints import CHECKPOINT_HELP
+from capenext.options import add_address, add_config_option, add_device, add_tracking_uri
 
 STOP_TIMEOUT_S = 60.0  # the most Ctrl-C waits for Serve to stop its replicas (each gets 20 s) before Ray stops
 
@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from capenext.cli import one_line
-    from pipelines.runtime.cluster import init_ray
-    from pipelines.runtime.tracking import tracking_uri
+    from jobs.runtime.cluster import init_ray
+    from jobs.runtime.tracking import tracking_uri
 
     args = parse_args(argv)
     if not 0 < args.port < 65536:

@@ -41,8 +41,8 @@ from capenext.cli import UsageError, offline, one_line, run_main
 from capenext.data.mp100 import SPLITS
 from jobs.training import driver
 from jobs.training.spec import TrainRun, add_arguments, from_args, resolve_config
-from pipelines.runtime.cluster import check_cluster
-from pipelines.runtime.tracking import MlflowServer, ensure_experiment, sqlite_path, tracking_uri
+from jobs.runtime.cluster import check_cluster
+from jobs.runtime.tracking import MlflowServer, ensure_experiment, sqlite_path, tracking_uri
 
 SWEEP_TAG = "capenext.sweep"  # on the parent run: the sweep's name (its experiment)
 KIND_TAG = "capenext.kind"  # "sweep" on the parent run

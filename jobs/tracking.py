@@ -1,7 +1,7 @@
 """An MLflow tracking server owning a SQLite store: ``python -m jobs.tracking server --db FILE --port P``.
 
 What ``cluster/local.sh`` starts, with the same command line as the server a sweep starts for its duration
-(:class:`pipelines.runtime.tracking.MlflowServer`).
+(:class:`jobs.runtime.tracking.MlflowServer`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from capenext.cli import run_main
-from pipelines.runtime.tracking import SERVER_ENV, server_command
+from jobs.runtime.tracking import SERVER_ENV, server_command
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,8 +41,8 @@ from capenext.checkpoint import artifacts_dir
 from capenext.cli import UsageError, run_main
 from jobs.training import driver
 from jobs.training.spec import add_arguments, default_run_name, from_args, resolve_config
-from pipelines.runtime.registry import register
-from pipelines.runtime.tracking import tracking_uri
+from jobs.runtime.registry import register
+from jobs.runtime.tracking import tracking_uri
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -39,8 +39,8 @@ from capenext.data.shards import ShardIndex
 from capenext.files import write_atomic
 from capenext.noise import keypoint_variants, load_template_maps
 from pipelines.clip_tables import DEVICE_HELP, clip_of, image_table, plan_actors, text_tables, write_table
-from pipelines.runtime.cluster import init_ray
-from pipelines.runtime.options import (add_address, add_config_options, add_device, add_noise_seed, add_recipe,
+from pipelines.cluster import start_ray
+from capenext.options import (add_address, add_config_options, add_device, add_noise_seed, add_recipe,
                                        config_from_args, positive)
 
 
@@ -68,7 +68,7 @@ def run(shards: Path, out: Path, cfg: RunCfg, batch_size: int = 64, typo_rates: 
                 print(f"embeddings in {out} are up to date; nothing to do")
             return old
 
-    init_ray(address)
+    start_ray(address)
     plan = plan_actors(device, actors)
     if cfg.model.clip_precision == "fp16" and plan.device != "cuda":
         raise UsageError("model.clip_precision=fp16 runs on CUDA only: use --device cuda on a cluster with GPUs, "

@@ -45,7 +45,7 @@ from capenext.data.mp100 import DataError, Sample
 from capenext.data.shards import FORMAT, MANIFEST, SHARD_NAME, category_json, image_ext, sample_key
 from capenext.data.source import BadImage, Source, annotation_files, collect, read_checked, source_digest
 from capenext.files import file_sha256, write_atomic
-from pipelines.runtime.cluster import init_ray
+from pipelines.cluster import start_ray
 
 DEFAULT_SHARD_SIZE = 1000
 _TAR = dict(mtime=0, user="capenext", group="capenext", mode=0o444)  # reproducible member headers
@@ -230,7 +230,7 @@ def _run_tasks(todo: list[ShardPlan], image_root: Path, out: Path, skip_bad: boo
     """One Ray task per shard; a progress bar over finished tasks; the first bad image (default) stops all."""
     from tqdm import tqdm
 
-    ray = init_ray(address)
+    ray = start_ray(address)
     task = ray.remote(num_cpus=1)(write_shard)
     pending = {task.remote(p, str(image_root), str(out), skip_bad): p for p in todo}
     results: dict[str, dict[str, Any]] = {}

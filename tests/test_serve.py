@@ -38,8 +38,8 @@ from jobs import serve as serve_job
 from jobs.register import register
 from jobs.serving.deployment import port_free
 from jobs.serving.options import APP_NAME, DEPLOYMENT_NAME, check_options
-from pipelines.runtime.checkpoints import resolve_checkpoint
-from pipelines.runtime.tracking import free_port
+from jobs.runtime.checkpoints import resolve_checkpoint
+from jobs.runtime.tracking import free_port
 from tests.conftest import REPO
 from tests.test_evaluate import trained_run
 
@@ -69,7 +69,7 @@ def registry(trained, tmp_path_factory) -> dict:
     of capenext-tiny (alias champion) from the run id, and as version 2 from the file."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.runtime.tracking import ensure_experiment
+    from jobs.runtime.tracking import ensure_experiment
 
     base = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{base / 'mlflow.db'}"

@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from capenext.cli import run_main
 from jobs import sweep
-from pipelines.runtime.tracking import free_port
+from jobs.runtime.tracking import free_port
 from tests.conftest import REPO
 
 EXPERIMENT = "tinysweep"

@@ -345,7 +345,7 @@ def test_a_run_that_fails_in_its_worker_ends_failed_not_running(prepared, workdi
 
 
 def test_register_makes_the_final_checkpoint_a_registered_model(local_run, tmp_path):
-    from pipelines.runtime.checkpoints import resolve_checkpoint
+    from jobs.runtime.checkpoints import resolve_checkpoint
 
     wd, proc = local_run
     record = json.loads(proc.stdout.strip().splitlines()[-1])

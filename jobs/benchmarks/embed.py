@@ -23,8 +23,8 @@ from capenext.config import RunCfg, resolve
 from capenext.data.shards import ShardIndex
 from jobs.benchmarks import machine
 from pipelines.clip_tables import DEVICE_HELP, ActorPlan, clip_of, image_table, plan_actors
-from pipelines.runtime.cluster import init_ray
-from pipelines.runtime.options import add_address, add_device, positive
+from jobs.runtime.cluster import init_ray
+from capenext.options import add_address, add_device, positive
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -48,7 +48,7 @@ from capenext.engine import autocast, precision_of, score, to_device, to_image_p
 from capenext.metrics import PCKAccumulator, episode_seed, pck_key
 from capenext.protocol import our_pairs, run_protocol
 from jobs.benchmarks import machine
-from pipelines.runtime.options import positive
+from capenext.options import positive
 
 FIVE_SPLIT_PAIRS = 5 * 20 * 200 * 15  # the paper's protocol: 5 splits x 20 test categories x 200 x 15
 REFERENCE_TEST_BATCH = 1  # the reference's test.py: samples_per_gpu=1, no test_dataloader override in configs/

@@ -57,7 +57,7 @@ import torch
 from capenext.cli import UsageError
 from jobs.benchmarks import machine
 from jobs.benchmarks.model import GOAL_RATIO, ModelBenchmark, benchmark_model
-from pipelines.runtime.tracking import free_port
+from jobs.runtime.tracking import free_port
 
 PAIRS_PER_EPOCH = 14_000  # training pairs in one epoch of an MP-100 split
 EPOCHS = 200  # the paper's schedule

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from capenext.cli import UsageError
-from pipelines.runtime.options import add_device
+from capenext.options import add_device
 
 CONCURRENCY = (1, 8, 32)
 
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from jobs.benchmarks import machine
     from jobs.serving.deployment import build_application
     from jobs.serving.options import APP_NAME, check_options
-    from pipelines.runtime.tracking import free_port
+    from jobs.runtime.tracking import free_port
 
     width, height = _check(args)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)

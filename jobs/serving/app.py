@@ -151,8 +151,8 @@ class Service:
         from PIL import Image
 
         from capenext.predict import Predictor
-        from pipelines.runtime.checkpoints import resolve_checkpoint
-        from pipelines.runtime.tracking import tracking_uri
+        from jobs.runtime.checkpoints import resolve_checkpoint
+        from jobs.runtime.tracking import tracking_uri
 
         self.options = options
         cpus = max(1, int(options.cpus_per_replica))

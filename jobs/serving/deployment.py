@@ -97,7 +97,7 @@ def check_checkpoint(options: ServeOptions) -> None:
     """Read the checkpoint once where the application is built, so that a missing or unreadable one fails
     there, in one line, and not in every replica."""
     from capenext.checkpoint import read_checkpoint
-    from pipelines.runtime.checkpoints import resolve_checkpoint
+    from jobs.runtime.checkpoints import resolve_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="capenext-serve-") as tmp:
         read_checkpoint(resolve_checkpoint(options.checkpoint, options.tracking_uri, Path(tmp)).path)

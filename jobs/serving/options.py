@@ -19,7 +19,7 @@ from capenext.cli import UsageError
 APP_NAME = "capenext"
 DEPLOYMENT_NAME = "CapeNext"
 DEFAULT_PORT = 8000
-DEVICES = ("cpu", "cuda")  # as pipelines.runtime.options.add_device's --device
+DEVICES = ("cpu", "cuda")  # as capenext.options.add_device's --device
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")  # names of this machine a request's Host may always carry
 WILDCARD_HOSTS = ("0.0.0.0", "::")  # binding every interface
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -195,7 +195,7 @@ def check_options(values: dict[str, Any]) -> ServeOptions:
     """:class:`ServeOptions` from ``values``, made absolute where the application is built: a local
     checkpoint or CLIP file becomes its absolute path and the default MLflow store that of this working
     directory (replicas run elsewhere); one line for a bad option."""
-    from pipelines.runtime.tracking import tracking_uri
+    from jobs.runtime.tracking import tracking_uri
 
     try:
         options = ServeOptions(**values)

@@ -21,8 +21,8 @@ from capenext.cli import UsageError
 from capenext.config import RunCfg, to_dict
 from capenext.data.mp100 import check_split
 from jobs.training.spec import FineTune, TrainRun
-from pipelines.runtime.cluster import check_cluster, init_ray
-from pipelines.runtime.tracking import end_run, ensure_experiment, interrupts_raise, log_params, tracking_uri
+from jobs.runtime.cluster import check_cluster, init_ray
+from jobs.runtime.tracking import end_run, ensure_experiment, interrupts_raise, log_params, tracking_uri
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def fine_tuning(run: TrainRun, old: dict[str, Any] | None, index) -> TrainRun:
     warm-up longer than the whole run is shortened in its config (a resumed one keeps the warm-up it
     started with); a run resuming from a checkpoint of its own ignores the init checkpoint."""
     from capenext.files import file_sha256
-    from pipelines.runtime.checkpoints import resolve_checkpoint
+    from jobs.runtime.checkpoints import resolve_checkpoint
 
     spec = run.init_checkpoint
     if spec is None:

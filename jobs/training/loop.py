@@ -6,7 +6,7 @@ remainder dropped, so every worker runs the same number of steps), augmentation 
 validation PCK@0.2 every ``val_every`` epochs; a checkpoint reported every epoch. At the end: test PCK at
 every threshold and the per-name mean-position floor on the same episodes, both through the one test
 protocol (:func:`capenext.protocol.run_protocol`). Rank 0 logs through a
-:class:`~pipelines.runtime.tracking.Tracker`; an epoch already in the run's history (a worker group
+:class:`~jobs.runtime.tracking.Tracker`; an epoch already in the run's history (a worker group
 restarted after logging it) is not logged again.
 """
 
@@ -32,7 +32,7 @@ from capenext.data import collate
 from capenext.metrics import FLOOR, THRESHOLDS, VAL_THRESHOLDS, episode_seed
 from capenext.protocol import our_pairs, reference_pairs, run_protocol
 from jobs.training.spec import TrainRun
-from pipelines.runtime.tracking import Tracker
+from jobs.runtime.tracking import Tracker
 
 
 def say(line: str) -> None:

@@ -4,7 +4,7 @@ to MLflow (``job.*`` params beside the config's).
 
 :func:`add_arguments` defines the options of one run (``jobs.train``; ``jobs.sweep`` takes the same ones
 but ``--split``/``--ablation``/``--backbone``/``--run-name``, which it sets per trial), with the flags of
-:mod:`pipelines.runtime.options`; :func:`resolve_config` turns them into a checked :class:`RunCfg`.
+:mod:`capenext.options`; :func:`resolve_config` turns them into a checked :class:`RunCfg`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from capenext.cli import UsageError
 from capenext.config import RunCfg, flatten, to_dict
-from pipelines.runtime.options import (add_address, add_config_option, add_config_options, add_device, add_recipe,
+from capenext.options import (add_address, add_config_option, add_config_options, add_device, add_recipe,
                                        add_tracking_uri, config_from_args)
 
 DEFAULT_STORAGE = "runs"

@@ -7,11 +7,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.runtime.tracking import sqlite_path
+from jobs.runtime.tracking import sqlite_path
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 FINAL_ARTIFACT = "checkpoints/final.pt"
-CHECKPOINT_ARTIFACT = "checkpoint.pt"  # a registered model version's file (pipelines.runtime.registry)
+CHECKPOINT_ARTIFACT = "checkpoint.pt"  # a registered model version's file (jobs.runtime.registry)
 # what every --checkpoint takes (resolve_checkpoint), for the jobs' --help
 CHECKPOINT_HELP = ("a checkpoint file, runs:/<run_id>/checkpoints/final.pt (or best.pt), a training run id (its "
                    "checkpoints/final.pt), models:/NAME@ALIAS or models:/NAME/VERSION, from the MLflow store")
@@ -32,7 +32,7 @@ class Source:
 def resolve_checkpoint(spec: str, tracking_uri: str, download_to: Path) -> Source:
     """A local file, ``runs:/<run_id>/<artifact path>``, a bare run id (its ``checkpoints/final.pt``), or a
     registered model version, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (its ``checkpoint.pt``, as
-    :mod:`pipelines.runtime.registry` stores it), fetched from the MLflow store at ``tracking_uri`` into ``download_to``.
+    :mod:`jobs.runtime.registry` stores it), fetched from the MLflow store at ``tracking_uri`` into ``download_to``.
     One line when it cannot be had (no such model, alias or version names what there is)."""
     if Path(spec).is_file():
         return Source(Path(spec), spec, None)

@@ -15,9 +15,9 @@ from typing import Any, Iterator
 
 from capenext.cli import UsageError
 from capenext.files import file_sha256
-from pipelines.runtime.checkpoints import CHECKPOINT_ARTIFACT, RUN_ID, resolve_checkpoint
-from pipelines.runtime.tracking import ensure_experiment, find_run, require_store
-from pipelines.runtime.tracking import tracking_uri as resolve_uri
+from jobs.runtime.checkpoints import CHECKPOINT_ARTIFACT, RUN_ID, resolve_checkpoint
+from jobs.runtime.tracking import ensure_experiment, find_run, require_store
+from jobs.runtime.tracking import tracking_uri as resolve_uri
 
 DEFAULT_EXPERIMENT = "capenext"
 # MLflow's own rules are looser; these keep models:/NAME@ALIAS and models:/NAME/VERSION unambiguous

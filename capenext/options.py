@@ -1,5 +1,6 @@
 """The option vocabulary: every flag that more than one command takes is defined here, once, so that it
-means one thing everywhere (the table is in ``docs/options.md``).
+means one thing everywhere (the table is in ``docs/options.md``). Plain argparse over the config, in the
+library so that the pipelines and the jobs share it without either importing the other.
 
 * ``--device cpu|cuda``: where the work runs (train, sweep, evaluate, predict, serve, embed); for a Ray
   Train run it also sets the scaling (one GPU per worker on ``cuda``).
