@@ -328,7 +328,8 @@ def load(args: argparse.Namespace, uri: str) -> tuple[Source, torch.nn.Module, R
         from capenext.recipe import paper_settings
 
         paper = paper_settings(cfg.model.backbone, device.type)
-        cfg.data.episodes, cfg.data.test_episodes, cfg.data.queries = "reference", 200, 15
+        cfg.data.episodes, cfg.data.test_episodes, cfg.data.queries = (
+            paper["data.episodes"], paper["data.test_episodes"], paper["data.queries"])
         cfg.model.precision, cfg.model.clip_precision = paper["model.precision"], paper["model.clip_precision"]
     for field_, value in (("descriptions", args.descriptions), ("text_variant", args.text_variant),
                           ("test_episodes", args.episodes), ("queries", args.queries), ("episodes", args.sampler)):
@@ -414,11 +415,11 @@ def class_names(ev: Evaluation, args: argparse.Namespace) -> tuple[list[str], st
 def pair_classes(ev: Evaluation, args: argparse.Namespace):
     """Per-query class noise as the reference's Table 4 run: each (query, support) pair's class prompt is
     another name of the list (:func:`capenext.noise.query_class`); returns the pairs' classes and the share
-    of pairs whose name changed."""
+    of pairs whose name changed, and where the list came from."""
     from capenext.noise import query_class
     from capenext.protocol import PairClasses
 
-    names, _ = class_names(ev, args)
+    names, source = class_names(ev, args)
     true = {s.ann_id: ev.subset.categories[s.category_id].name for s in ev.subset.samples}
     unique = sorted(set(names))
     table = ev.embeddings.classes(dict(enumerate(unique)))  # index → (C,)
@@ -429,7 +430,7 @@ def pair_classes(ev: Evaluation, args: argparse.Namespace):
 
     anns = [(ev.subset.samples[q].ann_id, ev.subset.samples[s].ann_id) for q, s in ev.pairs.tolist()]
     changed = float(np.mean([name(a, s) != true[a] for a, s in anns])) if anns else 0.0
-    return PairClasses(name, embeddings), changed
+    return PairClasses(name, embeddings), changed, source
 
 
 def measure(ev: Evaluation, v: Variant, args: argparse.Namespace) -> tuple[dict[str, Any], list[dict]]:
@@ -439,9 +440,9 @@ def measure(ev: Evaluation, v: Variant, args: argparse.Namespace) -> tuple[dict[
 
     categories = sorted(ev.subset.categories.values(), key=lambda c: c.id)
     names = {c.id: c.name for c in categories}
-    classes = None
+    classes, source = None, ""
     if v.per_query:
-        classes, share = pair_classes(ev, args)
+        classes, share, source = pair_classes(ev, args)
         changed = [share]
     elif v.wrong_class:
         all_names = [c.name for c in ev.index.categories.values()]
@@ -459,6 +460,8 @@ def measure(ev: Evaluation, v: Variant, args: argparse.Namespace) -> tuple[dict[
            "embeddings": where if not online else f"{where} (images in-process)",
            **{f"test/{k}": val for k, val in metrics.items() if k != "count"},
            "test/queries": metrics["count"], "noise/changed_fraction": float(np.mean(changed))}
+    if source:
+        row["class_names"] = source  # where per-query class noise drew its names
     return row, records
 
 
@@ -472,7 +475,7 @@ def row_params(ev: Evaluation, v: Variant, row: dict[str, Any], args: argparse.N
             "keypoint_texts": ev.cfg.data.descriptions or "annotations", "text_variant": ev.cfg.data.text_variant,
             "clip_precision": ev.cfg.model.clip_precision, "precision": ev.cfg.model.precision,
             "embeddings": row["embeddings"], "split": ev.split, "device": str(ev.device), "recipe": args.recipe,
-            "class_names": class_names(ev, args)[1] if v.per_query else ""}
+            "class_names": row.get("class_names", "")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,6 +111,7 @@ class Worker:
     start_epoch: int = 0
     step: int = 0
     best: float = -1.0
+    image_table: bool = False  # the batches read the image-embedding table (needs_image_table of the config)
     masked: list[int] = field(default_factory=lambda: [0])  # support keypoints zeroed by augmentation, this epoch
 
     @property
@@ -122,11 +123,9 @@ class Worker:
 
     def prepare(self, batch: dict) -> dict:
         """A training batch's embeddings (and the count of support keypoints augmentation masked)."""
-        from capenext.data.embeddings import needs_image_table
-
         if "support_masked" in batch:
             self.masked[0] += int(batch["support_masked"].sum())
-        return self.bank.fill(batch, self.run.cfg.data.max_keypoints, needs_image_table(self.run.cfg),
+        return self.bank.fill(batch, self.run.cfg.data.max_keypoints, self.image_table,
                               self.model.needs_class_embedding)
 
     def pairs(self, subset: str, num_episodes: int):
@@ -185,7 +184,8 @@ def setup(config: dict[str, Any]) -> Worker:
         getattr(model, part).requires_grad_(False)
         getattr(model, part).register_forward_pre_hook(run_frozen)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    w = Worker(run, config["run_id"], rank, world, device, index, subsets, bank, model, model, optimizer)
+    w = Worker(run, config["run_id"], rank, world, device, index, subsets, bank, model, model, optimizer,
+               image_table=needs_image_table(cfg))
     resume = _restore(run)
     if resume is not None:
         load_weights(model, read_checkpoint(resume / CHECKPOINT_FILE)["model"], str(resume))

@@ -58,7 +58,6 @@ class TrainRun:
     parent_run_id: str | None = None  # the sweep's MLflow parent run
     recipe: str = "default"  # default | paper (capenext.recipe)
     data_root: Path | None = None  # the MP-100 copy the shards came from: the reference's test episodes
-    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (the paper recipe, BN backbones)
     init_checkpoint: str | None = None  # --init-checkpoint as given; resolved into ``init`` by the pre-flight
     freeze: tuple[str, ...] = ()  # model parts kept fixed
     init: FineTune | None = None
@@ -67,6 +66,16 @@ class TrainRun:
     def world(self) -> int:
         """Processes that share the global batch: 1 in local mode, else the Ray Train workers."""
         return 1 if self.local else self.num_workers
+
+    @property
+    def sync_batchnorm(self) -> bool:
+        """BatchNorm statistics over the global batch, as the reference's one GPU: the paper recipe, a
+        BatchNorm backbone, several workers, on CUDA (torch's SyncBatchNorm runs on CUDA only: on CPU the
+        per-worker statistics are a listed departure)."""
+        from capenext.recipe import BATCHNORM_BACKBONES
+
+        return (self.recipe == "paper" and self.cfg.model.backbone in BATCHNORM_BACKBONES and self.world > 1
+                and self.device == "cuda")
 
     @property
     def threads(self) -> int:
@@ -208,11 +217,9 @@ def parse_freeze(text: str | None) -> tuple[str, ...]:
 def from_args(args: argparse.Namespace, cfg: RunCfg, split: int, run_name: str,
               parent_run_id: str | None = None) -> TrainRun:
     """The run the command line describes (a sweep trial passes its own config, split and name)."""
-    from capenext.recipe import BATCHNORM_BACKBONES, PAPER_VAL_EVERY
+    from capenext.recipe import PAPER_VAL_EVERY
 
-    paper = args.recipe == "paper"
-    val_every = args.val_every if args.val_every is not None else (PAPER_VAL_EVERY if paper else 1)
-    workers = 1 if args.local else args.num_workers
+    val_every = args.val_every if args.val_every is not None else (PAPER_VAL_EVERY if args.recipe == "paper" else 1)
     return TrainRun(
         cfg=cfg, split=split, shards=args.shards, embeddings=args.embeddings, run_name=run_name,
         storage=args.storage_path, experiment=args.experiment, tracking_uri=args.tracking_uri, device=args.device,
@@ -221,8 +228,6 @@ def from_args(args: argparse.Namespace, cfg: RunCfg, split: int, run_name: str,
         val_every=max(1, val_every), max_steps=args.max_steps, address=args.address,
         parent_run_id=parent_run_id, init_checkpoint=args.init_checkpoint,
         freeze=parse_freeze(args.freeze), recipe=args.recipe, data_root=args.data_root,
-        # torch's SyncBatchNorm runs on CUDA only: on CPU the per-worker statistics are a listed departure
-        sync_batchnorm=paper and cfg.model.backbone in BATCHNORM_BACKBONES and workers > 1 and args.device == "cuda",
     )
 
 
