@@ -56,6 +56,9 @@ class ModelCfg:
     clip_checkpoint: str | None = None  # local file, or "random" for explicit random init
     clip_quick_gelu: bool = True  # QuickGELU, as OpenAI's CLIP weights (the reference's); False for LAION weights
     clip_precision: str = "fp32"  # "fp32", or "fp16" as the reference runs CLIP on a GPU (CUDA only)
+    # keypoint texts and class prompts: "clip" (CLIP's text tower, the paper's) or a packaged language prior
+    # (capenext.models.text_prior: "wordllama", "e5"); the image embedding stays CLIP's either way
+    text_encoder: str = "clip"
     # CLIP image input: "clip" (CLIP's own mean/std, ours) or "imagenet" (the reference: the
     # ImageNet-normalised crop as is; converted official checkpoints were trained that way)
     clip_image_norm: str = "clip"

@@ -343,6 +343,10 @@ def export(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file())):
         raise ValueError(f"--out {out}: exists and is not an earlier export (no {META_FILE}); choose another folder")
     model, cfg, _ = load_model(checkpoint, clip_checkpoint, "cpu")
+    if cfg.model.text_encoder != "clip":
+        raise ValueError(f"{checkpoint}: model.text_encoder={cfg.model.text_encoder!r} is a packaged language prior, "
+                         "not a PyTorch text tower: the export writes CLIP's text tower only (predict with "
+                         "--runtime torch)")
     _fp32_clip(model, cfg)
     model.trim_slots = False  # every slot computed: the graph cannot branch on the mask
     out.parent.mkdir(parents=True, exist_ok=True)

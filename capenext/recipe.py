@@ -40,7 +40,7 @@ PAPER_BATCH = 32
 BATCHNORM_BACKBONES = ("hrnet_w32",)  # BatchNorm sees the per-worker batch: 32 on one worker, as the reference
 
 _COMMON: dict[str, Any] = {
-    "model.clip_model": "ViT-B-32", "model.clip_quick_gelu": True, "model.clip_image_norm": "imagenet",
+    "model.clip_model": "ViT-B-32", "model.text_encoder": "clip", "model.clip_quick_gelu": True, "model.clip_image_norm": "imagenet",
     "model.image_embedding": "online", "model.precision": "fp32",
     "model.dim": 256, "model.heads": 8, "model.enc_layers": 3, "model.dec_layers": 3, "model.ffn_dim": 768,
     "model.dropout": 0.1, "model.fusion_ffn_dim": 2048, "model.fusion_heads": 8,

@@ -64,6 +64,7 @@ class Field:
     tables: tuple[str, ...]
     of: Callable[[RunCfg], Any]
     option: str
+    absent: Any = None  # the value of tables written before the field existed (None: there were none)
 
 
 FIELDS: tuple[Field, ...] = (
@@ -78,7 +79,16 @@ FIELDS: tuple[Field, ...] = (
     Field("keypoint_texts", ("text",), lambda c: text_source(c.data.descriptions, c.data.text_variant),
           "--descriptions/--text-variant"),
     Field("clip_precision", ("text", "image"), lambda c: c.model.clip_precision, "--set model.clip_precision"),
+    Field("text_encoder", ("text",), lambda c: text_encoder_id(c.model.text_encoder), "--set model.text_encoder",
+          absent="clip"),
 )
+
+
+def text_encoder_id(name: str) -> str:
+    """``clip``, or a packaged prior's identity (name, package version, weights digest)."""
+    from capenext.models.text_prior import check_text_encoder, load_text_prior
+
+    return name if check_text_encoder(name) == "clip" else load_text_prior(name).identity
 
 
 def needs_image_table(cfg: RunCfg) -> bool:
@@ -108,9 +118,10 @@ def check_tables(embeddings: str | Path, cfg: RunCfg, manifest_digest: str, imag
     meta = read_metadata(embeddings)
     expected = {"manifest_digest": manifest_digest, **expected_metadata(cfg, images)}
     options = {f.name: f.option for f in FIELDS} | {"manifest_digest": "--shards"}
+    absent = {f.name: f.absent for f in FIELDS}
     hint = remake or f"python -m pipelines.embed --shards SHARDS --out {embeddings} with this run's --config/--set"
     for key, want in expected.items():
-        have = meta.get(key)
+        have = meta.get(key, absent.get(key))
         if have != want:
             raise ValueError(f"embeddings in {embeddings} were made with {key}={have!r}, this run uses "
                              f"{want!r} ({options[key]}): remake them with {hint}")

@@ -31,6 +31,10 @@ As the reference runs it:
 :attr:`FrozenCLIP.identity` names what the embeddings depend on (model, weights' digest, activation, image
 normalisation, precision): a cache of embeddings keys by it.
 
+``ModelCfg.text_encoder`` other than ``clip`` hands the keypoint texts and class prompts to a packaged
+language prior (:mod:`capenext.models.text_prior`, a named deviation) brought to ``embed_dim``; the image
+tower and the 77-token refusal stay CLIP's.
+
 Deviation from the reference (named): the reference feeds CLIP's image tower the augmented query
 crop *still ImageNet-normalised*, resized to 224. :meth:`FrozenCLIP.encode_image` undoes the ImageNet
 normalisation and applies CLIP's own mean/std before the (bilinear, align_corners=False) resize.
@@ -54,6 +58,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from capenext.models.text_prior import check_text_encoder, load_text_prior
 
 __all__ = ["CLIP_CONFIG_DIR", "PRECISIONS", "FrozenCLIP", "build_clip", "class_prompt"]
 
@@ -177,10 +183,12 @@ class FrozenCLIP(nn.Module):
     """
 
     def __init__(self, model_name: str = "ViT-B-32", checkpoint: str | None = None, quick_gelu: bool = True,
-                 image_norm: str = "clip", precision: str = "fp32"):
+                 image_norm: str = "clip", precision: str = "fp32", text_encoder: str = "clip"):
         super().__init__()
         if image_norm not in ("clip", "imagenet"):
             raise ValueError(f"ModelCfg.clip_image_norm={image_norm!r}; valid: ['clip', 'imagenet']")
+        self.text_encoder = check_text_encoder(text_encoder)
+        self.prior = None if text_encoder == "clip" else load_text_prior(text_encoder)
         self.model = build_clip(model_name, checkpoint, quick_gelu, precision)
         self.model_name = model_name
         self.checkpoint, self.quick_gelu = checkpoint, quick_gelu
@@ -208,8 +216,9 @@ class FrozenCLIP(nn.Module):
     @classmethod
     def from_cfg(cls, m) -> "FrozenCLIP":
         """The frozen CLIP a :class:`~capenext.config.ModelCfg` names: model, weights, activation, image
-        normalisation and precision."""
-        return cls(m.clip_model, m.clip_checkpoint, m.clip_quick_gelu, m.clip_image_norm, m.clip_precision)
+        normalisation, precision and text encoder."""
+        return cls(m.clip_model, m.clip_checkpoint, m.clip_quick_gelu, m.clip_image_norm, m.clip_precision,
+                   m.text_encoder)
 
     @property
     def precision(self) -> str:
@@ -224,7 +233,8 @@ class FrozenCLIP(nn.Module):
     @property
     def identity(self) -> tuple:
         """What this CLIP's embeddings depend on: ``(model, weights, activation, image normalisation,
-        precision)``, the weights as ``"random:<seed>"`` or the sha256 of the file (read once, on first use)."""
+        precision, text encoder)``, the weights as ``"random:<seed>"`` or the sha256 of the file (read once, on
+        first use), the text encoder as ``clip`` or the prior's :attr:`~capenext.models.text_prior.TextPrior.identity`."""
         if self._weights_id is None:
             weights = str(self.checkpoint)
             if self.checkpoint == "random":
@@ -236,7 +246,8 @@ class FrozenCLIP(nn.Module):
                         digest.update(block)
                 weights = f"sha256:{digest.hexdigest()}"
             self._weights_id = weights
-        return (self.model_name, self._weights_id, bool(self.quick_gelu), self.image_norm, self.precision)
+        text = "clip" if self.prior is None else self.prior.identity
+        return (self.model_name, self._weights_id, bool(self.quick_gelu), self.image_norm, self.precision, text)
 
     def _encode_checked(self, texts: list[str], what: str) -> list[list[int]] | None:
         """Each text's token ids (without start and end), tokenized once; one line for a text over the
@@ -293,9 +304,14 @@ class FrozenCLIP(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Raw texts (no template) → (T, C) L2-normalised; keypoint descriptions use this."""
+        """Raw texts (no template) → (T, C) L2-normalised; keypoint descriptions use this. With a packaged
+        text encoder (``text_encoder``), its vectors through the frozen projection; a text over CLIP's context
+        is refused whichever encodes it, so that every encoder accepts the same texts."""
         if len(texts) == 0:
             return torch.zeros(0, self.embed_dim, device=self.device)
+        if self.prior is not None:
+            self.check_texts(texts)
+            return self.prior.encode(texts, self.embed_dim).to(self.device)
         self._check_device()
         tokens = self.tokenize(texts).to(self.device)  # (T, L)
         emb = self.model.encode_text(tokens).float()  # (T, C)
