@@ -9,7 +9,8 @@ trials run at once (default: as many as the cluster's GPUs, or CPUs, hold with `
 MLflow: one experiment (``--experiment``), one *parent* run per sweep (found again by its tag
 ``capenext.sweep=<experiment>``, so a re-submitted sweep reuses it) and one *child* run per trial
 (``mlflow.parentRunId``, tags split/ablation/backbone/seed), named ``{experiment}-split{K}-{ablation}-{backbone}``
-(plus ``-seed{S}`` with ``--seeds``). Concurrent trials never write one SQLite file: when
+(plus ``-{text encoder}`` when ``model.text_encoder`` is not ``clip``, and ``-seed{S}`` with ``--seeds``).
+Concurrent trials never write one SQLite file: when
 ``MLFLOW_TRACKING_URI`` is a SQLite store (or unset, which means ``sqlite:///./mlflow.db``), the sweep says
 so, starts ``mlflow server`` on 127.0.0.1 (a free port, that store, artifacts beside it) for its duration,
 points every trial at it and stops it at the end (one machine only: on a multi-node cluster a SQLite store
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Train every split x ablation (x backbone) of the paper as concurrent Ray trials, each\n"
                     "its own Ray Train run, recorded as child runs of one MLflow parent run. Re-submitting\n"
                     "skips finished trials and resumes the others from their checkpoints. Run names:\n"
-                    "{experiment}-split{K}-{ablation}-{backbone}[-seed{S}].",
+                    "{experiment}-split{K}-{ablation}-{backbone}[-{text encoder}][-seed{S}].",
         epilog="""examples:
   python -m jobs.sweep --splits 1-5 --ablations full,no_hcmi,no_dsfr,no_lw,baseline,img_only,cls_only \\
       --shards /shared/shards --embeddings /shared/emb --storage-path /shared/runs \\
@@ -151,8 +152,13 @@ class Trial:
     seconds: float | None = None
 
 
-def run_name_of(experiment: str, split: int, ablation: str, backbone: str, seed: int | None) -> str:
+def run_name_of(experiment: str, split: int, ablation: str, backbone: str, seed: int | None,
+                text_encoder: str = "clip") -> str:
+    """``{experiment}-split{K}-{ablation}-{backbone}[-{text encoder}][-seed{S}]``: the encoder only when it is
+    not CLIP's, so that sweeps of one experiment with other text encoders never share a run name."""
     name = f"{experiment}-split{split}-{ablation}-{backbone}"
+    if text_encoder != "clip":
+        name = f"{name}-{text_encoder}"
     return name if seed is None else f"{name}-seed{seed}"
 
 
@@ -186,9 +192,10 @@ def plan(args: argparse.Namespace) -> list[Trial]:
         for ablation in ablations:
             for split in splits:
                 for seed in seeds or [None]:
-                    t = Trial(split, ablation, backbone, seed, run_name_of(args.experiment, split, ablation,
-                                                                           backbone, seed))
-                    t.epochs = trial_run(args, t, None).cfg.optim.epochs
+                    t = Trial(split, ablation, backbone, seed, "")
+                    cfg = trial_run(args, t, None).cfg
+                    t.run_name = run_name_of(args.experiment, split, ablation, backbone, seed, cfg.model.text_encoder)
+                    t.epochs = cfg.optim.epochs
                     trials.append(t)
     return trials
 

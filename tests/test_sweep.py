@@ -273,6 +273,21 @@ def test_every_training_option_reaches_each_trial_as_jobs_train_parses_it(tmp_pa
     assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.seed, cfg.model.ablation) == (1e-4, 3, 7, "baseline")
 
 
+def test_a_text_encoder_other_than_clip_names_the_trials_apart(tmp_path):
+    """Sweeps of one experiment with CLIP's and a prior's text embeddings never share a run name (a run is
+    resumed by its name)."""
+    common = ["--splits", "1", "--ablations", "full,cls_only", "--backbones", "tiny", "--seeds", "0,1",
+              "--shards", str(tmp_path), "--embeddings", str(tmp_path), "--clip-checkpoint", "random",
+              "--experiment", "study"]
+    clip = [t.run_name for t in sweep.plan(sweep.parse_args(common))]
+    prior = sweep.plan(sweep.parse_args([*common, "--set", "model.text_encoder=wordllama"]))
+    assert clip == ["study-split1-full-tiny-seed0", "study-split1-full-tiny-seed1",
+                    "study-split1-cls_only-tiny-seed0", "study-split1-cls_only-tiny-seed1"]
+    assert [t.run_name for t in prior] == [n.replace("-tiny-", "-tiny-wordllama-") for n in clip]
+    assert sweep.trial_run(sweep.parse_args([*common, "--set", "model.text_encoder=wordllama"]), prior[0],
+                           None).cfg.model.text_encoder == "wordllama"
+
+
 @pytest.mark.parametrize("case", ["split", "range", "ablation", "backbone", "local", "job_storage", "job_store"])
 def test_bad_sweep_gives_one_line_before_anything_starts(case, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
