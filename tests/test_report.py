@@ -1,6 +1,9 @@
 """jobs.report on a real MLflow store: runs logged with ``MlflowClient`` as the training and evaluation jobs
-log them (tags split/ablation/backbone/seed, ``test/pck_*``, ``floor/pck_*``, per-epoch curves), then the tables' shapes and cells, the "—" and "mean ± std" cells, CSV, the published
-numbers, noise variants, re-runs of a cell, the default backbone, and the PNG files."""
+log them (tags split/ablation/backbone/seed, the config's params, ``test/pck_*``, ``floor/pck_*``, per-type
+``test/<type>/pck_*``, per-epoch curves, every key from the library's own names), then the tables' shapes and
+cells, the "—" and "mean ± 95 % interval (n)" cells, the paired differences against full, the keypoint-type
+table, text encoders as row keys, CSV, the published numbers, noise variants, re-runs of a cell, the default
+backbone, and the PNG files."""
 
 from __future__ import annotations
 
@@ -8,38 +11,59 @@ import ast
 import csv
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from capenext.cli import run_main
+from capenext.config import RunCfg, flatten, to_dict
+from capenext.metrics import FLOOR, THRESHOLDS, metric_keys, pck_key
 from jobs import report
+from jobs.runtime.tracking import log_params
 
-THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25)
+VAL = f"val/{pck_key(0.2)}"
+T_975 = {1: 12.7062, 2: 4.3027}  # Student's t quantiles from a printed table, not from the code under test
+
+
+def _pck(prefix: str, pck: float, step: int) -> list[Metric]:
+    """``prefix/pck_*`` at every threshold, PCK@t = pck + (t - 0.2), and their mean."""
+    values = [pck + (t - 0.2) for t in THRESHOLDS]
+    return [Metric(k, v, 0, step) for k, v in zip(metric_keys(prefix), values + [sum(values) / len(values)])]
+
+
+def _params(encoder: str) -> dict:
+    """The params jobs.train logs (the flattened config) for a run with text encoder ``encoder``."""
+    cfg = RunCfg()
+    return flatten(to_dict(replace(cfg, model=replace(cfg.model, text_encoder=encoder))))
 
 
 def _log_training(client: MlflowClient, exp: str, parent: str | None, split: int, ablation: str, seed: int,
                   pck: float, status: str = "FINISHED", backbone: str = "tiny", floor: float = 0.3,
-                  end_time: int | None = None) -> str:
+                  end_time: int | None = None, encoder: str | None = None,
+                  groups: dict[str, tuple[float, int]] | None = None) -> str:
     """One training run as jobs.train logs it; PCK@t = pck + (t - 0.2), the mean-position floor a flat
-    ``floor``."""
-    name = f"rep-split{split}-{ablation}-{backbone}-seed{seed}"
+    ``floor``; with ``encoder``, the config's params naming it (without, no params: an older run, CLIP); with
+    ``groups``, per keypoint type its PCK@0.2 and keypoint count."""
+    name = f"rep-split{split}-{ablation}-{backbone}-seed{seed}" + (f"-{encoder}" if encoder else "")
     tags = {"split": str(split), "ablation": ablation, "backbone": backbone, "seed": str(seed),
             "capenext.run_name": name, "mlflow.runName": name}
     if parent:
         tags["mlflow.parentRunId"] = parent
     run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
+    if encoder is not None:
+        log_params(client, run_id, _params(encoder))
     shift = 0.1 * report.ablation_order().index(ablation)  # curves that tell the ablations apart in the plot
     metrics = [Metric("train/loss", 3.0 - 0.5 * e - 0.1 * seed + shift, 0, e) for e in range(3)]
-    metrics += [Metric("val/pck_0.2", 0.1 * (e + 1) + shift / 4, 0, e) for e in range(3)]
+    metrics += [Metric(VAL, 0.1 * (e + 1) + shift / 4, 0, e) for e in range(3)]
     if status == "FINISHED":
-        values = {t: pck + (t - 0.2) for t in THRESHOLDS}
-        metrics += [Metric(f"test/pck_{t:g}", v, 0, 3) for t, v in values.items()]
-        metrics += [Metric("test/pck_mean", sum(values.values()) / 5, 0, 3)]
-        metrics += [Metric(f"floor/pck_{t:g}", floor, 0, 3) for t in THRESHOLDS]
-        metrics += [Metric("floor/pck_mean", floor, 0, 3)]
+        metrics += _pck("test", pck, 3)
+        metrics += [Metric(k, floor, 0, 3) for k in metric_keys(FLOOR)]
+        for group, (value, count) in (groups or {}).items():
+            metrics += _pck(f"test/{group}", value, 3) + [Metric(f"test/{group}/keypoints", count, 0, 3)]
     client.log_batch(run_id, metrics=metrics)
     if status == "FINISHED":
         client.set_terminated(run_id, "FINISHED", end_time=end_time)
@@ -121,12 +145,16 @@ def test_table1_has_paper_shape_with_mean_std_dash_and_partial_average(store, tm
     assert rows[0] == ["Method", "Backbone", "Split1", "Split2", "Split3", "Split4", "Split5", "Avg"]
     body = {(r[0], r[1]): r[2:] for r in rows[1:]}
     assert set(body) == {("CapeX", "tiny (tests)"), ("CapeNext", "tiny (tests)")}
-    # full, split k: seeds 0.50 + 0.01k and 0.52 + 0.01k → mean 51 + k, sample std sqrt(2)
-    assert body[("CapeNext", "tiny (tests)")][:5] == [f"{51 + k:.2f} ± {math.sqrt(2):.2f}" for k in range(1, 6)]
-    assert body[("CapeNext", "tiny (tests)")][5] == f"54.00 ± {math.sqrt(2):.2f}"  # all five splits: no †
-    assert body[("CapeX", "tiny (tests)")] == ["40.00", "40.00", "40.00", "—", "—", "40.00†"]
+    # full, split k: seeds 0.50 + 0.01k and 0.52 + 0.01k → mean 51 + k, sample std sqrt(2), n = 2: the 95 %
+    # t-interval's half-width is t(0.975, 1) · sqrt(2) / sqrt(2)
+    half = T_975[1] * math.sqrt(2) / math.sqrt(2)
+    assert body[("CapeNext", "tiny (tests)")][:5] == [f"{51 + k:.2f} ± {half:.2f} (n=2)" for k in range(1, 6)]
+    assert body[("CapeNext", "tiny (tests)")][5] == f"54.00 ± {half:.2f} (n=2)"  # all five splits: no †
+    assert body[("CapeX", "tiny (tests)")] == ["40.00", "40.00", "40.00", "—", "—", "40.00†"]  # one seed: no ±
     assert "paper (published)" not in out
-    assert "| CapeNext | tiny (tests) | 52.00 ± 1.41 |" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "| CapeNext | tiny (tests) | 52.00 ± 12.71 (n=2) |" in md
+    assert "_± is the half-width of the 95 % t-interval of the mean over n seeds" in md
 
 
 def test_ablation_tables_show_missing_settings_as_dashes(sweep_report):
@@ -176,7 +204,7 @@ def test_mpck_and_threshold_tables(sweep_report):
     mpck = _read_csv(out / "mpck.csv")
     assert mpck[0] == ["Ablation", "Backbone", "Split1", "Split2", "Split3", "Split4", "Split5", "Avg"]
     full = next(r for r in mpck if r[0] == "full")
-    assert full[2] == f"47.00 ± {math.sqrt(2):.2f}"  # mean over t of pck + (t - 0.2) is pck - 0.05
+    assert full[2] == "47.00 ± 12.71 (n=2)"  # mean over t of pck + (t - 0.2) is pck - 0.05
     thr = _read_csv(out / "pck_thresholds.csv")
     assert thr[0] == ["Ablation", "Backbone", "PCK@0.05", "PCK@0.1", "PCK@0.15", "PCK@0.2", "PCK@0.25", "mPCK",
                       "Splits"]
@@ -184,6 +212,22 @@ def test_mpck_and_threshold_tables(sweep_report):
     assert base[2:] == ["25.00", "30.00", "35.00", "40.00", "45.00", "35.00", "3"]
     floor = next(r for r in thr if r[0] == "mean-position floor")
     assert floor[2:7] == ["30.00"] * 5
+
+
+def test_paired_differences_of_single_seeds_show_the_value_alone(sweep_report):
+    """The 'rep' runs pair on seed 0 only: each difference is one value, with no interval; no per-type table."""
+    out, _ = sweep_report
+    rows = _read_csv(out / "seeds.csv")
+    assert rows[0] == ["Ablation", "Backbone", "Metric", "Split", "Difference (pp)", "95% interval", "n",
+                       "Excludes 0"]
+    by = {(r[0], r[3]): r[4:] for r in rows[1:]}
+    # baseline (40) against full's seed 0 (50 + k) on splits 1-3; Avg over the three
+    assert [by[("baseline", f"Split{k}")][0] for k in (1, 2, 3)] == ["-11.00", "-12.00", "-13.00"]
+    assert by[("baseline", "Avg")] == ["-12.00", "—", "1", "—"]
+    assert by[("no_hcmi", "Split1")] == ["-6.00", "—", "1", "—"] and ("no_hcmi", "Avg") not in by
+    assert "### Paired differences vs full" in (out / "report.md").read_text()
+    assert not (out / "keypoint_types.csv").exists()  # no run logged per-type metrics (as on MP-100)
+    assert "Polysemous vs unambiguous" not in (out / "report.md").read_text()
 
 
 def test_noise_evaluations_become_tables_4_and_5(sweep_report):
@@ -218,14 +262,15 @@ def test_no_tables_4_and_5_without_evaluation_runs(tmp_path, capsys):
 def test_plots_are_pngs_that_open(sweep_report):
     import matplotlib.image as mpimg
 
-    out, result = sweep_report
-    for name in ("pck_vs_threshold.png", "per_split_bars.png", "curves.png"):
+    out, _ = sweep_report
+    for name in ("pck_vs_threshold.png", "per_split_bars.png", "curves.png", "seeds.png"):
         path = out / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         image = mpimg.imread(path)
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400, (name, image.shape)
         assert image[..., :3].std() > 0.05, f"{name} is blank"
     assert "![curves](curves.png)" in (out / "report.md").read_text()
+    assert "![seeds](seeds.png)" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("case", ["experiment", "parent", "store"])
@@ -317,3 +362,155 @@ def test_report_uses_the_shared_layer_not_other_jobs():
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not imported & {"jobs.train", "jobs.sweep", "jobs.evaluate"}, (name, imported)
+
+
+# --- intervals over seeds, paired differences, keypoint types, text encoders --------------------------
+
+
+def test_t_interval_of_known_values():
+    stat = report.summarize([1.0, 2.0, 3.0])
+    assert (stat.mean, stat.std, stat.n) == (2.0, 1.0, 3)
+    assert stat.half == pytest.approx(T_975[2] / math.sqrt(3), abs=1e-3)  # 2.484
+    assert report.fmt(stat) == "2.00 ± 2.48 (n=3)" and report.fmt(stat, "†") == "2.00 ± 2.48 (n=3)†"
+    assert [report.t975(df) for df in (1, 2)] == pytest.approx([T_975[1], T_975[2]], abs=1e-3)
+    assert report.t975(10_000) == pytest.approx(1.960, abs=1e-3)
+    one = report.summarize([5.0, math.nan])
+    assert one.n == 1 and math.isnan(one.half) and report.fmt(one) == "5.00"  # one seed: the value alone
+    assert report.summarize([]) is None and report.fmt(None) == "—"
+    assert report.summarize([-1.0, -2.0, -3.0]).excludes_zero() is False  # -2 ± 2.48 holds 0
+    assert report.summarize([-10.0, -9.0, -11.0]).excludes_zero() is True  # -10 ± 2.48 does not
+
+
+def test_paired_differences_match_by_seed():
+    """A seed one of the two ablations lacks (full's 0, no_lw's 3) is left out, as is a run without a seed."""
+    rows = [(1, "full", "0", 0.50), (1, "full", "1", 0.60), (1, "full", "2", 0.70), (1, "full", "?", 0.10),
+            (1, "no_lw", "1", 0.50), (1, "no_lw", "2", 0.65), (1, "no_lw", "3", 0.10), (1, "no_lw", "?", 0.90),
+            (2, "full", "1", 0.40), (2, "full", "2", 0.40), (2, "no_lw", "1", 0.44)]
+    frame = pd.DataFrame([{"split": k, "ablation": a, "backbone": "tiny", "encoder": "clip", "seed": seed,
+                           "test/pck_0.2": v} for k, a, seed, v in rows])
+    got = report.paired_differences(frame, "test/pck_0.2", "no_lw", "tiny")
+    assert set(got) == {"Split1", "Split2", "Avg"}
+    assert (got["Split1"].mean, got["Split1"].n) == pytest.approx((-7.5, 2))  # seeds 1 (-10) and 2 (-5)
+    assert got["Split1"].std == pytest.approx(math.sqrt(12.5))
+    assert (got["Split2"].mean, got["Split2"].n) == pytest.approx((4.0, 1))  # seed 2 has no no_lw run there
+    assert (got["Avg"].mean, got["Avg"].n) == pytest.approx(((-10 + 4) / 2, 1))  # seed 1: paired on both splits
+    assert report.paired_differences(frame, "test/pck_0.2", "baseline", "tiny") == {}
+    assert report.paired_differences(frame, "test/pck_0.2", "no_lw", "tiny", encoder="wordllama") == {}
+
+
+@pytest.fixture(scope="module")
+def seeds_report(tmp_path_factory):
+    """An experiment 'seeds' on backbone tiny, every run logging per-type PCK (polysemous: PCK@0.2 - 0.10 for
+    full, - 0.20 for no_hcmi; unambiguous: + 0.05; 40 and 160 keypoints):
+
+    * CLIP (full without the param, as an older run; no_hcmi with it): full seeds 0-2 at 0.60/0.62/0.64 on
+      split 1 and 0.61/0.63/0.65 on split 2; no_hcmi seeds 0, 1 and 3 at 0.55/0.56/0.90 on split 1, seeds 0 and
+      1 at 0.57/0.58 on split 2 (its seed 3 and full's seed 2 have no partner);
+    * WordLlama: full seeds 0-2 at 0.70/0.72/0.74 and no_hcmi at 0.60/0.63/0.63, split 1 only.
+    """
+    root = tmp_path_factory.mktemp("seeds_store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("seeds", artifact_location=(root / "mlartifacts").as_uri())
+    runs = {("full", None, 1): {0: 0.60, 1: 0.62, 2: 0.64}, ("full", None, 2): {0: 0.61, 1: 0.63, 2: 0.65},
+            ("no_hcmi", "clip", 1): {0: 0.55, 1: 0.56, 3: 0.90}, ("no_hcmi", "clip", 2): {0: 0.57, 1: 0.58},
+            ("full", "wordllama", 1): {0: 0.70, 1: 0.72, 2: 0.74},
+            ("no_hcmi", "wordllama", 1): {0: 0.60, 1: 0.63, 2: 0.63}}
+    for (ablation, encoder, split), by_seed in runs.items():
+        drop = 0.10 if ablation == "full" else 0.20
+        for seed, pck in by_seed.items():
+            groups = {"polysemous": (pck - drop, 40), "unambiguous": (pck + 0.05, 160)}
+            _log_training(client, exp, None, split, ablation, seed, pck, encoder=encoder, groups=groups)
+    out = root / "out"
+    result = report.report(report.parse_args(["--experiment", "seeds", "--out", str(out), "--tracking-uri", uri]))
+    return out, result
+
+
+def test_keypoint_type_names_are_the_ones_evaluation_logs(seeds_report):
+    """The per-type metrics the fixture logs (``metric_keys("test/<type>")``) are the ones the report reads."""
+    _, result = seeds_report
+    assert report.keypoint_groups(result["data"]) == ["polysemous", "unambiguous"]
+    assert {report.group_key(g) for g in report.KEYPOINT_GROUPS} <= set(result["data"].finished.columns)
+
+
+def test_cells_show_the_95_interval_per_text_encoder(seeds_report):
+    out, result = seeds_report
+    assert set(result["data"].finished.encoder) == {"clip", "wordllama"}  # full's runs have no param: CLIP
+    rows = _read_csv(out / "table1.csv")
+    assert rows[0] == ["Method", "Backbone", "Text encoder", "Split1", "Split2", "Split3", "Split4", "Split5", "Avg"]
+    body = {(r[0], r[2]): r[3:] for r in rows[1:]}
+    half = T_975[2] * 2 / math.sqrt(3)  # three seeds 2 points apart: std 2
+    assert f"{half:.2f}" == "4.97"
+    # Avg: per seed the mean of its two splits (60.5, 62.5, 64.5)
+    assert body[("CapeNext", "clip")] == ["62.00 ± 4.97 (n=3)", "63.00 ± 4.97 (n=3)", "—", "—", "—",
+                                          "62.50 ± 4.97 (n=3)†"]
+    assert body[("CapeNext", "wordllama")] == ["72.00 ± 4.97 (n=3)", "—", "—", "—", "—", "72.00 ± 4.97 (n=3)†"]
+    assert body[("CapeX", "clip")] == ["—"] * 6
+    table2 = {(r[0], r[1]): r[2:] for r in _read_csv(out / "table2.csv")[1:]}
+    assert table2[("CapeNext w/o HCMI", "wordllama")][0] == "62.00 ± 4.30 (n=3)"  # 60, 63, 63: std sqrt(3)
+    # unequal seeds per split: the splits keep every seed (split 1: 55, 56, 90), Avg the two seeds both splits have
+    # (0: 56, 1: 57)
+    assert table2[("CapeNext w/o HCMI", "clip")] == ["67.00 ± 49.50 (n=3)", "57.50 ± 6.35 (n=2)", "—", "—", "—",
+                                                     "56.50 ± 6.35 (n=2)†"]
+    md = (out / "report.md").read_text()
+    assert "| CapeNext | tiny (tests) | wordllama | 72.00 ± 4.97 (n=3) |" in md
+    assert "An Avg with ± is the mean and interval of each seed's mean across the splits present" in md
+
+
+def test_paired_differences_vs_full_within_each_text_encoder(seeds_report):
+    out, _ = seeds_report
+    rows = _read_csv(out / "seeds.csv")
+    assert rows[0] == ["Ablation", "Backbone", "Text encoder", "Metric", "Split", "Difference (pp)", "95% interval",
+                       "n", "Excludes 0"]
+    by = {(r[0], r[2], r[3], r[4]): r[5:] for r in rows[1:]}
+    assert all(key[0] == "no_hcmi" for key in by)  # full is the reference, not a row
+    # CLIP, split 1: seeds 0 (-5) and 1 (-6) pair; no_hcmi's seed 3 and full's seed 2 do not
+    assert by[("no_hcmi", "clip", "PCK@0.2", "Split1")] == ["-5.50 ± 6.35", "[-11.85, +0.85]", "2", "no"]
+    assert by[("no_hcmi", "clip", "PCK@0.2", "Split2")] == ["-4.50 ± 6.35", "[-10.85, +1.85]", "2", "no"]
+    assert by[("no_hcmi", "clip", "PCK@0.2", "Avg")] == ["-5.00 ± 6.35", "[-11.35, +1.35]", "2", "no"]
+    # WordLlama: -10, -9, -11 → -10 ± 4.303/sqrt(3); its interval excludes 0
+    assert by[("no_hcmi", "wordllama", "PCK@0.2", "Split1")] == ["-10.00 ± 2.48", "[-12.48, -7.52]", "3", "yes"]
+    assert ("no_hcmi", "wordllama", "PCK@0.2", "Avg") not in by  # one split: no Avg
+    # per keypoint type: no_hcmi loses 10 points more on the polysemous keypoints, none on the others
+    assert by[("no_hcmi", "wordllama", "PCK@0.2 polysemous", "Split1")][:2] == ["-20.00 ± 2.48", "[-22.48, -17.52]"]
+    assert by[("no_hcmi", "wordllama", "PCK@0.2 unambiguous", "Split1")][0] == "-10.00 ± 2.48"
+    md = (out / "report.md").read_text()
+    assert "### Paired differences vs full (ablation − full, seed by seed)" in md
+    assert "| no_hcmi | tiny (tests) | wordllama | PCK@0.2 | Split1 | -10.00 ± 2.48 | [-12.48, -7.52] | 3 | yes |" in md
+
+
+def test_polysemous_and_unambiguous_keypoints_get_a_table(seeds_report):
+    out, _ = seeds_report
+    rows = _read_csv(out / "keypoint_types.csv")
+    assert rows[0] == ["Ablation", "Backbone", "Text encoder", "Split1 polysemous", "Split1 unambiguous",
+                       "Split2 polysemous", "Split2 unambiguous", "Avg polysemous", "Avg unambiguous"]
+    by = {(r[0], r[2]): r[3:] for r in rows[1:]}
+    assert by[("full", "clip")] == ["52.00 ± 4.97 (n=3)", "67.00 ± 4.97 (n=3)", "53.00 ± 4.97 (n=3)",
+                                    "68.00 ± 4.97 (n=3)", "52.50 ± 4.97 (n=3)†", "67.50 ± 4.97 (n=3)†"]
+    assert by[("full", "wordllama")][:4] == ["62.00 ± 4.97 (n=3)", "77.00 ± 4.97 (n=3)", "—", "—"]
+    md = (out / "report.md").read_text()
+    assert "### Polysemous vs unambiguous keypoints" in md
+    assert "split 1: 40 polysemous, 160 unambiguous; split 2: 40 polysemous, 160 unambiguous" in md
+
+
+def test_cells_csv_keeps_mean_std_and_interval(seeds_report):
+    out, _ = seeds_report
+    rows = list(csv.DictReader((out / "cells.csv").open(newline="")))
+    assert list(rows[0]) == report.CELLS_COLUMNS
+    cell = next(r for r in rows if (r["ablation"], r["text_encoder"], r["metric"], r["split"])
+                == ("full", "clip", "test/pck_0.2", "1"))
+    assert (cell["n"], cell["mean"], cell["std"]) == ("3", "62.0000", "2.0000")
+    assert float(cell["ci95_half"]) == pytest.approx(T_975[2] * 2 / math.sqrt(3), abs=1e-3)
+    assert float(cell["ci95_low"]) == pytest.approx(62.0 - float(cell["ci95_half"]), abs=1e-3)
+    assert any(r["metric"] == "test/polysemous/pck_mean" and r["split"] == "avg" for r in rows)
+    runs = list(csv.DictReader((out / "runs.csv").open(newline="")))
+    assert {r["text_encoder"] for r in runs} == {"clip", "wordllama"} and len(runs) == 3 + 3 + 3 + 2 + 3 + 3
+
+
+def test_seeds_plot_is_a_png_that_opens(seeds_report):
+    import matplotlib.image as mpimg
+
+    out, result = seeds_report
+    image = mpimg.imread(out / "seeds.png")
+    assert image.ndim == 3 and image.shape[1] > 800 and image[..., :3].std() > 0.05
+    assert out / "seeds.png" in result["files"]

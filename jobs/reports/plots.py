@@ -2,42 +2,59 @@
 
 * :func:`plot_thresholds` — PCK against threshold, one line per (ablation, backbone), the floor dashed;
 * :func:`plot_split_bars` — PCK@0.2 per split and Avg, one bar per ablation, published values as ×;
-* :func:`plot_curves` — training loss and val PCK@0.2 per epoch, one column per split.
+* :func:`plot_curves` — training loss and val PCK@0.2 per epoch, one column per split;
+* :func:`plot_seeds` — mean PCK@0.2 per split with its 95 % interval over seeds, and the paired differences
+  against ``full`` with theirs, a zero line.
 
-Every ablation has one colour in every plot (its place in ``order``), every backbone one marker.
+Every ablation has one colour in every plot (its place in ``order``), every backbone (in :func:`plot_seeds`,
+every text encoder) one marker. Error bars are half-widths of the 95 % t-interval over seeds (none for one seed).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 DASH = "—"
 
 
 @dataclass
 class Line:
-    """One line of the threshold plot: the means and stds (in %, NaN where missing) at each threshold.
-    ``ablation`` is empty for the mean-position floor, drawn dashed in grey."""
+    """One line of the threshold plot: the means and 95 % half-widths (in %, NaN where missing) at each
+    threshold. ``ablation`` is empty for the mean-position floor, drawn dashed in grey."""
 
     label: str
     ablation: str
     backbone: str
     means: list[float]
-    stds: list[float]
+    halves: list[float]
 
 
 @dataclass
 class Bars:
-    """One ablation's bars: means and stds (in %, NaN where no run) per split and Avg, and the published
-    values at the same places (empty when the paper has none)."""
+    """One row's bars (an ablation, or an ablation and text encoder): means and 95 % half-widths (in %, NaN
+    where no run) per split and Avg, and the published values at the same places (empty when the paper has
+    none)."""
 
+    label: str
     ablation: str
     means: list[float]
-    stds: list[float]
+    halves: list[float]
     published: Sequence[float] = ()
+
+
+@dataclass
+class Interval:
+    """One series of :func:`plot_seeds`: a mean and its 95 % half-width (in %, NaN where missing; a NaN
+    half-width: one seed, no bar) per group. ``variant`` (a text encoder, or "") picks the marker."""
+
+    label: str
+    ablation: str
+    variant: str
+    means: list[float]
+    halves: list[float]
 
 
 @dataclass
@@ -95,7 +112,7 @@ def plot_thresholds(path: Path, thresholds: Sequence[float], lines: list[Line], 
     backbones = sorted({ln.backbone for ln in lines if ln.ablation})
     for ln in lines:
         ys = ln.means[: len(xs)]
-        err = _zero(ln.stds[: len(xs)])
+        err = _zero(ln.halves[: len(xs)])
         if ln.ablation:
             ax.errorbar(xs, ys, yerr=err if any(err) else None, marker=_marker(ln.backbone, backbones),
                         capsize=3, color=ablation_color(ln.ablation, order), label=ln.label)
@@ -108,7 +125,7 @@ def plot_thresholds(path: Path, thresholds: Sequence[float], lines: list[Line], 
     ax.set_xticks(xs)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.set_title("Test PCK against threshold (mean over splits)")
+    ax.set_title("Test PCK against threshold (mean over splits; error bars: 95% interval over seeds)", fontsize=10)
     if lines:
         ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
@@ -124,9 +141,9 @@ def plot_split_bars(path: Path, groups: list[str], bars: list[Bars], order: Sequ
     marked = False
     for i, b in enumerate(bars):
         xs = [g + (i - (len(bars) - 1) / 2) * width for g in range(len(groups))]
-        err = _zero(b.stds)
+        err = _zero(b.halves)
         ax.bar(xs, _zero(b.means), width * 0.95, yerr=err if any(err) else None, capsize=2,
-               color=ablation_color(b.ablation, order), label=b.ablation)
+               color=ablation_color(b.ablation, order), label=b.label)
         for x, m in zip(xs, b.means):
             if math.isnan(m):
                 ax.text(x, 1, DASH, ha="center", va="bottom", fontsize=8, color="0.3")
@@ -141,7 +158,8 @@ def plot_split_bars(path: Path, groups: list[str], bars: list[Bars], order: Sequ
     ax.set_ylabel("test PCK@0.2 (%)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"PCK@0.2 per split and ablation (backbone {backbone_label})")
+    ax.set_title(f"PCK@0.2 per split and ablation (backbone {backbone_label}; error bars: 95% interval over seeds)",
+                 fontsize=11)
     if bars:  # outside the axes: the published markers sit near the top
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -188,3 +206,41 @@ def plot_curves(path: Path, curves: list[Curve], order: Sequence[str]) -> Path:
         axes[0][0].text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=axes[0][0].transAxes)
         fig.tight_layout()
     return _save(fig, plt, path, 110)
+
+
+def _interval_panel(ax, groups: list[str], series: list[Interval], order: Sequence[str]) -> None:
+    """One point per group and series, side by side within a group, with its interval as an error bar."""
+    variants = sorted({s.variant for s in series})
+    width = 0.8 / max(1, len(series))
+    for i, s in enumerate(series):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        err = _zero(s.halves)
+        ax.errorbar(xs, s.means, yerr=err if any(err) else None, fmt=_marker(s.variant, variants), capsize=3,
+                    linestyle="none", color=ablation_color(s.ablation, order), label=s.label)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_seeds(path: Path, groups: list[str], cells: list[Interval], diffs: list[Interval], order: Sequence[str],
+               backbone_label: str, reference: str) -> Path:
+    """Left: mean test PCK@0.2 per split (and Avg) with its 95 % interval over seeds, per ablation (and text
+    encoder). Right: the paired differences ablation - ``reference`` with their intervals, and a zero line."""
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    _interval_panel(left, groups, cells, order)
+    _interval_panel(right, groups, diffs, order)
+    right.axhline(0.0, color="0.2", linewidth=1)
+    left.set_ylabel("test PCK@0.2 (%)")
+    left.set_title(f"Mean over seeds, 95% t-interval (backbone {backbone_label})", fontsize=10)
+    right.set_ylabel(f"ablation − {reference} (percentage points)")
+    right.set_title(f"Paired differences vs {reference}, seed by seed, 95% t-interval", fontsize=10)
+    for ax, series, empty in ((left, cells, f"no finished runs with backbone {backbone_label} yet"),
+                              (right, diffs, f"no seeds shared with {reference} yet")):
+        if series:
+            ax.legend(fontsize=8, loc="best")
+        else:
+            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return _save(fig, plt, path, 120)
