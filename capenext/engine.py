@@ -120,6 +120,7 @@ def evaluate(
     image_size: int,
     thresholds: tuple[float, ...] = THRESHOLDS,
     keep: list | None = None,
+    groups: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """PCK over every query of the episodes, all-reduced across ranks when distributed.
 
@@ -127,9 +128,11 @@ def evaluate(
     query bbox's max side; a keypoint counts where query and support are both visible. Returns
     ``{"pck_0.05": ..., ..., "pck_mean": ..., "count": n}`` (MLflow allows no ``@`` in names). ``keep``, when given, receives one record
     per query (ids, predictions, per-sample PCK per threshold) for pictures of the best and worst samples.
+    ``groups`` (category id → polysemous keypoint mask, :func:`capenext.metrics.polysemy_groups`) adds the
+    ``polysemous/`` and ``unambiguous/`` keypoint-level PCK.
     """
     model.eval()
-    acc = PCKAccumulator(thresholds)
+    acc = PCKAccumulator(thresholds, groups)
     for batch in batches:
         batch = to_device(prepare(batch), device)
         with autocast(device, precision_of(model)):
@@ -146,7 +149,7 @@ def score(acc: PCKAccumulator, pred: torch.Tensor, batch: dict[str, torch.Tensor
     (B, K, 2), ``visible`` (B, K) and ``norm`` (B,); one record per pair into ``keep`` when given (ids,
     ``pred`` (K, 2) on the CPU, ``pck`` per threshold). Returns the (B, T) per-pair PCK. One scoring for
     the per-pair loop (:func:`evaluate`) and the deduplicated protocol (:mod:`capenext.protocol`)."""
-    per_sample = acc.update(pred, batch["gt_xy"], batch["visible"], batch["norm"])  # (B, T)
+    per_sample = acc.update(pred, batch["gt_xy"], batch["visible"], batch["norm"], batch.get("category_id"))  # (B, T)
     if keep is not None:
         for b in range(len(pred)):
             keep.append({

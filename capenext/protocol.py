@@ -8,7 +8,9 @@ visibility, the query its un-augmented crop. Per category ``data.test_episodes``
 ``data.queries`` queries are drawn by our seeded sampler (:func:`our_pairs`) or taken from the reference's
 sampler (:func:`reference_pairs`, mmpose's ``make_paired_samples`` on the split's test annotation file);
 every pair is scored on its own (:func:`capenext.engine.score`: PCK over the keypoints visible in both, the
-query box's max side as normaliser).
+query box's max side as normaliser). Where the subset's categories list polysemous keypoints
+(``Category.polysemous``), both ways also sum the keypoint-level PCK of those and of the other keypoints
+(:func:`capenext.metrics.polysemy_groups`), derived from the subset, so no caller passes anything.
 
 The work is done once per unique input, not once per pair (:func:`run_protocol`). A query annotation
 recurs in many episodes (200 × 15 draws over a category of N instances: about 3000 / N times) and many
@@ -45,7 +47,7 @@ from capenext.data import PairDataset, adjacency, collate, episodes
 from capenext.data.dataset import QueryDataset
 from capenext.data.embeddings import EmbeddingBank
 from capenext.engine import autocast, evaluate, precision_of, score, to_device, to_image_pixels
-from capenext.metrics import THRESHOLDS, PCKAccumulator
+from capenext.metrics import THRESHOLDS, PCKAccumulator, polysemy_groups
 
 
 def our_pairs(subset, num_episodes: int, queries: int, seed: int) -> np.ndarray:
@@ -345,7 +347,9 @@ def run_protocol(model: nn.Module, subset, pairs: np.ndarray, data: DataCfg, dev
                  ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """PCK of ``model`` on the (query, support) ``pairs`` of ``subset``, each unique input's work done once.
 
-    Returns ``({"pck_0.05": ..., "pck_mean": ..., "count": n}, records)``; with ``records`` one dict per
+    Returns ``({"pck_0.05": ..., "pck_mean": ..., "count": n}, records)``, plus the keypoint-level PCK of the
+    ``polysemous/`` and ``unambiguous/`` keypoints when a category of ``subset`` lists polysemous keypoints
+    (:func:`capenext.metrics.polysemy_groups`); with ``records`` one dict per
     pair of this rank (``ann_id``, ``category_id`` of its query, ``pred`` (K, 2) image pixels, ``pck`` per
     threshold, ``visible`` (K,)) for pictures of the best and worst queries. ``progress``: a bar with that
     label on stderr. ``batch_size``: query crops per backbone forward, and units per head forward.
@@ -376,7 +380,7 @@ def run_protocol(model: nn.Module, subset, pairs: np.ndarray, data: DataCfg, dev
         runner.heads(final=True)
     if bar is not None:
         bar.close()
-    acc = PCKAccumulator(thresholds)
+    acc = PCKAccumulator(thresholds, polysemy_groups(subset.categories.values()))
     kept: list[dict[str, Any]] | None = [] if records else None
     runner.score(acc, kept)
     acc.all_reduce(device)
@@ -420,7 +424,7 @@ def per_pair_protocol(model: nn.Module, subset, pairs: np.ndarray, data: DataCfg
         batches = tqdm(loader, desc=progress, unit="batch", file=sys.stderr, leave=False)
     kept: list[dict[str, Any]] | None = [] if records else None
     metrics = evaluate(model, batches, device, keep_visible if records else prepare, data.image_size,
-                       thresholds=thresholds, keep=kept)
+                       thresholds=thresholds, keep=kept, groups=polysemy_groups(subset.categories.values()))
     if kept is None:
         return metrics, []
     for r, vis in zip(kept, torch.cat(visible) if visible else []):

@@ -19,7 +19,20 @@ What makes it a fair CAPE benchmark, and able to show what text guidance buys:
   partition the categories, so every category is tested once; each validation set
   comes from another split's test group. Every test set holds categories whose
   supercategory is seen in training (the paper's setting), never the categories
-  themselves.
+  themselves. This is the default split rule (``--split-rule default``).
+* **A polysemy-stress split rule** (``--split-rule polysemy``): the same images
+  and categories, other splits, to test the claim that the class prompt resolves
+  polysemous names. Every test category has a polysemous keypoint name that a
+  *training* category of another supercategory also has (the name is seen in
+  training with another look and geometry), and a training category of its own
+  supercategory. Test sets hold 20 % of the categories (4 of 20), differ from
+  split to split and need not partition the categories: a category may be tested
+  in several splits or in none (those without a polysemous name never are).
+  Validation is 10 % of the categories, drawn from the rest so that the rule still
+  holds; training is the rest. The test sets are built greedily, least-tested
+  categories first, in a seeded order (:func:`_polysemy_splits`). Each annotation
+  file's ``info`` records ``"split_rule": "polysemy"`` (the default rule's files
+  carry no such key).
 * **Keypoint names come from one shared vocabulary, and a part's look follows its
   name.** Every visible keypoint carries a small glyph (a shape and a fill
   pattern) chosen by its name, so "left eye" looks the same on a cat face, a fox
@@ -28,6 +41,8 @@ What makes it a fair CAPE benchmark, and able to show what text guidance buys:
 * **Polysemy.** The names in ``POLYSEMOUS`` ("neck", "top", "handle", the legs,
   the shoulders) get a different glyph in each supercategory: a chair's "left
   front leg" does not look like a horse's. Only the class prompt tells them apart.
+  Each category lists the indices of such keypoints as ``polysemous_keypoints``,
+  so that evaluation reports PCK over them and over the others.
 * **Class names carry information.** A category's name shares its head word with
   its supercategory ("office_chair", "garden_chair" in "chair"; "cat_face" in
   "animal_face"), so the prompt of an unseen category says what it resembles.
@@ -72,6 +87,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -85,10 +101,13 @@ from pipelines.synthetic_categories import (GLYPH_FILLS, GLYPH_KEYS, GLYPH_SHAPE
 from pipelines.synthetic_render import Glyphs, Instance, draw_scene
 
 MIN_CATEGORIES = 10
+SPLIT_RULES = ("default", "polysemy")
 
 _SIZES = {False: (128, 256), True: (256, 512)}
 _DEFAULT_COUNTS = {False: (20, 30), True: (100, 180)}
 _STREAM_SPLITS = 1_000_002
+_STREAM_POLYSEMY = 1_000_003
+_POLYSEMY_ATTEMPTS = 200
 _JPEG_QUALITY = 90
 # --mp100-sized: long side, camera aspect ratios (long / short) and their odds, landscape odds,
 # JPEG qualities, and the short side at which strokes and texture periods have their default size
@@ -103,7 +122,10 @@ GLYPHS = Glyphs.from_specs(GLYPH_SHAPES, GLYPH_FILLS, len(GLYPH_KEYS))  # the lo
 # --------------------------------------------------------------------------- splits
 
 
-def _assign_splits(categories: list[Category], seed: int) -> dict[int, dict[str, list[Category]]]:
+Splits = dict[int, dict[str, list[Category]]]  # split -> subset -> categories
+
+
+def _assign_splits(categories: list[Category], seed: int) -> Splits:
     """Split -> subset -> categories; test groups partition the categories (70/10/20)."""
     rng = np.random.default_rng([seed, _STREAM_SPLITS])
     n_val = max(1, round(len(categories) / 10))
@@ -132,6 +154,70 @@ def _assign_splits(categories: list[Category], seed: int) -> dict[int, dict[str,
         if fair(splits):
             return splits
     raise RuntimeError(f"no fair split found for {len(categories)} categories (seed {seed})")
+
+
+def _seen_with_another_look(test: list[Category], train: list[Category]) -> bool:
+    """The polysemy rule on one split: every test category has a training category of its own
+    supercategory, and shares a polysemous name with a training category of another supercategory."""
+    for c in test:
+        others = [t for t in train if t.template.supercategory != c.template.supercategory]
+        if len(others) == len(train) or not any(c.polysemous_names & t.polysemous_names for t in others):
+            return False
+    return True
+
+
+def _pick(order: list[int], n: int, fits: Callable[[list[int]], bool]) -> list[int] | None:
+    """``n`` of ``order`` taken greedily in order, each kept only while the chosen ones still ``fits``."""
+    chosen: list[int] = []
+    for i in order:
+        if fits([*chosen, i]):
+            chosen.append(i)
+            if len(chosen) == n:
+                return chosen
+    return None
+
+
+def _polysemy_splits(categories: list[Category], seed: int) -> Splits:
+    """Split -> subset -> categories under the polysemy-stress rule (module docstring).
+
+    A test set is taken greedily from the categories with a polysemous name, the least tested so far first
+    (ties in a seeded order), each kept while the rule holds with the others in training; validation is
+    then taken from a seeded order of the rest, each kept while the rule still holds. A test set equal to
+    an earlier split's is drawn again. ``ValueError`` naming ``--categories`` when no split is found.
+    """
+    rng = np.random.default_rng([seed, _STREAM_POLYSEMY])
+    n_test, n_val = max(1, round(len(categories) / 5)), max(1, round(len(categories) / 10))
+    everyone = set(range(len(categories)))
+    eligible = np.array([i for i, c in enumerate(categories) if c.polysemous_names], dtype=np.int64)
+
+    def holds(test: list[int], val: list[int] | tuple[()] = ()) -> bool:
+        train = sorted(everyone - set(test) - set(val))
+        return _seen_with_another_look([categories[i] for i in test], [categories[i] for i in train])
+
+    tested, seen, result = np.zeros(len(categories), dtype=np.int64), set(), {}
+    for split in SPLITS:
+        for _ in range(_POLYSEMY_ATTEMPTS):
+            order = eligible[np.lexsort((rng.random(len(eligible)), tested[eligible]))].tolist()
+            test = _pick(order, n_test, holds)
+            if test is None or frozenset(test) in seen:
+                continue
+            val = _pick(rng.permutation(sorted(everyone - set(test))).tolist(), n_val, partial(holds, test))
+            if val is not None:
+                break
+        else:
+            raise ValueError(f"--split-rule polysemy found no split {split} of {len(categories)} categories whose "
+                             f"{n_test} test categories each share a polysemous name with a training category of "
+                             "another supercategory; use more categories (--categories)")
+        seen.add(frozenset(test))
+        tested[test] += 1
+        train = everyone - set(test) - set(val)
+        result[split] = {name: [categories[i] for i in sorted(members)]
+                         for name, members in zip(SUBSETS, (train, val, test))}
+    return result
+
+
+_SPLITTERS: dict[str, Callable[[list[Category], int], Splits]] = {
+    "default": _assign_splits, "polysemy": _polysemy_splits}
 
 
 # --------------------------------------------------------------------------- images and annotations
@@ -212,13 +298,14 @@ def _write(path: Path, save: Callable[[Path], object]) -> None:
 
 def generate(out: str | Path, seed: int = 0, categories: int | None = None,
              images_per_category: int | None = None, full_size: bool = False,
-             progress: bool = True, mp100_sized: bool = False) -> dict:
+             progress: bool = True, mp100_sized: bool = False, split_rule: str = "default") -> dict:
     """Write the synthetic MP-100 dataset under ``out`` and return a summary.
 
     ``categories`` / ``images_per_category`` default to 20 / 30, or 100 / 180 with
     ``full_size`` (which also doubles the image sides). ``mp100_sized`` draws MP-100-like
-    image sizes and JPEG qualities instead (see the module docstring). Raises
-    ``ValueError('<what> (<where>)')`` on out-of-range arguments.
+    image sizes and JPEG qualities instead (see the module docstring). ``split_rule``
+    (``SPLIT_RULES``) chooses the splits; the images are the same either way. Raises
+    ``ValueError('<what> (<where>)')`` on out-of-range arguments, before writing anything.
     """
     default_categories, default_images = _DEFAULT_COUNTS[full_size]
     categories = default_categories if categories is None else categories
@@ -231,9 +318,12 @@ def generate(out: str | Path, seed: int = 0, categories: int | None = None,
     if images_per_category < 2:
         raise ValueError(f"images per category must be >= 2, got {images_per_category} "
                          "(--images-per-category)")
+    if split_rule not in SPLIT_RULES:
+        raise ValueError(f"split rule must be one of {list(SPLIT_RULES)}, got {split_rule!r} (--split-rule)")
     start, out = time.perf_counter(), Path(out)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
     cats = make_categories(seed, categories)
+    splits = _SPLITTERS[split_rule](cats, seed)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
     images: dict[int, list[dict]] = {c.id: [] for c in cats}
     annotations: dict[int, list[dict]] = {c.id: [] for c in cats}
     with tqdm(total=categories * images_per_category, unit="img", desc="synthetic MP-100",
@@ -244,11 +334,13 @@ def generate(out: str | Path, seed: int = 0, categories: int | None = None,
                 images[category.id].append(record)
                 annotations[category.id].extend(anns)
                 bar.update()
-    for split, subsets in _assign_splits(cats, seed).items():
+    for split, subsets in splits.items():
         for subset, members in subsets.items():
+            info = {"description": "capenext synthetic MP-100", "seed": seed, "split": split, "subset": subset}
+            if split_rule != "default":  # the default rule's files stay as they were
+                info["split_rule"] = split_rule
             data = {
-                "info": {"description": "capenext synthetic MP-100", "seed": seed,
-                         "split": split, "subset": subset},
+                "info": info,
                 "images": [r for c in members for r in images[c.id]],
                 "annotations": [a for c in members for a in annotations[c.id]],
                 "categories": [c.coco() for c in members],
@@ -287,6 +379,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="MP-100-like camera photos: long side 600..1600 px, aspect 4:3, 3:2, 16:9 "
                              "or 1:1, JPEG quality 85..95; objects scale with the image (combines "
                              "with --full-size)")
+    parser.add_argument("--split-rule", choices=SPLIT_RULES, default="default",
+                        help="how the 5 splits are chosen, same images and categories either way. default: "
+                             "the test sets partition the categories (70/10/20). polysemy: every test "
+                             "category has a polysemous keypoint name that a training category of another "
+                             "supercategory also has, and its own supercategory in training; 20%% of the "
+                             "categories per test set (4 of 20), 10%% validation; the test sets need not "
+                             "partition the categories (default: default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -296,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summary = generate(args.out, seed=args.seed, categories=args.categories,
                            images_per_category=args.images_per_category, full_size=args.full_size,
-                           progress=not args.quiet, mp100_sized=args.mp100_sized)
+                           progress=not args.quiet, mp100_sized=args.mp100_sized, split_rule=args.split_rule)
     except OSError as error:
         raise UsageError(f"{error.strerror or error} ({error.filename or args.out})") from error
     print(json.dumps(summary))

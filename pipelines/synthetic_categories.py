@@ -128,10 +128,24 @@ class Category:
                   if index[a] in position and index[b] in position]
         return edges
 
+    @cached_property
+    def polysemous(self) -> list[int]:
+        """0-based indices of the keypoints whose names are polysemous (``POLYSEMOUS``), in order."""
+        return [k for k, name in enumerate(self.keypoints) if name in POLYSEMOUS]
+
+    @cached_property
+    def polysemous_names(self) -> frozenset[str]:
+        """The polysemous names among the keypoints (what the polysemy split rule compares)."""
+        return frozenset(self.keypoints) & POLYSEMOUS
+
     def coco(self) -> dict:
-        """The COCO ``categories`` entry."""
-        return {"id": self.id, "name": self.name, "supercategory": self.template.supercategory,
-                "keypoints": self.keypoints, "skeleton": self.skeleton}
+        """The COCO ``categories`` entry; ``polysemous_keypoints`` only when it has some, so that a category
+        without polysemous names is written as MP-100's are."""
+        entry = {"id": self.id, "name": self.name, "supercategory": self.template.supercategory,
+                 "keypoints": self.keypoints, "skeleton": self.skeleton}
+        if self.polysemous:
+            entry["polysemous_keypoints"] = self.polysemous
+        return entry
 
 
 def make_categories(seed: int, count: int) -> list[Category]:

@@ -388,6 +388,18 @@ MALFORMED = {
         lambda d: d["annotations"][0].update(bbox=[float("nan"), 4, 30, 30]), ["annotation 11", "non-finite"]),
     "infinite bbox": (
         lambda d: d["annotations"][0].update(bbox=[4, 4, float("inf"), 30]), ["annotation 11", "non-finite"]),
+    # the optional polysemous keypoint list: distinct integer indices of the category's keypoints
+    "polysemous keypoint out of range": (
+        lambda d: d["categories"][0].update(polysemous_keypoints=[0, 3]),
+        ["category 3", "'polysemous_keypoints'", "0..2", "[0, 3]"]),
+    "polysemous keypoints not integers": (
+        lambda d: d["categories"][0].update(polysemous_keypoints=["nose"]), ["category 3", "'polysemous_keypoints'"]),
+    "polysemous keypoints not a list": (
+        lambda d: d["categories"][0].update(polysemous_keypoints=1), ["category 3", "'polysemous_keypoints'"]),
+    "polysemous keypoint twice": (
+        lambda d: d["categories"][0].update(polysemous_keypoints=[1, 1]), ["category 3", "distinct"]),
+    "polysemous keypoint a bool": (
+        lambda d: d["categories"][0].update(polysemous_keypoints=[True]), ["category 3", "'polysemous_keypoints'"]),
 }
 
 
@@ -439,6 +451,23 @@ def test_valid_minimal_file_reads_and_cleans(tmp_path):
     assert s.keypoints[:, 2].tolist() == [1, 1, 1]
     assert data.categories[3].keypoints == ("left eye", "right eye", "nose")
     assert data.categories[3].class_text == "tabby cat"
+
+
+def test_polysemous_keypoints_round_trip_through_the_reader_the_shard_json_and_descriptions(tmp_path):
+    from capenext.data.shards import category_from_json, category_json
+
+    path = _write_minimal(tmp_path, lambda d: d["categories"][0].update(polysemous_keypoints=[2, 0]))
+    problems: list[DataError] = []
+    cat = load_subset(path, problems=problems).categories[3]
+    assert problems == [] and cat.polysemous == (0, 2)  # sorted
+    stored = json.loads(json.dumps(category_json(cat)))
+    assert stored["polysemous_keypoints"] == [0, 2] and category_from_json(stored) == cat
+    described = load_subset(path, descriptions={"tabby_cat": ["a", "b", "c"]}).categories[3]
+    assert described.keypoints == ("a", "b", "c") and described.polysemous == (0, 2)
+
+    plain = load_subset(_write_minimal(tmp_path, lambda d: None)).categories[3]
+    assert plain.polysemous == () and "polysemous_keypoints" not in category_json(plain)  # MP-100: as before
+    assert category_from_json(category_json(plain)) == plain
 
 
 def test_missing_image_can_be_skipped_and_listed(tmp_path):

@@ -21,13 +21,15 @@ import torch
 from capenext.config import THRESHOLDS, load_preset
 from capenext.data.embeddings import load_bank
 from capenext.data.shards import ShardIndex
-from capenext.metrics import pck_key
+from capenext.metrics import GROUPS, metric_keys, pck_key
 from capenext.models import build_model
 from capenext.protocol import _Cached, our_pairs, plan, run_protocol
 
 PX = 1e-4  # largest |Δ| of a prediction, image pixels
 PCK = 1e-9
 CPU = torch.device("cpu")
+STANDARD = (*metric_keys(), "count")
+GROUP_KEYS = tuple(k for g in GROUPS for k in (*metric_keys(g), f"{g}/keypoints"))
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,10 @@ def test_unique_work_gives_every_pairs_prediction_and_pck_of_the_per_pair_loop(c
     for t in THRESHOLDS:
         assert abs(m8[pck_key(t)] - n8[pck_key(t)]) <= PCK
         assert abs(m8[pck_key(t)] - m0[pck_key(t)]) <= PCK
+    # the keypoint-level PCK of the polysemous and the unambiguous keypoints (split 1 tests categories with both)
+    assert m8.keys() == n8.keys() == set(STANDARD) | set(GROUP_KEYS)
+    for k in GROUP_KEYS:
+        assert abs(m8[k] - n8[k]) <= PCK and abs(m8[k] - m0[k]) <= PCK, k
 
 
 def test_the_noise_variant_changes_the_numbers_it_is_measured_on(data, prepared):
@@ -167,6 +173,9 @@ def test_rank_shares_add_up_to_the_single_process_numbers(data, prepared):
     for t in THRESHOLDS:
         k = pck_key(t)
         assert abs(sum(m[k] * m["count"] for m, _ in shares) / whole["count"] - whole[k]) <= PCK
+        for g in GROUPS:  # keypoint-level: each share weighs by its keypoints in the group
+            n = f"{g}/keypoints"
+            assert abs(sum(m[f"{g}/{k}"] * m[n] for m, _ in shares) / whole[n] - whole[f"{g}/{k}"]) <= PCK
     ann = [{r["ann_id"] for r in records} for _, records in shares]
     assert not ann[0] & ann[1]  # a query's work is done on one rank only
 
@@ -222,6 +231,34 @@ def test_a_model_without_an_image_part_runs_whole_on_the_cached_crops(data):
     ours, _ = run_protocol(floor, subset, pairs, cfg.data, CPU, **kw)
     loop, _ = run_protocol(floor, subset, pairs, cfg.data, CPU, dedupe=False, **kw)
     assert all(abs(ours[k] - loop[k]) <= PCK for k in loop)
+
+
+def test_group_pck_counts_the_scored_keypoints_of_each_group_and_only_where_categories_list_them(
+        data, prepared, synthetic_root):
+    """The shards carry each category's polysemous keypoints; the groups count exactly the keypoints PCK
+    scores (visible in query and support), split by them; a subset whose categories list none (MP-100)
+    reports exactly the standard keys, both ways."""
+    import dataclasses
+
+    from capenext.data.mp100 import load_split
+
+    index, subset, pairs = data
+    assert {c: v.polysemous for c, v in subset.categories.items()} == {
+        c: v.polysemous for c, v in load_split(synthetic_root, 1, "test").categories.items()}
+    model, cfg = _model()
+    kw = {"load_image": index.read_bytes, "batch_size": 8, "bank": load_bank(prepared / "emb"), "records": True}
+    metrics, records = run_protocol(model, subset, pairs, cfg.data, CPU, **kw)
+    poly = {c: set(v.polysemous) for c, v in subset.categories.items()}
+    in_group = [k in poly[r["category_id"]] for r in records for k in np.flatnonzero(r["visible"].numpy()).tolist()]
+    assert metrics["polysemous/keypoints"] == sum(in_group) > 0
+    assert metrics["unambiguous/keypoints"] == len(in_group) - sum(in_group) > 0
+
+    plain = dataclasses.replace(subset, categories={c: dataclasses.replace(v, polysemous=())
+                                                    for c, v in subset.categories.items()})
+    for dedupe in (True, False):
+        stripped, _ = run_protocol(model, plain, pairs, cfg.data, CPU, dedupe=dedupe, **kw)
+        assert set(stripped) == set(STANDARD)
+        assert all(abs(stripped[k] - metrics[k]) <= PCK for k in STANDARD)
 
 
 def test_quick_benchmark_reports_a_positive_ratio_and_equal_pck(prepared):

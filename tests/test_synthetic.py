@@ -139,6 +139,84 @@ def test_vocabulary_is_shared_polysemous_and_prompts_carry_meaning(dataset):
     assert len(cat.GLYPH_KEYS) <= 12 * 8, "two names would share a glyph"
 
 
+def test_categories_list_their_polysemous_keypoints_and_the_reader_keeps_them(dataset):
+    from capenext.data.mp100 import load_split
+
+    out, _, files = dataset
+    for c in _all(files, "categories"):
+        expected = [k for k, name in enumerate(c["keypoints"]) if name in cat.POLYSEMOUS]
+        assert c.get("polysemous_keypoints", []) == expected, c["name"]
+        assert "polysemous_keypoints" in c or not expected  # written only when there are some
+    read = load_split(out, 1, "test").categories
+    assert {cid: list(c.polysemous) for cid, c in read.items()} == {
+        c["id"]: c.get("polysemous_keypoints", []) for c in files[(1, "test")]["categories"]}
+    assert any(c.polysemous for c in read.values()) and not all(c.polysemous for c in read.values())
+
+
+@pytest.fixture(scope="module")
+def polysemy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The default dataset's images and categories under ``--split-rule polysemy``."""
+    out = tmp_path_factory.mktemp("polysemy")
+    syn.generate(out, seed=0, progress=False, split_rule="polysemy")
+    return out, {(split, subset): json.loads(syn.annotation_path(out, split, subset).read_text())
+                 for split in syn.SPLITS for subset in syn.SUBSETS}
+
+
+def test_polysemy_rule_holds_in_every_split(polysemy):
+    """Every test category shares a polysemous name with a training category of another supercategory and
+    has a training category of its own supercategory; read from the files, names from polysemous_keypoints."""
+    _, files = polysemy
+
+    def polysemous(c: dict) -> set[str]:
+        return {c["keypoints"][k] for k in c.get("polysemous_keypoints", [])}
+
+    tests = []
+    for split in syn.SPLITS:
+        train, val, test = (files[(split, subset)]["categories"] for subset in syn.SUBSETS)
+        assert (len(train), len(val), len(test)) == (14, 2, 4)
+        names = [{c["name"] for c in group} for group in (train, val, test)]
+        assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+        assert len(set().union(*names)) == 20
+        for c in test:
+            others = [t for t in train if t["supercategory"] != c["supercategory"]]
+            assert len(others) < len(train), f"split {split}: {c['name']}'s supercategory is not in training"
+            assert any(polysemous(c) & polysemous(t) for t in others), f"split {split}: {c['name']}"
+        assert all(files[(split, s)]["info"]["split_rule"] == "polysemy" for s in syn.SUBSETS)
+        tests.append(frozenset(names[2]))
+    assert len(set(tests)) == 5, "two splits test the same categories"
+
+
+def test_polysemy_rule_changes_only_the_splits(polysemy, dataset):
+    """Same images (bytes), annotations and categories as the default set; only membership and info differ."""
+    out, files = polysemy
+    default_out, _, default = dataset
+    for key in ("images", "annotations", "categories"):
+        ours = sorted(json.dumps(e, sort_keys=True) for e in _all(files, key))
+        assert ours == sorted(json.dumps(e, sort_keys=True) for e in _all(default, key)), key
+    assert _snapshot(out / "images") == _snapshot(default_out / "images")
+    assert all("split_rule" not in data["info"] for data in default.values())  # the default files as before
+    assert any(files[k]["categories"] != default[k]["categories"] for k in files)
+
+
+def test_polysemy_split_is_deterministic_and_default_is_the_default(tmp_path):
+    small = {"categories": 10, "images_per_category": 2, "progress": False}
+    syn.generate(tmp_path / "a", seed=3, split_rule="polysemy", **small)
+    syn.generate(tmp_path / "b", seed=3, split_rule="polysemy", **small)
+    assert _snapshot(tmp_path / "a") == _snapshot(tmp_path / "b")
+    syn.generate(tmp_path / "c", seed=3, **small)
+    syn.generate(tmp_path / "d", seed=3, split_rule="default", **small)
+    assert _snapshot(tmp_path / "c") == _snapshot(tmp_path / "d")
+
+
+def test_polysemy_split_without_enough_categories_is_one_line_naming_categories(tmp_path):
+    plain = [c for c in cat.make_categories(0, 20) if not c.polysemous_names]  # faces and hands only
+    with pytest.raises(ValueError, match=r"^[^\n]*\(--categories\)$"):
+        syn._polysemy_splits(plain, 0)
+    with pytest.raises(ValueError, match=r"\(--split-rule\)"):
+        syn.generate(tmp_path, split_rule="random", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_invisible_keypoints_and_multi_instance_images(dataset):
     _, _, files = dataset
     annotations = _all(files, "annotations")
@@ -185,6 +263,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_help_and_one_line_errors(tmp_path):
     shown = _cli("--help")
     assert shown.returncode == 0 and "--full-size" in shown.stdout and "--mp100-sized" in shown.stdout
+    assert "--split-rule {default,polysemy}" in shown.stdout
     too_few = _cli("--out", str(tmp_path / "x"), "--categories", "5")
     assert too_few.returncode == 2
     assert too_few.stderr.strip().count("\n") == 0

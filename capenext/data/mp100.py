@@ -2,7 +2,9 @@
 
 MP-100 as its users have it: ``annotations/mp100_split{1..5}_{train,val,test}.json`` and the images in
 the folder the json's ``file_name`` is relative to (``images/`` by default). Each category carries its
-keypoint names (or text descriptions) and its 0-based skeleton, as in the GraphCape/CapeX files.
+keypoint names (or text descriptions) and its 0-based skeleton, as in the GraphCape/CapeX files, and may
+carry ``polysemous_keypoints``, the 0-based indices of its keypoints whose name means another part in
+another supercategory (the synthetic set writes it; MP-100's files have none).
 
 Cleaning follows the mmpose-based reference codebases (GraphCape, CapeX, CapeNext):
 
@@ -29,6 +31,7 @@ them all at once, with the same messages the loader raises.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -94,6 +97,10 @@ class Category:
     supercategory: str
     keypoints: tuple[str, ...]  # keypoint texts (descriptions when a description file is given)
     skeleton: tuple[tuple[int, int], ...]  # 0-based index pairs
+    # sorted 0-based indices of the keypoints whose name means another part in another supercategory (a
+    # chair's "leg" and a horse's): the optional ``polysemous_keypoints`` of the category record, which the
+    # synthetic set writes; evaluation reports PCK over them and over the others (capenext.metrics)
+    polysemous: tuple[int, ...] = ()
 
     @property
     def num_keypoints(self) -> int:
@@ -243,8 +250,8 @@ class Descriptions:
         return next((r for r in self.rules if r.matches(cat)), None)
 
     def apply(self, cat: Category, where: str | None = None) -> Category:
-        """``cat`` with its keypoint texts replaced as the file says (the category's skeleton, ids and
-        keypoint count never change).
+        """``cat`` with its keypoint texts replaced as the file says (the category's skeleton, ids, polysemous
+        keypoints and keypoint count never change).
 
         The reference's rules are applied as its dataset applies them: the first matching rule's list
         (an empty list keeps the names); no match gives the annotation names, ``_`` → space, each of them
@@ -264,7 +271,7 @@ class Descriptions:
             if len(texts) != k:
                 raise DataError(f"{where}: description file gives {len(texts)} keypoint texts, category has {k}",
                                 "descriptions")
-            return Category(cat.id, cat.name, cat.supercategory, tuple(text_of(t) for t in texts), cat.skeleton)
+            return dataclasses.replace(cat, keypoints=tuple(text_of(t) for t in texts))
         rule = self.rule_for(cat)
         if rule is None:
             if self.otherwise == "stop":
@@ -278,7 +285,7 @@ class Descriptions:
         else:
             texts = list(rule.texts)
         if len(texts) == k:
-            return Category(cat.id, cat.name, cat.supercategory, tuple(texts), cat.skeleton)
+            return dataclasses.replace(cat, keypoints=tuple(texts))
         rule_of = f"the reference's {self.variant!r} texts ({Path(self.path).name}, rule at line {rule.line})"
         if len(texts) > k:
             _warn_once(f"{where}: {rule_of} give {len(texts)} texts for {k} keypoints; as the reference, the "
@@ -289,7 +296,7 @@ class Descriptions:
                        "keep their annotation names (the reference has none for them and fails on a support that "
                        "shows one)")
             texts = texts + list(cat.keypoints[len(texts):])
-        return Category(cat.id, cat.name, cat.supercategory, tuple(texts), cat.skeleton)
+        return dataclasses.replace(cat, keypoints=tuple(texts))
 
 
 def _rewrite(name: str, replace: tuple[tuple[str, str], ...]) -> str:
@@ -408,8 +415,19 @@ def _parse_category(path: Path, c: Any, descriptions: Descriptions | None) -> Ca
         supercategory=str(c.get("supercategory", "")),
         keypoints=tuple(text_of(n) for n in names),
         skeleton=tuple(edges),
+        polysemous=_polysemous(where, c.get("polysemous_keypoints", []), len(names)),
     )
     return descriptions.apply(cat, where) if descriptions is not None else cat
+
+
+def _polysemous(where: str, value: Any, k: int) -> tuple[int, ...]:
+    """The sorted indices of an optional ``polysemous_keypoints`` list: distinct integers in ``0..k-1``
+    (a bool is not an index), else one line naming the category, as for the skeleton."""
+    ok = isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+    if not ok or len(set(value)) != len(value) or not all(0 <= i < k for i in value):
+        raise DataError(f"{where}: 'polysemous_keypoints' must be a list of distinct keypoint indices 0..{k - 1}, "
+                        f"got {value!r:.60}", "polysemous keypoints")
+    return tuple(sorted(value))
 
 
 def _lookup(table: dict | set, key: Any) -> Any:

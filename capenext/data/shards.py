@@ -54,9 +54,13 @@ def image_ext(file_name: str) -> str:
 
 
 def category_json(cat: Category) -> dict[str, Any]:
-    """A category as a sample's json stores it (:func:`category_from_json` reads it back)."""
-    return {"id": cat.id, "name": cat.name, "supercategory": cat.supercategory,
-            "keypoints": list(cat.keypoints), "skeleton": [list(e) for e in cat.skeleton]}
+    """A category as a sample's json and the manifest store it (:func:`category_from_json` reads it back);
+    ``polysemous_keypoints`` only when the category has some, so MP-100's shards are written as before."""
+    out = {"id": cat.id, "name": cat.name, "supercategory": cat.supercategory,
+           "keypoints": list(cat.keypoints), "skeleton": [list(e) for e in cat.skeleton]}
+    if cat.polysemous:
+        out["polysemous_keypoints"] = list(cat.polysemous)
+    return out
 
 
 def category_from_json(d: dict[str, Any]) -> Category:
@@ -66,6 +70,7 @@ def category_from_json(d: dict[str, Any]) -> Category:
         supercategory=str(d.get("supercategory", "")),
         keypoints=tuple(d["keypoints"]),
         skeleton=tuple((int(a), int(b)) for a, b in d["skeleton"]),
+        polysemous=tuple(int(i) for i in d.get("polysemous_keypoints", ())),
     )
 
 
