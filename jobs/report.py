@@ -42,7 +42,7 @@ import pandas as pd
 
 from capenext.cli import UsageError, run_main
 from capenext.data.mp100 import SPLITS
-from capenext.metrics import FLOOR, THRESHOLDS, metric_keys, pck_key
+from capenext.metrics import FLOOR, GROUPS, THRESHOLDS, metric_keys, pck_key
 from jobs.reports import plots
 from jobs.runtime.tracking import find_run, open_client, require_store, tracking_uri
 
@@ -64,7 +64,7 @@ DEFAULT_ENCODER = "clip"  # a run without the param used CLIP's text tower
 ENCODER_COLUMN = "Text encoder"
 REFERENCE = "full"  # the ablation every other is paired with, seed by seed
 # keypoint types a data set may mark; evaluation logs test/<type>/pck_* (and .../keypoints) for each
-KEYPOINT_GROUPS = ("polysemous", "unambiguous")
+KEYPOINT_GROUPS = GROUPS  # capenext.metrics: the keypoint types a data set may mark
 CELL = ["split", "ablation", "backbone", "encoder", "seed"]  # one finished training run counts per cell
 UNKNOWN_SEED = "?"  # a run without a seed tag: in the cells, never paired
 CI_NOTE = ("± is the half-width of the 95 % t-interval of the mean over n seeds (Student's t, n − 1 degrees "
