@@ -34,7 +34,8 @@ while [[ $# -gt 0 ]]; do
 done
 PYTHON="${PYTHON:-.venv/bin/python}"
 [[ -x "$PYTHON" ]] || die "PYTHON=$PYTHON is not an interpreter; set PYTHON to the one with capenext installed"
-RAY="$(dirname "$PYTHON")/ray"
+PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")"
+export PATH="$(dirname "$PYTHON"):$PATH"  # the job's `python` (and `ray`) are this environment's
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 
@@ -55,7 +56,7 @@ trap 'cluster/local.sh stop --dir "$OUT/cluster"' EXIT
 source "$OUT/cluster/env.sh"
 for rule in ${RULES//,/ }; do
   for enc in ${ENCODERS//,/ }; do
-    "$RAY" job submit --working-dir . -- python -m jobs.sweep --splits 1 --ablations "$ABLATIONS" \
+    ray job submit --working-dir . -- python -m jobs.sweep --splits 1 --ablations "$ABLATIONS" \
       --backbones tiny --seeds "$SEEDS" --experiment "study-$rule" --clip-model tiny --clip-checkpoint random \
       --set "model.text_encoder=$enc" --epochs "$EPOCHS" --val-every "$EPOCHS" --val-episodes 20 \
       --episodes 200 --shards "$OUT/shards-$rule" --embeddings "$OUT/emb-$rule-$enc" \
