@@ -16,6 +16,11 @@ it as ``text_backbone``), both are compared and a difference is reported. Withou
 ``--clip-checkpoint``, the official file's own CLIP is written beside the output (``OUT.clip.pt``,
 open_clip layout) and the config names it.
 
+Sizes: our config is the ``--backbone`` preset (Swin V2-T, d 256, CLIP ViT-B-32: the published files).
+``--set KEY=VALUE`` changes its fields for a file of other sizes (the test suite's reduced official model,
+``jobs.conversion.fixture``); the backbone must stay a Swin V2, and the fields the conversion sets itself
+(the ablation from the kind, the online image embedding, its normalisation, the CLIP file) cannot be set.
+
 Keypoint texts: the published weights were trained and tested with the reference's regular texts (its
 ``regular_descriptions``); the output's meta says so (``keypoint_texts: reference:regular``), and
 ``jobs.evaluate`` refuses the checkpoint without them (``--descriptions`` from
@@ -39,9 +44,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from capenext.files import not_a_checkpoint
 from capenext.cli import UsageError, one_line, run_main
-from capenext.files import file_sha256
+from capenext.files import file_sha256, not_a_checkpoint
 
 SUPPORTED_BACKBONES = ("swinv2_t",)  # the published weights are Swin V2-T
 MAX_PROBLEM_LINES = 100
@@ -75,7 +79,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where the official file's CLIP goes when --clip-checkpoint is not given "
                         "(default: OUT with suffix .clip.pt)")
     p.add_argument("--out", type=Path, required=True, help="our checkpoint to write (.pt)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of our config (repeatable), for a file of other sizes than the published "
+                        "ones, e.g. the test fixture's (jobs.conversion.fixture): --set model.dim=32; the backbone "
+                        "must stay a Swin V2, and the fields the conversion sets itself cannot be overridden")
     return p.parse_args(argv)
+
+
+# set by the conversion from the file (kind) and from how the reference ran; --set cannot change them
+CONVERSION_FIELDS = ("model.ablation", "model.image_embedding", "model.clip_image_norm", "model.backbone_checkpoint",
+                     "model.clip_checkpoint")
+
+
+def our_config(args: argparse.Namespace):
+    """Our config: the ``--backbone`` preset, the ``--set`` items, then the settings the published weights were
+    trained with (the ablation follows the file's kind, set by :func:`main`)."""
+    from capenext.config import load_preset, override, parse_sets
+
+    cfg = load_preset(args.backbone)
+    sets = parse_sets(args.overrides)
+    fixed = [k for k in sets if k in CONVERSION_FIELDS]
+    if fixed:
+        raise UsageError(f"--set {fixed[0]}: set by the conversion itself (the kind, and how the reference ran); "
+                         f"--set cannot change {list(CONVERSION_FIELDS)}")
+    cfg = override(cfg, sets)
+    # as the reference trained them: CLIP's image embedding inside the forward, from the ImageNet-normalised crop
+    cfg.model.image_embedding = "online"
+    cfg.model.clip_image_norm = "imagenet"
+    cfg.model.backbone_checkpoint = None
+    cfg.model.clip_checkpoint = args.clip_checkpoint or "random"  # the file's own CLIP is loaded by main
+    return cfg
+
+
+def check_swin(model, backbone: str) -> None:
+    """One line when ``--set model.backbone`` named a backbone whose trunk is not timm's Swin V2."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    if not isinstance(getattr(model.backbone, "trunk", None), SwinTransformerV2):
+        raise UsageError(f"--set model.backbone={backbone!r}: not a Swin V2 backbone; the official weights are Swin "
+                         f"V2 (e.g. {SUPPORTED_BACKBONES[0]})")
 
 
 # The numpy globals a real mmcv/mmpose checkpoint's ``meta`` needs (numpy scalars such as ``best_score``,
@@ -114,7 +156,7 @@ def _blocked_globals(path: Path) -> list[str]:
 
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:  # not a zip checkpoint: cannot list them
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: cannot list them
         return []
 
 
@@ -150,7 +192,7 @@ def read_official(path: Path) -> tuple[Any, list[str]]:
         return torch.load(path, map_location="cpu", weights_only=True), []
     except pickle.UnpicklingError:
         pass
-    except Exception as err:  # truncated zips, foreign files: torch raises several types
+    except Exception as err:  # noqa: BLE001 - truncated zips, foreign files: torch raises several types
         raise ValueError(f"--official {path}: {not_a_checkpoint(path)}; torch.load said {_said(err)}") from None
     allowed = numpy_safe_globals()
     names = {name for _, name in allowed}
@@ -165,10 +207,10 @@ def read_official(path: Path) -> tuple[Any, list[str]]:
         if refused:  # a global or class outside the list (a legacy file, or an object dtype)
             raise _refuse(path, refused) from None
         raise ValueError(f"--official {path}: {not_a_checkpoint(path)}; torch.load said {_said(err)}") from None
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - as above
         raise ValueError(f"--official {path}: {not_a_checkpoint(path)}; torch.load said {_said(err)}") from None
-    return obj, [f"{path.name} holds numpy values: read with weights_only=True and only numpy's array, scalar "
-                 "and dtype globals allowed"]
+    return obj, [(f"{path.name} holds numpy values: read with weights_only=True and only numpy's array, scalar "
+                  "and dtype globals allowed")]
 
 
 def split_checkpoint(obj: Any, path: Path) -> tuple[dict, dict, list[str]]:
@@ -234,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--clip-out {clip_out} must differ from --out and --official")
 
     from capenext.checkpoint import atomic_save, load_weights, save_checkpoint
-    from capenext.config import load_preset
     from capenext.convert import KINDS, ConversionError, convert_state_dict
     from capenext.models import build_model
+
+    cfg = our_config(args)  # a bad --set is one line before the file is read
 
     print(f"reading {official} ...", flush=True)
     obj, notes = read_official(official)
@@ -249,15 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                          "(OpenAI's ViT-B-32, as the reference) or --clip-checkpoint random")
 
     kind = args.kind or ("capenext" if any(k.startswith("additional_module.") for k in state) else "capex")
-    cfg = load_preset(args.backbone)
     cfg.model.ablation = KINDS[kind]
-    # as the reference trained them: CLIP's image embedding inside the forward, from the ImageNet-normalised crop
-    cfg.model.image_embedding = "online"
-    cfg.model.clip_image_norm = "imagenet"
-    cfg.model.backbone_checkpoint = None
-    cfg.model.clip_checkpoint = args.clip_checkpoint or "random"  # the file's own CLIP is loaded below
     model = build_model(cfg.model)
-    print(f"mapping {len(state)} tensors onto our {kind} model ({cfg.model.ablation}, {args.backbone}) ...",
+    check_swin(model, cfg.model.backbone)
+    print(f"mapping {len(state)} tensors onto our {kind} model ({cfg.model.ablation}, {cfg.model.backbone}) ...",
           flush=True)
     try:
         conv = convert_state_dict(state, model, args.kind)
@@ -306,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CLIP: the file's own ({len(conv.clip)} tensors) → {clip_out}", flush=True)
     save_checkpoint(out, model, cfg, out_meta)  # temp file + rename
     n = len(conv.state) + (len(conv.clip) if conv.clip else 0)
-    print(f"converted {official.name} ({kind}, {args.backbone}, sha256 {sha[:12]}): {n} tensors mapped, "
+    print(f"converted {official.name} ({kind}, {cfg.model.backbone}, sha256 {sha[:12]}): {n} tensors mapped, "
           f"{len(conv.dropped)} left out (recomputed Swin buffers, unused classifier/FFN) → {out}", flush=True)
     split_arg = f"--split {split}" if split else "--split K"
     print("texts: the published weights read the reference's regular keypoint texts: make them with python -m "

@@ -1,17 +1,27 @@
 """Converting the published CapeNext / CapeX checkpoints (mmcv format) into ours: ``jobs.convert``.
 
-The official checkpoints are not available here, so each test builds one in their format from the
-inventories in ``tests/data/official_*_swinv2t.json`` (every key, shape and dtype of the reference's
-state_dict, read off the reference code, and the our-parameter each maps to with its transform), wraps it
-as an mmcv checkpoint (``{"meta", "state_dict", "optimizer"}``), converts it and checks where every
-tensor landed. The Swin buffers are filled with timm's recomputed values (when the inventory was made,
-the reference's were checked to be equal); the CLIP tensors are one repeated value each (distinct per
-tensor, one element of storage) to keep the files small.
+Against the official code's own numbers: ``tests/data/official_fixture/`` holds a checkpoint written by
+the reference model itself (yzrs/CapeNext at the commit its ``fixture.json`` names, run by
+``python -m jobs.conversion.fixture`` at reduced sizes and seeded random weights) and the reference
+forward's output at every stage for fixed inputs. The tests convert it with ``jobs.convert``, load it with
+``load_model``, run the same inputs and compare each stage (no checkout needed here); a perturbed weight
+must fail at the stage it feeds.
+
+At the published sizes, the official checkpoints are not available here, so each test builds one in their
+format from the inventories in ``tests/data/official_*_swinv2t.json`` (every key, shape and dtype of the
+reference's state_dict at Swin V2-T / ViT-B-32 size, read off the reference code, and the our-parameter
+each maps to with its transform), wraps it as an mmcv checkpoint (``{"meta", "state_dict", "optimizer"}``),
+converts it and checks where every tensor landed. The Swin buffers are filled with timm's recomputed values
+(when the inventory was made, the reference's were checked to be equal); the CLIP tensors are one repeated
+value each (distinct per tensor, one element of storage) to keep the files small.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
+import io
 import json
 import re
 from collections import OrderedDict
@@ -25,10 +35,19 @@ from capenext.checkpoint import load_model
 from capenext.cli import run_main
 from capenext.config import load_preset
 from capenext.convert import (
-    ConversionError, convert_state_dict, dropped_reason, official_key, our_key, swinv2_to_timm,
+    ConversionError,
+    convert_state_dict,
+    dropped_reason,
+    official_key,
+    our_key,
+    swinv2_to_timm,
 )
 from capenext.models import build_model
-from jobs.convert import main as convert_main, read_official
+from capenext.models.backbone import BACKBONES
+from jobs.conversion import fixture as official_fixture
+from jobs.conversion.stages import compare, expected_stage, perturb, run_ours
+from jobs.convert import main as convert_main
+from jobs.convert import read_official
 from tests.conftest import assert_one_line_error, run_cli
 
 DATA = Path(__file__).parent / "data"
@@ -378,3 +397,93 @@ def test_checkpoint_with_numpy_meta_as_mmcv_writes_it_converts(inventories, mode
     _, _, meta = load_model(out)
     assert meta["source_meta"]["epoch"] == 200 and meta["source_meta"]["seed"] == 42
     assert meta["source_split"] == 1
+
+
+# --- against the official code's own numbers (tests/data/official_fixture, jobs.conversion.fixture) ---
+
+FIXTURE = DATA / "official_fixture"
+# the parity check's tolerance, per stage: max |official - ours| <= ATOL + RTOL x max |official|
+ATOL, RTOL = 1e-5, 1e-4
+FIXTURE_PERTURB = ["encoder.layers.1.linear1.weight", "backbone.trunk.layers.3.blocks.1.mlp.fc2.weight",
+                   "hcmi.ffn.0.weight", "dsfr.ffn.0.weight", "proposal.query_proj.weight",
+                   "decoder.layers.2.linear2.weight", "offset_heads.2.out.weight"]
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    """The fixture as recorded from the official code (files checked against their sha256), with the reduced
+    CLIP and Swin V2 registered for our config; the backbone is unregistered afterwards."""
+    torch.set_num_threads(1)
+    yield official_fixture.read_fixture(FIXTURE)
+    BACKBONES.pop(official_fixture.BACKBONE_NAME, None)
+
+
+@pytest.fixture(scope="module")
+def converted(recorded, tmp_path_factory):
+    """The official checkpoint through ``jobs.convert`` (its main, in this process), loaded with load_model."""
+    out = tmp_path_factory.mktemp("official_fixture") / "converted.pt"
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+        code = convert_main(official_fixture.convert_argv(recorded, out))
+    assert code == 0, log.getvalue()
+    model, cfg, meta = load_model(out)
+    return SimpleNamespace(model=model, cfg=cfg, meta=meta, out=out, log=log.getvalue())
+
+
+def _compare(recorded, model):
+    return compare(recorded.outputs, run_ours(model, recorded.inputs), recorded.inputs.kp_mask, ATOL, RTOL,
+                   recorded.stage_list())
+
+
+def test_official_fixture_is_small_and_names_its_source(recorded):
+    meta = recorded.meta
+    assert sum(p.stat().st_size for p in FIXTURE.iterdir()) <= 5_000_000
+    assert re.fullmatch(r"[0-9a-f]{40}", meta["reference"]["commit"])
+    assert meta["reference"]["repository"] == "yzrs/CapeNext"
+    assert meta["command"].startswith("python -m jobs.conversion.fixture --reference DIR --out "
+                                      "tests/data/official_fixture")
+    assert meta["seeds"]["weights"] == meta["seeds"]["inputs"] == meta["seed"]
+    assert meta["sizes"] == official_fixture.SIZES  # what the maker would make today
+    # the published files' CLIP dtypes: fp16 where OpenAI's clip.load converts, fp32 elsewhere
+    state = torch.load(recorded.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert state["text_backbone.visual.conv1.weight"].dtype == torch.float16
+    assert state["text_backbone.token_embedding.weight"].dtype == torch.float32
+    assert {k for k, v in state.items() if v.dtype == torch.float16} == set(meta["clip_fp16"])
+    assert "backbone.layers.0.blocks.1.attn_mask" in state  # shifted windows: their buffer, checked by the conversion
+
+
+def test_converted_official_checkpoint_reproduces_the_official_forward_at_every_stage(recorded, converted):
+    report = _compare(recorded, converted.model)
+    print(report.table())
+    assert report.ok, report.table()
+    assert [r.label for r in report.rows] == [s.label for s in recorded.stage_list()]
+    assert all(r.scale > 0.1 for r in report.rows), report.table()  # no stage is trivially zero
+    # what jobs.convert wrote: our config at the fixture's sizes, the file's kind, split and digest
+    cfg, meta = converted.cfg, converted.meta
+    assert cfg.model.ablation == "full" and cfg.model.backbone == official_fixture.BACKBONE_NAME
+    assert (cfg.model.image_embedding, cfg.model.clip_image_norm) == ("online", "imagenet")
+    assert cfg.model.clip_checkpoint == str(converted.out.with_name("converted.clip.pt").resolve())
+    assert meta["kind"] == "capenext" and meta["source_split"] == 1
+    assert meta["source_sha256"] == recorded.meta["files"]["official.pth"]["sha256"]
+
+
+@pytest.mark.parametrize("key", FIXTURE_PERTURB)
+def test_perturbed_converted_weight_fails_at_the_stage_it_feeds(recorded, converted, key):
+    other = copy.deepcopy(converted.model)
+    perturb(other, key)
+    report = _compare(recorded, other)
+    assert not report.ok
+    assert report.first_failure == expected_stage(key, recorded.meta["sizes"]["transformer"]["num_decoder_layers"]), \
+        report.table()
+    first = [r.label for r in report.rows].index(report.first_failure)
+    assert all(r.ok for r in report.rows[:first]), report.table()
+
+
+def test_set_keeps_what_the_conversion_sets_and_a_swin_v2_backbone(recorded, tmp_path, capsys):
+    argv = official_fixture.convert_argv(recorded, tmp_path / "out.pt")
+    proc = convert([*argv, "--set", "model.ablation=no_lw"], capsys)
+    assert_one_line_error(proc, "--set model.ablation", "set by the conversion")
+    proc = convert([*argv, "--set", "model.backbone=tiny"], capsys)
+    assert_one_line_error(proc, "--set model.backbone='tiny'", "not a Swin V2 backbone")
+    proc = convert([*argv, "--set", "model.nope=1"], capsys)
+    assert_one_line_error(proc, "model.nope")
+    assert list(tmp_path.iterdir()) == []

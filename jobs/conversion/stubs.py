@@ -7,9 +7,10 @@ import contextlib
 import importlib
 import sys
 import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from torch import nn
 
@@ -162,15 +163,17 @@ class TransformerLayerSequence(_Unbuilt):
 
 @dataclass
 class SharedCLIP:
-    """The CLIP the ``clip`` stand-in hands to the reference: our seeded random open_clip ViT-B-32."""
+    """The CLIP the ``clip`` stand-in hands to the reference: our seeded random open_clip ``model_name``
+    (ViT-B-32, the reference's architecture; ``jobs.conversion.fixture`` names a reduced one)."""
 
     model: nn.Module | None = None
+    model_name: str = "ViT-B-32"
 
     def get(self) -> nn.Module:
         if self.model is None:
             from capenext.models.clip import build_clip
 
-            self.model = build_clip("ViT-B-32", "random", quick_gelu=True).float().eval()
+            self.model = build_clip(self.model_name, "random", quick_gelu=True).float().eval()
         return self.model
 
 
