@@ -309,18 +309,15 @@ def stats(frame: pd.DataFrame, metric: str, ablation: str, backbone: str, encode
     return cells, Stat(sum(c.mean for c in present) / len(present), math.nan, len(common)), len(present)
 
 
-def paired_differences(frame: pd.DataFrame, metric: str, ablation: str, backbone: str, encoder: str | None = None,
-                       reference: str = REFERENCE) -> dict[str, Stat]:
-    """Per split (``Split1``..) and ``Avg``, the per-seed differences ``ablation - reference`` of ``metric`` × 100
-    on one backbone (and text encoder): pairs are matched by seed, only seeds both have count (a run without a
-    seed tag never does). Avg (with two splits or more): per seed, the mean difference over the splits with
-    pairs, for the seeds paired on every one of them."""
-    sel = _select(frame, backbone, encoder)
-    if metric not in sel:
+def _paired(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> dict[str, Stat]:
+    """Per split (``Split1``..) and ``Avg``, the per-seed differences ``a - b`` of ``metric`` × 100: pairs are
+    matched by seed, only seeds both have count (a run without a seed tag never does). Avg (with two splits or
+    more): per seed, the mean difference over the splits with pairs, for the seeds paired on every one."""
+    if metric not in a or metric not in b:
         return {}
-    sel = sel[(sel.seed != UNKNOWN_SEED) & sel[metric].notna()]
-    grids = [sel[sel.ablation == a].pivot_table(index="seed", columns="split", values=metric, aggfunc="last")
-             for a in (ablation, reference)]
+    grids = [g[(g.seed != UNKNOWN_SEED) & g[metric].notna()].pivot_table(index="seed", columns="split",
+                                                                         values=metric, aggfunc="last")
+             for g in (a, b)]
     if any(g.empty for g in grids):
         return {}
     diff = 100.0 * (grids[0] - grids[1])  # (seeds, splits) aligned on both; NaN where either has no run
@@ -330,6 +327,19 @@ def paired_differences(frame: pd.DataFrame, metric: str, ablation: str, backbone
     if len(splits) > 1 and len(common):
         out["Avg"] = summarize(common.mean(axis=1))
     return out
+
+
+def paired_differences(frame: pd.DataFrame, metric: str, ablation: str, backbone: str, encoder: str | None = None,
+                       reference: str = REFERENCE) -> dict[str, Stat]:
+    """:func:`_paired` of ``ablation - reference`` on one backbone (and text encoder)."""
+    return _paired(_select(frame, backbone, encoder, ablation), _select(frame, backbone, encoder, reference), metric)
+
+
+def encoder_differences(frame: pd.DataFrame, metric: str, ablation: str, backbone: str, encoder: str
+                        ) -> dict[str, Stat]:
+    """:func:`_paired` of ``encoder - clip`` for one ablation and backbone: what the text encoder changes."""
+    return _paired(_select(frame, backbone, encoder, ablation), _select(frame, backbone, DEFAULT_ENCODER, ablation),
+                   metric)
 
 
 def split_row(frame: pd.DataFrame, metric: str, ablation: str, backbone: str, encoder: str | None = None
@@ -666,13 +676,35 @@ def seeds_table(data: Data) -> Table:
                   rows or [[DASH] * len(columns)], notes)
 
 
+def encoders_table(data: Data) -> Table | None:
+    """Paired differences ``encoder - clip`` per (ablation, backbone, encoder, metric, split and Avg), when the
+    runs used a text encoder besides CLIP's; else None."""
+    encoders = [e for e in encoder_rows(data) if e not in (None, DEFAULT_ENCODER)]
+    if not encoders or DEFAULT_ENCODER not in set(data.finished.encoder):
+        return None
+    rows = []
+    for ablation, backbone in dict.fromkeys((a, b) for a, b, _ in combos(data)):
+        for enc in encoders:
+            for label, metric in difference_metrics(data):
+                for where, stat in encoder_differences(data.finished, metric, ablation, backbone, enc).items():
+                    rows.append([ablation, backbone_name(backbone), f"{enc} − {DEFAULT_ENCODER}", label, where]
+                                + difference_cells(stat))
+    columns = ["Ablation", "Backbone", ENCODER_COLUMN, "Metric", "Split", "Difference (pp)", "95% interval", "n",
+               "Excludes 0"]
+    notes = [f"Per seed, the run's test PCK with the text encoder minus the same ablation's with {DEFAULT_ENCODER} on "
+             "the same split and backbone, in percentage points; only the seeds both have count."]
+    return _table("encoders", f"Paired differences vs {DEFAULT_ENCODER} (text encoder − {DEFAULT_ENCODER}, seed by "
+                  "seed)", columns, rows or [[DASH] * len(columns)], notes)
+
+
 def build_tables(data: Data, with_paper: bool, main: str) -> list[Table]:
     tables = [table1(data, with_paper, main)]
     tables += [setting_table(t, f"{PAPER[t]['title']} (PCK@0.2 %, backbone {backbone_name(main)})",
                              data.finished, MAIN, with_paper, main, encoders=encoder_rows(data))
                for t in ("table2", "table3")]
     tables += [mpck_table(data), threshold_table(data), seeds_table(data)]
-    optional = (keypoint_table(data), table4(data, with_paper, main), table5(data, with_paper, main))
+    optional = (encoders_table(data), keypoint_table(data), table4(data, with_paper, main),
+                table5(data, with_paper, main))
     return tables + [t for t in optional if t is not None]
 
 

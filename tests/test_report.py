@@ -228,6 +228,7 @@ def test_paired_differences_of_single_seeds_show_the_value_alone(sweep_report):
     assert "### Paired differences vs full" in (out / "report.md").read_text()
     assert not (out / "keypoint_types.csv").exists()  # no run logged per-type metrics (as on MP-100)
     assert "Polysemous vs unambiguous" not in (out / "report.md").read_text()
+    assert not (out / "encoders.csv").exists()  # one text encoder: nothing to pair it with
 
 
 def test_noise_evaluations_become_tables_4_and_5(sweep_report):
@@ -477,6 +478,22 @@ def test_paired_differences_vs_full_within_each_text_encoder(seeds_report):
     md = (out / "report.md").read_text()
     assert "### Paired differences vs full (ablation − full, seed by seed)" in md
     assert "| no_hcmi | tiny (tests) | wordllama | PCK@0.2 | Split1 | -10.00 ± 2.48 | [-12.48, -7.52] | 3 | yes |" in md
+
+
+def test_paired_differences_of_each_text_encoder_against_clip(seeds_report):
+    out, _ = seeds_report
+    rows = _read_csv(out / "encoders.csv")
+    assert rows[0] == ["Ablation", "Backbone", "Text encoder", "Metric", "Split", "Difference (pp)", "95% interval",
+                       "n", "Excludes 0"]
+    by = {(r[0], r[3], r[4]): r[5:] for r in rows[1:]}
+    assert {r[2] for r in rows[1:]} == {"wordllama − clip"}
+    # full, split 1: +10 on every seed (70-60, 72-62, 74-64): no spread
+    assert by[("full", "PCK@0.2", "Split1")] == ["+10.00 ± 0.00", "[+10.00, +10.00]", "3", "yes"]
+    assert by[("full", "PCK@0.2 polysemous", "Split1")][0] == "+10.00 ± 0.00"
+    # no_hcmi, split 1: seeds 0 (+5) and 1 (+7) pair; CLIP's seed 3 and WordLlama's seed 2 do not
+    assert by[("no_hcmi", "PCK@0.2", "Split1")] == ["+6.00 ± 12.71", "[-6.71, +18.71]", "2", "no"]
+    assert ("full", "PCK@0.2", "Split2") not in by  # WordLlama has no split 2
+    assert "### Paired differences vs clip (text encoder − clip, seed by seed)" in (out / "report.md").read_text()
 
 
 def test_polysemous_and_unambiguous_keypoints_get_a_table(seeds_report):
