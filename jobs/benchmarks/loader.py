@@ -27,7 +27,8 @@ random scale and rotation:
 
 ``make_item_only`` times the common part on pre-decoded images. ``--mp100-sized`` generates the synthetic
 set with MP-100's camera-photo sizes (long side 600-1600 px) when no ``--data-root`` is given. Prints
-JSON; the ratios are measured in one run.
+JSON; the ratios are measured in one run. ``--quick`` (the tests' smoke run, best with ``--data-root`` and
+``--shards`` already made): 16 items and one timed round per loader, every loader and check still run.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ import copy
 import io
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -48,13 +50,21 @@ from capenext.config import DataCfg
 from capenext.data.dataset import PairDataset, make_item
 from capenext.data.episodes import training_pairs
 from capenext.data.mp100 import Category, Sample, annotation_path, load_split
-from capenext.data.transforms import clean_bbox
 from capenext.data.shards import ShardIndex
-from capenext.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_image, random_scale_rotation,
-                                      reduction_for)
+from capenext.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    clean_bbox,
+    decode_image,
+    random_scale_rotation,
+    reduction_for,
+)
+from capenext.options import positive
 from jobs.benchmarks import machine
 
 GOAL = 2.0  # the target: our loader at least 2x the reference-style loader
+FULL = {"samples": 400, "rounds": 3}
+QUICK = {"samples": 16, "rounds": 1}  # --quick: every loader and check, a few items
 
 
 # ---------------------------------------------------------------- the per-file baseline
@@ -466,9 +476,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="its shards (default: made from --data-root into --workdir, with Ray)")
     parser.add_argument("--workdir", type=Path, default=None, help="where generated data and shards go "
                                                                    "(default: a temporary folder)")
-    parser.add_argument("--samples", type=int, default=400, help="items timed per loader (default 400)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="timed rounds per loader, interleaved; the best counts (default 3)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help=f"items timed per loader (default {FULL['samples']}; quick {QUICK['samples']})")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"timed rounds per loader, interleaved; the best counts (default {FULL['rounds']}; "
+                             f"quick {QUICK['rounds']})")
     parser.add_argument("--split", type=int, default=1, help="split 1-5 (default 1)")
     parser.add_argument("--subset", default="train", choices=["train", "val", "test"])
     parser.add_argument("--image-size", type=int, default=DataCfg.image_size, help="crop side (default 256)")
@@ -479,10 +491,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mp100-sized", action="store_true",
                         help="generate the synthetic set with MP-100's camera-photo sizes (long side 600-1600 "
                              "px) when no --data-root")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the tests' smoke run: {QUICK['samples']} items, {QUICK['rounds']} round per loader")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Make the data and shards when not given, run :func:`loader_benchmark`, return its JSON."""
+    sizes = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in (QUICK if args.quick else FULL).items()}
+    for key, value in sizes.items():
+        positive(f"--{key}", value)
     with contextlib.ExitStack() as stack:
         work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_loader_")))
         root = args.data_root
@@ -498,5 +515,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             shards = shards or work / f"shards_{root.name}"
             shard.run(root, shards, progress=False)
-        return loader_benchmark(root, shards, args.samples, args.split, args.subset,
-                                DataCfg(image_size=args.image_size), args.margin, rounds=args.rounds)
+        result = loader_benchmark(root, shards, sizes["samples"], args.split, args.subset,
+                                  DataCfg(image_size=args.image_size), args.margin, rounds=sizes["rounds"])
+    return {**result, "quick": bool(args.quick)}
