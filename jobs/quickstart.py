@@ -38,6 +38,7 @@ from capenext.options import add_recipe, add_tracking_uri
 from jobs.runtime.tracking import tracking_uri
 
 STAGES = 6
+TEXT_ENCODERS = ("clip", "wordllama", "e5")  # capenext.models.text_prior.TEXT_ENCODERS, here so --help needs no torch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,6 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", type=int, default=1, help="MP-100 split to use, 1-5 (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic set and the run (default 0)")
     p.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    p.add_argument("--text-encoder", choices=TEXT_ENCODERS, default="clip",
+                   help="keypoint texts and class prompts: clip (the tiny CLIP's text tower, random weights; default) "
+                        "or a packaged language prior (wordllama, e5; docs/model.md). Why clip stays the default: "
+                        "docs/results.md")
     add_recipe(p)
     add_tracking_uri(p, "MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db, the quickstart's own store")
     return p.parse_args(argv)
@@ -110,11 +115,12 @@ def training_run(args: argparse.Namespace, work: Path, cfg_texts: dict[str, str]
     episodes, the rest tiny: the run's ``paper_departures`` tag lists what still differs."""
     tiny = {"model.ablation": "full", "model.backbone": "tiny", "model.clip_model": "tiny",
             "model.clip_checkpoint": "random", "optim.epochs": args.epochs, "optim.seed": args.seed,
-            "data.val_episodes": 20, "data.test_episodes": 40, **cfg_texts}
+            "data.val_episodes": 20, "data.test_episodes": 40, "model.text_encoder": args.text_encoder, **cfg_texts}
     cfg = apply_recipe(resolve("tiny", {}, []), args.recipe, "cpu")
     cfg = override(cfg, {k: str(v) for k, v in tiny.items()})
-    return TrainRun(cfg=cfg, split=args.split, shards=work / "shards", embeddings=work / "embeddings",
-                    run_name=f"quickstart-split{args.split}-full-tiny", storage=work / "runs",
+    prior = "" if args.text_encoder == "clip" else f"-{args.text_encoder}"  # CLIP's keep their folder and name
+    return TrainRun(cfg=cfg, split=args.split, shards=work / "shards", embeddings=work / f"embeddings{prior}",
+                    run_name=f"quickstart-split{args.split}-full-tiny{prior}", storage=work / "runs",
                     experiment="quickstart", tracking_uri=uri, val_every=4,
                     cpus_per_worker=float(max(1, os.cpu_count() or 2)), recipe=args.recipe,
                     data_root=args.data_root.resolve() if args.data_root is not None else None)
@@ -172,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     manifest = shard.run(root, work / "shards")
     print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards → {work / 'shards'}")
 
-    stage(3, "CLIP embeddings (Ray Data actor pool; tiny CLIP with RANDOM weights, declared: no download)")
+    texts = "tiny CLIP" if args.text_encoder == "clip" else f"texts from the packaged prior {args.text_encoder}"
+    stage(3, f"CLIP embeddings (Ray Data actor pool; {texts}, tiny CLIP images, RANDOM weights: no download)")
     run = training_run(args, work, cfg_texts, uri)
-    meta = embed.run(work / "shards", work / "embeddings", run.cfg)
-    print(f"embeddings → {work / 'embeddings'}: {meta['counts']}")
+    meta = embed.run(work / "shards", run.embeddings, run.cfg)
+    print(f"embeddings → {run.embeddings}: {meta['counts']}")
 
     stage(4, f"training 'full' on split {args.split} with the tiny backbone (Ray Train, 1 worker)")
     metrics = driver.run(run)
