@@ -14,6 +14,9 @@ library so that the pipelines and the jobs share it without either importing the
 * ``--episodes N`` / ``--queries M`` / ``--sampler ours|reference``: the test protocol (train's final test
   and evaluate), ``--val-episodes N`` for validation.
 * ``--noise-seed`` / ``--typo-rate``: the noisy prompts (evaluate, embed).
+* ``--runtime torch|onnx`` / ``--onnx DIR``: what computes a prediction (predict, serve): PyTorch, or
+  onnxruntime on CPU over the folder ``python -m jobs.export`` wrote (:func:`add_runtime`,
+  :func:`check_runtime`).
 * Batch sizes have three names for three things: ``--batch-size`` (the training batch, global over
   workers), ``--eval-batch-size`` (queries per forward in the test protocol), ``--encode-batch-size``
   (images or texts per CLIP forward in the embedding job).
@@ -144,3 +147,32 @@ def positive(name: str, value: int | float | None) -> None:
 
     if value is not None and value < 1:
         raise UsageError(f"{name} must be positive, got {value}")
+
+
+RUNTIMES = ("torch", "onnx")  # capenext.predict.RUNTIMES, spelled here so that --help imports no torch
+
+
+def add_runtime(g, what: str = "the model") -> None:
+    """``--runtime torch|onnx`` and ``--onnx DIR``; :func:`check_runtime` checks them together."""
+    g.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help=f"what computes {what}: torch (PyTorch, default) or onnx (onnxruntime on CPU over the "
+                        "files of --onnx)")
+    g.add_argument("--onnx", default=None, metavar="DIR",
+                   help="with --runtime onnx: the folder python -m jobs.export wrote from this very checkpoint "
+                        "(its model.json's sha256 must be the checkpoint's)")
+
+
+def check_runtime(args: argparse.Namespace) -> None:
+    """One line when ``--runtime``/``--onnx`` do not fit together or with ``--device``/``--clip-precision``:
+    ``--runtime onnx`` needs ``--onnx DIR`` and runs on CPU in fp32; ``--onnx`` needs ``--runtime onnx``."""
+    from capenext.cli import UsageError
+
+    if args.runtime == "onnx":
+        if args.onnx is None:
+            raise UsageError("--runtime onnx needs --onnx DIR (a folder written by python -m jobs.export)")
+        if getattr(args, "device", "cpu") != "cpu":
+            raise UsageError(f"--runtime onnx runs on CPU (onnxruntime): drop --device {args.device}")
+        if getattr(args, "clip_precision", None) == "fp16":
+            raise UsageError("--runtime onnx runs the exported CLIP in fp32: drop --clip-precision fp16")
+    elif args.onnx is not None:
+        raise UsageError("--onnx DIR is read with --runtime onnx only: add --runtime onnx")

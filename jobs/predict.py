@@ -22,9 +22,10 @@ cuda``); weights load with ``weights_only=True``. The names, class, skeleton and
 100 names, a skeleton index out of range, a bbox outside the image, a checkpoint of an unknown config) is
 one ``error:`` line and exit code 2.
 
-``--runtime onnx --onnx DIR`` runs the folder ``python -m jobs.export`` wrote from the same checkpoint (its
-``model.json`` sha256 is checked) with onnxruntime on CPU instead of PyTorch; the points agree within float
-rounding.
+``--runtime onnx --onnx DIR`` (:func:`capenext.options.add_runtime`, as ``jobs.serve`` takes them) runs the
+folder ``python -m jobs.export`` wrote from the same checkpoint with onnxruntime on CPU instead of PyTorch; the
+points agree within float rounding. Its ``model.json`` sha256 is checked when the model loads, before any
+picture is written: a folder exported from another checkpoint is one ``error:`` line and nothing is written.
 """
 
 from __future__ import annotations
@@ -36,11 +37,17 @@ import tempfile
 from pathlib import Path
 
 from capenext.cli import UsageError, run_main
+from capenext.options import (
+    add_clip_precision,
+    add_config_option,
+    add_device,
+    add_runtime,
+    add_tracking_uri,
+    check_runtime,
+)
 from jobs.runtime.checkpoints import CHECKPOINT_HELP
-from capenext.options import add_clip_precision, add_config_option, add_device, add_tracking_uri
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-RUNTIMES = ("torch", "onnx")  # capenext.predict.RUNTIMES, spelled here so --help needs no torch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,10 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            "regular)")
     add_clip_precision(p)
     add_device(p)
-    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
-                   help="what computes: PyTorch (default), or onnxruntime on CPU over the files of --onnx")
-    p.add_argument("--onnx", type=Path, default=None, metavar="DIR",
-                   help="with --runtime onnx: the folder python -m jobs.export wrote from this checkpoint")
+    add_runtime(p)
     add_config_option(p, "clip_checkpoint",
                       help="where the frozen CLIP's weights are on this machine (default: the training config's)")
     add_tracking_uri(p)
@@ -108,18 +112,6 @@ def image_files(args: argparse.Namespace) -> list[Path]:
     return found
 
 
-def check_runtime(args: argparse.Namespace) -> None:
-    """--runtime onnx needs --onnx DIR and runs on CPU in fp32; --onnx needs --runtime onnx."""
-    if args.runtime == "onnx":
-        if args.onnx is None:
-            raise UsageError("--runtime onnx needs --onnx DIR (a folder written by python -m jobs.export)")
-        if args.device != "cpu" or args.clip_precision == "fp16":
-            raise UsageError("--runtime onnx runs on CPU in fp32 (onnxruntime): drop --device cuda and "
-                             "--clip-precision fp16")
-    elif args.onnx is not None:
-        raise UsageError("--onnx DIR is read with --runtime onnx only: add --runtime onnx")
-
-
 def picture_path(args: argparse.Namespace, image: Path) -> Path:
     if args.images is not None:
         return (args.out or Path("predictions")) / f"{image.stem}.png"
@@ -134,8 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from capenext.config import MAX_KEYPOINTS
-    from capenext.inputs import (check_bbox, check_class_name, check_names, check_skeleton, keypoint_texts,
-                                 parse_bbox, parse_names, parse_skeleton, read_keypoints_file)
+    from capenext.inputs import (
+        check_bbox,
+        check_class_name,
+        check_names,
+        check_skeleton,
+        keypoint_texts,
+        parse_bbox,
+        parse_names,
+        parse_skeleton,
+        read_keypoints_file,
+    )
     from capenext.predict import Predictor, load_image, set_clip_precision
     from capenext.viz import draw_keypoints
 

@@ -39,6 +39,11 @@ KubeRay's ``cluster/rayservice.yaml``. ``--checkpoint`` is anything
 ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``); each replica resolves it itself, so on a cluster the file or
 the MLflow store must be reachable from every node.
 
+``--runtime onnx --onnx DIR`` makes every replica's :class:`~capenext.predict.Predictor` compute with onnxruntime
+on CPU over the folder ``python -m jobs.export`` wrote from the same checkpoint (the default, ``torch``, needs
+no export). The folder is checked against the checkpoint (``model.json``'s sha256) where the application is
+built, before Ray or Serve starts: a folder of another checkpoint is one ``error:`` line.
+
 This module is the command line and the application builder ``app``; the options are
 :mod:`jobs.serving.options` (:class:`~jobs.serving.options.ServeOptions`), the deployment and the
 application :mod:`jobs.serving.deployment`, a replica's request parsing and :class:`Service`
@@ -57,11 +62,18 @@ import time
 from typing import Any
 
 from capenext.cli import UsageError, run_main
+from capenext.options import (
+    add_address,
+    add_config_option,
+    add_device,
+    add_runtime,
+    add_tracking_uri,
+    check_runtime,
+)
+from jobs.runtime.checkpoints import CHECKPOINT_HELP
 from jobs.serving.app import display_name
 from jobs.serving.deployment import build_application, check_checkpoint, port_free
 from jobs.serving.options import APP_NAME, DEFAULT_PORT, ServeOptions, check_options
-from jobs.runtime.checkpoints import CHECKPOINT_HELP
-from capenext.options import add_address, add_config_option, add_device, add_tracking_uri
 
 STOP_TIMEOUT_S = 60.0  # the most Ctrl-C waits for Serve to stop its replicas (each gets 20 s) before Ray stops
 
@@ -89,6 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "  python -m jobs.serve --checkpoint models:/capenext@champion\n"
                "  python -m jobs.serve --checkpoint final.pt --data-root quickstart_out/data --port 8080\n"
                "  python -m jobs.serve --checkpoint final.pt --device cuda --autoscale 1,4 --address auto\n"
+               "  python -m jobs.serve --checkpoint final.pt --runtime onnx --onnx final_onnx/   "
+               "(after python -m jobs.export --checkpoint final.pt --out final_onnx/)\n"
                "  curl -F image=@cat.jpg -F keypoints='nose,left eye,right eye' -F class=cat "
                "http://127.0.0.1:8000/v1/predict\n"
                "the same app under Serve's CLI: serve run jobs.serve:app checkpoint=final.pt max_batch_size=16",
@@ -116,6 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPUs per replica, fractions allowed (default 1 with --device cuda, else 0)")
     add_device(p, "the model (every replica)")
+    add_runtime(p, "every replica's predictions")
     p.add_argument("--max-batch-size", type=int, default=d["max_batch_size"].default,
                    help="most requests in one forward (default 8; 1 turns batching off)")
     p.add_argument("--batch-wait-ms", type=float, default=d["batch_wait_ms"].default,
@@ -172,7 +187,6 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-
     from ray import serve
 
     from capenext.cli import one_line
@@ -180,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.runtime.tracking import tracking_uri
 
     args = parse_args(argv)
+    check_runtime(args)
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: must be 1..65535")
     if args.device == "cuda" and args.address is None and not torch.cuda.is_available():
@@ -187,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     uri = tracking_uri(args.tracking_uri)
     options = check_options({
         "checkpoint": args.checkpoint, "tracking_uri": uri, "clip_checkpoint": args.clip_checkpoint,
-        "device": args.device, "replicas": args.replicas, "autoscale": args.autoscale,
+        "device": args.device, "runtime": args.runtime, "onnx": args.onnx,
+        "replicas": args.replicas, "autoscale": args.autoscale,
         "cpus_per_replica": args.cpus_per_replica, "gpus_per_replica": args.gpus_per_replica,
         "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
         "max_ongoing_requests": args.max_ongoing_requests, "max_queued_requests": args.max_queued_requests,

@@ -260,15 +260,52 @@ def test_predict_job_with_onnx_runtime_prints_the_pytorch_points(exported, tmp_p
     assert _max_px(records["torch"]["keypoints"], records["onnx"]["keypoints"]) < 0.5
 
 
-@pytest.mark.parametrize("extra, fragment", [(["--runtime", "onnx"], "needs --onnx DIR"),
-                                             (["--onnx", "somewhere"], "add --runtime onnx")])
-def test_predict_job_runtime_flags_are_checked_in_one_line(exported, tmp_path, capsys, extra, fragment):
+def test_predict_job_refuses_an_onnx_folder_of_another_checkpoint_and_writes_nothing(exported, tmp_path, capsys):
+    """The export of another checkpoint (its model.json's sha256 is not this checkpoint's): one error line naming
+    the folder, exit 2, no JSON on stdout, no picture, and the folder as it was."""
     from jobs import predict as predict_job
+
+    _, out = exported
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = _checkpoint(tmp_path / "other.pt", seed=1)
+    image = tmp_path / "photo.png"
+    Image.fromarray(_photo_like()).save(image)
+    picture = tmp_path / "pictures" / "photo.keypoints.png"
+    with pytest.raises(SystemExit) as exit_:
+        run_main(predict_job.main, ["--checkpoint", str(other), "--image", str(image), "--keypoints", ",".join(NAMES),
+                                    "--class", "cat", "--runtime", "onnx", "--onnx", str(out), "--out", str(picture)])
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert exit_.value.code == 2 and cap.out == "" and len(lines) == 1, cap.err
+    assert lines[0].startswith(f"error: {out}: exported from another checkpoint"), lines[0]
+    assert not picture.parent.exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_runtime_names_are_the_predictors():
+    from capenext import options, predict
+
+    assert options.RUNTIMES == predict.RUNTIMES  # spelled twice so that --help imports no torch
+
+
+@pytest.mark.parametrize("job", ["predict", "serve"])
+@pytest.mark.parametrize("extra, fragment", [(["--runtime", "onnx"], "needs --onnx DIR"),
+                                             (["--onnx", "somewhere"], "add --runtime onnx"),
+                                             (["--runtime", "onnx", "--onnx", "somewhere", "--device", "cuda"],
+                                              "runs on CPU (onnxruntime): drop --device cuda")])
+def test_runtime_flags_are_checked_alike_in_predict_and_serve(exported, tmp_path, capsys, job, extra, fragment):
+    """One vocabulary: --runtime and --onnx come from capenext.options in both commands, with the same checks,
+    made before anything loads or starts."""
+    from jobs import predict as predict_job
+    from jobs import serve as serve_job
 
     ckpt, _ = exported
     image = tmp_path / "photo.png"
     Image.fromarray(_photo_like()).save(image)
+    argv = ["--checkpoint", str(ckpt)]
+    if job == "predict":
+        argv += ["--image", str(image), "--keypoints", "nose"]
     with pytest.raises(SystemExit) as exit_:
-        run_main(predict_job.main, ["--checkpoint", str(ckpt), "--image", str(image), "--keypoints", "nose"] + extra)
+        run_main((predict_job if job == "predict" else serve_job).main, argv + extra)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and fragment in err[0], err

@@ -5,6 +5,11 @@ the session's Ray instance with ``--address``), serving the tiny model trained o
 (:func:`tests.test_evaluate.trained_run`) from a registered model, ``models:/capenext-tiny@champion``.
 The tests talk to it over HTTP on 127.0.0.1 only, drive its page in headless Chromium, kill its replica,
 and finally stop it with Ctrl-C (SIGINT). The images are held-out test-category images of the synthetic set.
+
+A second server, started after the first has stopped, with its own Ray and SIGINT ignored (as a background job
+of a script), serves the same checkpoint with ``--runtime onnx`` over its ``jobs.export`` folder: one Serve
+start-up for the ONNX answers and for stopping on SIGINT. An ONNX folder of another checkpoint is refused in
+process, before Ray or Serve starts.
 """
 
 from __future__ import annotations
@@ -99,6 +104,20 @@ def heldout(synthetic_root) -> list[dict]:
 @pytest.fixture(scope="module")
 def predictor(trained) -> Predictor:
     return Predictor(trained["checkpoint"])
+
+
+def _export(checkpoint, out: Path) -> Path:
+    pytest.importorskip("onnxruntime")
+    from capenext.export import export
+
+    export(checkpoint, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(trained, tmp_path_factory) -> Path:
+    """``python -m jobs.export``'s folder of the trained checkpoint."""
+    return _export(trained["checkpoint"], tmp_path_factory.mktemp("onnx") / "tiny-onnx")
 
 
 class Server:
@@ -290,6 +309,53 @@ def test_app_builder_validates_its_args(trained, tmp_path):
     for checkpoint, fragment in [(tmp_path / "nope.pt", "checkpoint not found"), (torn, "not a whole PyTorch")]:
         with pytest.raises((FileNotFoundError, ValueError), match=fragment):  # where it is built, not in a replica
             serve_job.app({"checkpoint": str(checkpoint)})
+
+
+def _tiny_checkpoint(path: Path, seed: int) -> Path:
+    """A tiny CapeNext at random weights (random tiny CLIP), as tests/conftest.py's random_tiny_checkpoint."""
+    import torch
+
+    from capenext.checkpoint import save_checkpoint
+    from capenext.config import load_preset
+    from capenext.models import build_model
+
+    cfg = load_preset("tiny")
+    cfg.model.clip_checkpoint = "random"
+    torch.manual_seed(seed)
+    save_checkpoint(path, build_model(cfg.model), cfg)
+    return path
+
+
+def test_an_onnx_folder_of_another_checkpoint_is_refused_in_one_line_before_ray_starts(random_tiny_checkpoint,
+                                                                                       tmp_path, capsys):
+    """--runtime onnx with the export of another checkpoint (its model.json's sha256 is not the checkpoint's):
+    one error line naming --onnx and exit 2, before Ray or Serve starts; the app builder refuses it alike, and
+    takes the folder with its own checkpoint."""
+    import ray
+    from ray.serve import Application
+
+    foreign = _export(random_tiny_checkpoint, tmp_path / "foreign-onnx")
+    other = _tiny_checkpoint(tmp_path / "other.pt", seed=1)
+    ray_before = ray.is_initialized()
+    for onnx, fragment in [(foreign, "exported from another checkpoint"), (tmp_path / "nothing", "no model.json")]:
+        with pytest.raises(SystemExit) as exc:
+            run_main(serve_job.main, ["--checkpoint", str(other), "--runtime", "onnx", "--onnx", str(onnx),
+                                      "--port", str(free_port())])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: --onnx {onnx}") and fragment in lines[0], lines
+    assert ray.is_initialized() == ray_before  # refused before Ray was started (or joined)
+    with pytest.raises(Exception, match="exported from another checkpoint") as err:
+        serve_job.app({"checkpoint": str(other), "runtime": "onnx", "onnx": str(foreign)})
+    assert "\n" not in str(err.value)
+    for bad, fragment in [({"runtime": "onnx"}, "runtime onnx needs onnx=DIR"),
+                          ({"onnx": str(foreign)}, "add runtime=onnx"),
+                          ({"runtime": "onnx", "onnx": str(foreign), "device": "cuda"}, "runs on CPU"),
+                          ({"runtime": "tensorrt"}, "torch or onnx")]:
+        with pytest.raises(Exception, match=fragment):
+            serve_job.app({"checkpoint": str(random_tiny_checkpoint), **bad})
+    own = serve_job.app({"checkpoint": str(random_tiny_checkpoint), "runtime": "onnx", "onnx": str(foreign)})
+    assert isinstance(own, Application)
 
 
 def test_serve_config_and_rayservice_run_this_app():
@@ -694,13 +760,52 @@ def test_port_check_passes_a_port_whose_last_connections_linger_in_time_wait():
     assert port_free("127.0.0.1", port)
 
 
-def test_a_server_started_with_sigint_ignored_still_stops_on_it(trained, tmp_path):
-    """As a background job of a script (SIGINT ignored from the start), with its own Ray: SIGINT stops the
-    server, its Serve and its Ray, and it exits 0."""
-    srv = Server(["--checkpoint", str(trained["checkpoint"]), "--cpus-per-replica", "1"], tmp_path, sigint_ignored=True)
+@pytest.fixture(scope="module")
+def onnx_server(trained, onnx_dir, tmp_path_factory):
+    """``python -m jobs.serve --runtime onnx --onnx DIR`` of the trained checkpoint, with its own Ray, started as a
+    background job of a script (SIGINT ignored). Started after the module's first server has stopped (the tests
+    that use it come last); the last test stops it."""
+    srv = Server(["--checkpoint", str(trained["checkpoint"]), "--cpus-per-replica", "1", "--runtime", "onnx",
+                  "--onnx", str(onnx_dir), "--batch-wait-ms", "50"],
+                 tmp_path_factory.mktemp("serve-onnx"), sigint_ignored=True)
+    yield srv
+    srv.stop()
+
+
+def _max_px(a: list[dict], b: list[dict]) -> float:
+    return max(max(abs(p["x"] - q["x"]), abs(p["y"] - q["y"])) for p, q in zip(a, b))
+
+
+def test_onnx_server_answers_the_pytorch_points_within_half_a_pixel(onnx_server, predictor, heldout):
+    """--runtime onnx: the replica's predictor runs the export with onnxruntime. Alone and in batched forwards
+    (concurrent requests, mixed keypoint counts and boxes), every answer is within 0.5 px of PyTorch's points."""
+    model = requests.get(f"{onnx_server.url}v1/model", timeout=30).json()
+    assert model["runtime"] == "onnx" and model["device"] == "cpu"
+    jobs = [(heldout[i % len(heldout)], bool(i % 2)) for i in range(12)]
+
+    def one(job):
+        h, box = job
+        return _post(onnx_server.url, h["path"], **_fields(h, box))
+
+    alone = [one(job) for job in jobs[:2]]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(one, jobs))
+    for (h, box), r in zip(jobs[:2] + jobs, alone + together):
+        assert r.status_code == 200, r.text
+        expected = predictor.predict(str(h["path"]), h["names"], h["class"], h["skeleton"],
+                                     h["bbox"] if box else None)
+        got = r.json()["keypoints"]
+        assert [p["name"] for p in got] == h["names"]
+        assert _max_px(got, expected) <= 0.5
+    assert _replica_counts(onnx_server.url)["largest_batch"] > 1  # batched forwards ran on onnxruntime too
+
+
+def test_a_server_started_with_sigint_ignored_still_stops_on_it(onnx_server):
+    """As a background job of a script (SIGINT ignored from the start), with its own Ray (the ONNX server):
+    SIGINT stops the server, its Serve and its Ray, and it exits 0."""
     started = time.time()
-    assert srv.stop(timeout=120) == 0, srv.log.read_text()[-3000:]
-    assert time.time() - started < 90 and "stopped" in srv.log.read_text().strip().splitlines()[-3:]
+    assert onnx_server.stop(timeout=120) == 0, onnx_server.log.read_text()[-3000:]
+    assert time.time() - started < 90 and "stopped" in onnx_server.log.read_text().strip().splitlines()[-3:]
     with pytest.raises(requests.ConnectionError):
-        requests.get(f"{srv.url}healthz", timeout=10)
+        requests.get(f"{onnx_server.url}healthz", timeout=10)
 

@@ -165,7 +165,8 @@ class Service:
         self._tmp = tempfile.TemporaryDirectory(prefix="capenext-serve-")
         source = resolve_checkpoint(options.checkpoint, tracking_uri(options.tracking_uri),
                                     Path(self._tmp.name) / "checkpoint")
-        self.predictor = Predictor(source.path, clip_checkpoint=options.clip_checkpoint, device=options.device)
+        self.predictor = Predictor(source.path, clip_checkpoint=options.clip_checkpoint, device=options.device,
+                                   runtime=options.runtime, onnx_dir=options.onnx)
         self.predictor.model.clip.identity  # noqa: B018 -- the CLIP file's digest (text-cache keys), read once now
         cfg = self.predictor.cfg
         self.info = {
@@ -174,7 +175,7 @@ class Service:
             "ablation": cfg.model.ablation, "backbone": cfg.model.backbone, "clip_model": cfg.model.clip_model,
             "image_embedding": cfg.model.image_embedding, "image_size": cfg.data.image_size,
             "max_keypoints": self.predictor.slots, "needs_class": bool(self.predictor.model.needs_class_embedding),
-            "device": options.device,
+            "device": options.device, "runtime": options.runtime,
         }
         self.page = page or {}
         self.max_upload = int(options.max_upload_mb * MB)

@@ -24,9 +24,9 @@ from ray import serve
 
 from jobs.serving.app import Service
 from jobs.serving.limits import RETRY_AFTER_S
+from jobs.serving.options import DEPLOYMENT_NAME, ServeOptions, autoscale_bounds
 from jobs.serving.page import read_page
 from jobs.serving.web import build_web_app
-from jobs.serving.options import DEPLOYMENT_NAME, ServeOptions, autoscale_bounds
 
 _replica: dict[str, Service] = {}  # this process's replica (Ray runs each replica in its own process)
 
@@ -95,12 +95,41 @@ def build_application(options: ServeOptions, page: dict[str, Any] | None = None)
 
 def check_checkpoint(options: ServeOptions) -> None:
     """Read the checkpoint once where the application is built, so that a missing or unreadable one fails
-    there, in one line, and not in every replica."""
+    there, in one line, and not in every replica; with ``runtime="onnx"``, check the ``onnx`` folder against
+    it too (:func:`check_onnx`)."""
     from capenext.checkpoint import read_checkpoint
     from jobs.runtime.checkpoints import resolve_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="capenext-serve-") as tmp:
-        read_checkpoint(resolve_checkpoint(options.checkpoint, options.tracking_uri, Path(tmp)).path)
+        path = resolve_checkpoint(options.checkpoint, options.tracking_uri, Path(tmp)).path
+        read_checkpoint(path)
+        if options.runtime == "onnx":
+            check_onnx(options.onnx, path, options.checkpoint)
+
+
+def check_onnx(folder: str, checkpoint: str | Path, spec: str) -> None:
+    """The export folder ``folder`` is one every replica can run for the checkpoint file ``checkpoint``
+    (``spec`` as the user gave it): onnxruntime installed, a ``model.json`` naming files that are there
+    (:func:`capenext.export.read_meta`), and its ``checkpoint_sha256`` the checkpoint's, which is what
+    :class:`capenext.export.OnnxModel` checks in each replica. One line naming ``--onnx`` otherwise, before
+    Serve starts; nothing is read beyond ``model.json`` and the checkpoint's bytes."""
+    from capenext.cli import UsageError
+    from capenext.export import META_FILE, read_meta
+    from capenext.files import file_sha256
+
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise UsageError("--runtime onnx needs onnxruntime: pip install 'capenext[onnx]'") from None
+    try:
+        meta = read_meta(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"--onnx {err}") from None
+    exported, given = str(meta.get("checkpoint_sha256")), file_sha256(checkpoint)
+    if exported != given:
+        raise UsageError(f"--onnx {folder}: exported from another checkpoint (its {META_FILE} has sha256 "
+                         f"{exported[:12]}..., --checkpoint {spec} has {given[:12]}...): export this one with "
+                         f"python -m jobs.export --checkpoint {spec} --out DIR")
 
 
 def port_free(host: str, port: int) -> bool:

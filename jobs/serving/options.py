@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from capenext.cli import UsageError
+from capenext.options import RUNTIMES  # --runtime's choices
 
 APP_NAME = "capenext"
 DEPLOYMENT_NAME = "CapeNext"
@@ -33,6 +34,8 @@ class ServeOptions(BaseModel):
     tracking_uri: str | None = None  # MLflow store for runs:/ and models:/ (default MLFLOW_TRACKING_URI)
     clip_checkpoint: str | None = None  # where the frozen CLIP's weights are on the replicas' machines
     device: str = "cpu"  # cpu or cuda
+    runtime: str = "torch"  # torch, or onnx: onnxruntime on CPU over the folder ``onnx``
+    onnx: str | None = None  # with runtime onnx: the folder python -m jobs.export wrote from the checkpoint
     replicas: int = Field(1, ge=1)
     autoscale: str | None = None  # "MIN,MAX" replicas, instead of a fixed count
     cpus_per_replica: float = Field(1.0, gt=0)
@@ -59,6 +62,13 @@ class ServeOptions(BaseModel):
     def _device(cls, v: str) -> str:
         if v not in DEVICES:
             raise ValueError(f"device {v!r}: cpu or cuda")
+        return v
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, v: str) -> str:
+        if v not in RUNTIMES:
+            raise ValueError(f"runtime {v!r}: torch or onnx")
         return v
 
     @field_validator("autoscale")
@@ -91,12 +101,23 @@ class ServeOptions(BaseModel):
         return [normalize_origin(o) for o in v]
 
     @model_validator(mode="after")
-    def _gpus(self) -> "ServeOptions":
+    def _gpus(self) -> ServeOptions:
         gpus = self.gpus_per_replica
         if self.device == "cuda" and gpus == 0:
             raise ValueError("device cuda needs gpus_per_replica > 0 (a replica sees only the GPUs Ray gives it)")
         if self.device != "cuda" and gpus:
             raise ValueError(f"gpus_per_replica {gpus:g} with device cpu: pass device cuda to use the GPU")
+        return self
+
+    @model_validator(mode="after")
+    def _onnx(self) -> ServeOptions:
+        """As :func:`capenext.options.check_runtime` checks ``--runtime`` and ``--onnx`` on the command line."""
+        if self.runtime == "onnx" and not self.onnx:
+            raise ValueError("runtime onnx needs onnx=DIR (a folder written by python -m jobs.export)")
+        if self.runtime == "onnx" and self.device != "cpu":
+            raise ValueError("runtime onnx runs on CPU (onnxruntime): use device cpu")
+        if self.runtime != "onnx" and self.onnx:
+            raise ValueError("onnx=DIR is read with runtime onnx only: add runtime=onnx")
         return self
 
     @property
@@ -193,8 +214,8 @@ def options_error(err: Exception) -> str:
 
 def check_options(values: dict[str, Any]) -> ServeOptions:
     """:class:`ServeOptions` from ``values``, made absolute where the application is built: a local
-    checkpoint or CLIP file becomes its absolute path and the default MLflow store that of this working
-    directory (replicas run elsewhere); one line for a bad option."""
+    checkpoint or CLIP file and the ``onnx`` folder become absolute paths and the default MLflow store that of
+    this working directory (replicas run elsewhere); one line for a bad option."""
     from jobs.runtime.tracking import tracking_uri
 
     try:
@@ -206,4 +227,6 @@ def check_options(values: dict[str, Any]) -> ServeOptions:
         value = getattr(options, key)
         if value and Path(value).is_file():
             changes[key] = str(Path(value).resolve())
+    if options.onnx and Path(options.onnx).is_dir():
+        changes["onnx"] = str(Path(options.onnx).resolve())
     return options.model_copy(update=changes)
