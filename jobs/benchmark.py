@@ -1,4 +1,4 @@
-"""Benchmarks that print JSON: ``python -m jobs.benchmark {model,loader,embed,serve,evaluate,gpu-suite}``.
+"""Benchmarks that print JSON: ``python -m jobs.benchmark {model,loader,embed,serve,evaluate,predict,text-prior,gpu-suite}``.
 
 Each subcommand measures one thing against a baseline measured in the same run, on the same machine, and
 prints one JSON object (what each measures: its module's docstring, ``--help``, ``docs/benchmarks.md``):
@@ -10,6 +10,10 @@ prints one JSON object (what each measures: its module's docstring, ``--help``, 
 * ``serve``: Ray Serve requests/s and latency, batching on and off (:mod:`jobs.benchmarks.serve`);
 * ``evaluate``: test-protocol pairs/s against reference-style and our per-pair loops, with the same PCK
   (:mod:`jobs.benchmarks.evaluate`);
+* ``predict``: single-image latency and batched throughput of ``Predictor`` with PyTorch against ONNX
+  (onnxruntime), on the same inputs, and how far apart their points are (:mod:`jobs.benchmarks.predict`);
+* ``text-prior``: how the packaged language priors and the random tiny CLIP embed the synthetic set's class
+  prompts and keypoint names, and at what speed (:mod:`jobs.benchmarks.text_prior`);
 * ``gpu-suite``: the model, a short training run and every CUDA path, in one run
   (:mod:`jobs.benchmarks.gpu`).
 
@@ -22,7 +26,7 @@ import argparse
 import json
 
 from capenext.cli import run_main
-from jobs.benchmarks import embed, evaluate, gpu, loader, model, serve
+from jobs.benchmarks import embed, evaluate, gpu, loader, model, predict, serve, text_prior
 
 # subcommand → (module, one-line help); each module has add_arguments(parser) and run(args) -> dict
 COMMANDS = {
@@ -31,6 +35,8 @@ COMMANDS = {
     "embed": (embed, "embedding job img/s vs a bare CLIP forward"),
     "serve": (serve, "Ray Serve requests/s and latency, batching on vs off"),
     "evaluate": (evaluate, "test-protocol pairs/s: ours vs the per-pair loops, same numbers"),
+    "predict": (predict, "Predictor latency and batched queries/s: PyTorch vs ONNX, same points"),
+    "text-prior": (text_prior, "text encoders on the synthetic names and prompts: kinship, spread, texts/s"),
     "gpu-suite": (gpu, "the GPU suite: model, a short training run, every CUDA path"),
 }
 

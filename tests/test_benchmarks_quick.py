@@ -93,3 +93,18 @@ def test_quick_serve_benchmark_measures_batching_on_and_off_on_one_replica(rando
     ratio = result["throughput_ratio_on_vs_off"]
     assert set(ratio) == {"1", "8"} and all(_positive(v) for v in ratio.values()), ratio
     assert result["goal_ratio_at_32"] == 2.0 and result["goal_met"] is None  # concurrency 32 not measured
+
+
+def test_text_prior_benchmark_quick(capsys):
+    """Every encoder measured at the model's width, with the random CLIP as the baseline of the speed ratio."""
+    assert benchmark.main(["text-prior", "--quick"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["categories"], out["supercategories"], out["model_width"]) == (20, 8, 64)
+    assert set(out["encoders"]) == {"clip (tiny, random)", "wordllama", "e5"}
+    for name in ("wordllama", "e5"):
+        entry = out["encoders"][name]
+        ratio = entry["texts_per_s_vs_clip"]
+        assert math.isfinite(ratio) and ratio > 0
+        for width in ("at_model_width", "native"):
+            assert 0 <= entry[width]["class_kin_at1"] <= 1 and 0 <= entry[width]["name_kin_at1"] <= 1
+    assert out["encoders"]["wordllama"]["identity"].startswith("wordllama:wordllama-")
