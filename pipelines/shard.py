@@ -31,6 +31,7 @@ annotation file gets the data layer's one-line error. ``--verify`` rehashes and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -242,8 +243,7 @@ def _run_tasks(todo: list[ShardPlan], image_root: Path, out: Path, skip_bad: boo
             plan = pending.pop(ready[0])
             result = ray.get(ready[0])
             if result["entry"] is None:
-                for ref in pending:
-                    ray.cancel(ref)
+                _cancel(ray, list(pending))
                 raise DataError(_bad_line(image_root, result["bad"][0]))
             results[plan.name] = {**result["entry"], "inputs": plan.inputs,
                                   "skipped": [{**b, "shard": plan.name} for b in result["bad"]]}
@@ -251,6 +251,21 @@ def _run_tasks(todo: list[ShardPlan], image_root: Path, out: Path, skip_bad: boo
     finally:
         bar.close()
     return results
+
+
+def _cancel(ray, refs: list, timeout: float = 30.0) -> None:
+    """Cancel the tasks still running and read their outcomes: Ray prints the error of a task nobody read
+    ("Unhandled error ...", e.g. a task interrupted mid-write) when the job exits, which would add lines to
+    the job's one-line error. Outcomes are read for at most ``timeout`` seconds; the tasks' own writes are
+    atomic, so a task cut short leaves nothing half-written."""
+    if not refs:
+        return
+    for ref in refs:
+        ray.cancel(ref)
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for ref in done:
+        with contextlib.suppress(Exception):  # cancelled or interrupted: its outcome is read, never reported
+            ray.get(ref)
 
 
 def _bad_line(image_root: Path, bad: dict[str, Any]) -> str:
