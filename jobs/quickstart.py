@@ -32,13 +32,13 @@ from capenext.config import override, resolve
 from capenext.recipe import apply_recipe
 from capenext.data import SUBSETS, load_split
 from capenext.metrics import FLOOR
+from capenext.models.text_prior import TEXT_ENCODERS
 from jobs.training import driver
 from jobs.training.spec import TrainRun
 from capenext.options import add_recipe, add_tracking_uri
 from jobs.runtime.tracking import tracking_uri
 
 STAGES = 6
-TEXT_ENCODERS = ("clip", "wordllama", "e5")  # capenext.models.text_prior.TEXT_ENCODERS, here so --help needs no torch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

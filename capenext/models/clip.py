@@ -44,7 +44,6 @@ for the published checkpoints, which were trained that way.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import threading
@@ -59,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capenext.files import file_sha256
 from capenext.models.text_prior import check_text_encoder, load_text_prior
 
 __all__ = ["CLIP_CONFIG_DIR", "PRECISIONS", "FrozenCLIP", "build_clip", "class_prompt"]
@@ -240,11 +240,7 @@ class FrozenCLIP(nn.Module):
             if self.checkpoint == "random":
                 weights = f"random:{RANDOM_CLIP_SEED}"
             elif self.checkpoint is not None and Path(self.checkpoint).is_file():
-                digest = hashlib.sha256()
-                with open(self.checkpoint, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
-                weights = f"sha256:{digest.hexdigest()}"
+                weights = f"sha256:{file_sha256(self.checkpoint)}"
             self._weights_id = weights
         text = "clip" if self.prior is None else self.prior.identity
         return (self.model_name, self._weights_id, bool(self.quick_gelu), self.image_norm, self.precision, text)

@@ -26,7 +26,6 @@ in expectation). Nothing about it is learned.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import threading
@@ -38,6 +37,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from capenext.files import file_sha256
 
 __all__ = ["PRIORS", "TEXT_ENCODERS", "TextPrior", "check_text_encoder", "load_text_prior", "projection"]
 
@@ -133,12 +134,8 @@ class TextPrior:
     @cached_property
     def identity(self) -> str:
         """``name:package-version:sha256 of the weights`` (the first 16 hex digits): what the vectors depend on."""
-        digest = hashlib.sha256()
-        with open(self.weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
         version = importlib.metadata.version(self.spec.package)
-        return f"{self.spec.name}:{self.spec.package}-{version}:sha256:{digest.hexdigest()[:16]}"
+        return f"{self.spec.name}:{self.spec.package}-{version}:sha256:{file_sha256(self.weights)[:16]}"
 
     def encode(self, texts: Sequence[str], width: int) -> torch.Tensor:
         """(T, width) L2-normalised float32 vectors of ``texts`` (raw, no template)."""
