@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = shard.run(root, work / "shards")
     print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards → {work / 'shards'}")
 
-    texts = "tiny CLIP" if args.text_encoder == "clip" else f"texts from the packaged prior {args.text_encoder}"
-    stage(3, f"CLIP embeddings (Ray Data actor pool; {texts}, tiny CLIP images, RANDOM weights: no download)")
+    texts = "" if args.text_encoder == "clip" else f"texts from the packaged prior {args.text_encoder}, "
+    stage(3, f"CLIP embeddings (Ray Data actor pool; {texts}tiny CLIP with RANDOM weights, declared: no download)")
     run = training_run(args, work, cfg_texts, uri)
     meta = embed.run(work / "shards", run.embeddings, run.cfg)
     print(f"embeddings → {run.embeddings}: {meta['counts']}")
