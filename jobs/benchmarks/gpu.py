@@ -62,6 +62,7 @@ from jobs.runtime.tracking import free_port
 PAIRS_PER_EPOCH = 14_000  # training pairs in one epoch of an MP-100 split
 EPOCHS = 200  # the paper's schedule
 GOAL_HOURS = 1.5
+SKIPPABLE = ("clip_fp16", "train_online", "evaluate", "predict", "serve")  # not "embed": training needs its tables
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) .* ([0-9.]+) img/s", re.MULTILINE)
 
 
@@ -80,6 +81,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "0 with --quick)")
     parser.add_argument("--images-per-category", type=int, default=None,
                         help="synthetic images per category, 20 categories (default 100; 3 with --quick)")
+    parser.add_argument("--skip-smokes", default="", metavar="NAMES",
+                        help=f"smokes not to run, comma-separated, from {', '.join(SKIPPABLE)} (default: none; the "
+                             "test suite skips those its other tests run); the JSON lists them under skipped_smokes")
+
+
+def skipped_smokes(text: str) -> tuple[str, ...]:
+    """``--skip-smokes``'s names; an unknown one is a usage error."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = sorted(set(names) - set(SKIPPABLE))
+    if unknown:
+        raise UsageError(f"--skip-smokes: unknown smoke {unknown[0]!r}; these can be skipped: {', '.join(SKIPPABLE)}")
+    return names
 
 
 # --- settings -------------------------------------------------------------------------------------------
@@ -229,8 +242,20 @@ def last_line(text: str) -> str:
     return ((errors or lines or ["no output"])[-1])[:300]
 
 
+
+
+class Smokes(dict):
+    """The smokes' results by name; those named in ``skip`` are not run (and not in the results)."""
+
+    def __init__(self, skip: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.skip = skip
+
+
 def smoke(results: dict[str, Any], name: str, fn) -> Any:
     """Run one smoke; record ``ok`` or ``failed`` with its one-line reason, and its wall time."""
+    if name in getattr(results, "skip", ()):
+        return None
     start = time.perf_counter()
     try:
         value = fn()
@@ -502,12 +527,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--device cuda: no CUDA device is visible here (use --device cpu --quick for the "
                          "CPU version of the suite)")
     s = settings(args)
+    skip = skipped_smokes(args.skip_smokes)
     started = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "gpu-suite", "device": args.device, "quick": bool(args.quick),
                               "machine": machine(), "torch": torch.__version__,
                               "cuda": torch.version.cuda if args.device == "cuda" else None}
     result["model"] = model_section(args, s)
-    smokes: dict[str, Any] = {}
+    smokes = Smokes(skip=skip)
     smoke(smokes, "clip_fp16", lambda: clip_fp16_smoke(args.device, args.quick))
 
     import ray
@@ -534,7 +560,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ray.shutdown()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
-    result["smoke"] = smokes
+    result["smoke"] = dict(smokes)
+    result["skipped_smokes"] = sorted(smokes.skip)
     result["all_smokes_ok"] = all(v["status"] == "ok" for v in smokes.values())
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     if args.out is not None:
