@@ -10,11 +10,13 @@ import json
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from capenext.cli import run_main
 from capenext.config import ModelCfg, load_preset
 from capenext.losses import CapeNextLoss
 from capenext.metrics import pck
@@ -32,7 +34,7 @@ from capenext.models.clip import IMAGENET_MEAN, IMAGENET_STD
 from capenext.models.encoder import SinePositionalEncoding
 from capenext.models.graph_decoder import fix_all_masked, normalized_adjacency
 from capenext.models.proposal import ProposalGenerator
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 K = 100  # keypoint slots
@@ -512,9 +514,22 @@ def test_tiny_model_overfits_eight_synthetic_samples():
     assert score >= 0.9, f"PCK@0.2 {score:.3f} after {steps} steps ({time.monotonic() - start:.0f} s)"
 
 
-def test_benchmark_model_prints_ratios_against_the_backbone():
-    proc = run_cli("jobs.benchmark", "model", "--preset", "tiny", "--backbone", "tiny", "--batch-size", "2",
-                   "--device", "cpu", "--steps", "1", "--rounds", "1", "--warmup", "0", "--threads", "1")
+def _benchmark(argv: list[str], capsys, monkeypatch) -> SimpleNamespace:
+    """``python -m jobs.benchmark ARGV`` in this process: exit code, stdout, stderr. (The entry point's one
+    real process is tests/test_bench_gpu.py's ``gpu-suite`` run.) The global RNG the benchmark seeds is
+    restored after; the torch thread count it sets, by the ``one_cpu_thread`` fixture."""
+    from jobs import benchmark
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what run_main sets: undone after the test
+    with torch.random.fork_rng(devices=[]), pytest.raises(SystemExit) as exc:
+        run_main(benchmark.main, argv)
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=exc.value.code, stdout=out.out, stderr=out.err)
+
+
+def test_benchmark_model_prints_ratios_against_the_backbone(capsys, monkeypatch):
+    proc = _benchmark(["model", "--preset", "tiny", "--backbone", "tiny", "--batch-size", "2", "--device", "cpu",
+                       "--steps", "1", "--rounds", "1", "--warmup", "0", "--threads", "1"], capsys, monkeypatch)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     speeds, ratios = result["train_img_per_s"], result["ratio_vs_backbone"]
@@ -524,8 +539,9 @@ def test_benchmark_model_prints_ratios_against_the_backbone():
         assert ratios[name] == pytest.approx(speeds[name] / speeds["backbone_only"], rel=0.01)
     assert set(result["peak_memory_mb"]) == set(speeds)
     assert result["goal_met"] == (ratios["full_precomputed"] >= 0.85)
-    bad = run_cli("jobs.benchmark", "model", "--preset", "tiny", "--backbone", "resnet9000", "--device", "cpu")
+    bad = _benchmark(["model", "--preset", "tiny", "--backbone", "resnet9000", "--device", "cpu"], capsys, monkeypatch)
     assert_one_line_error(bad, "resnet9000", "swinv2_t")
+    assert bad.returncode == 2 and bad.stdout == ""
 
 
 def test_clip_image_norm_imagenet_feeds_the_crop_as_the_reference_does():

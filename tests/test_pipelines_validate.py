@@ -5,14 +5,27 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import pytest
 from PIL import Image
 
 from capenext.data.mp100 import SPLITS, SUBSETS, annotation_path
+from capenext.cli import run_main
+from pipelines import validate as validate_job
 from pipelines.validate import validate
 from tests.conftest import run_cli
+
+
+def run_validate(argv: list[str], capsys, monkeypatch) -> SimpleNamespace:
+    """``python -m pipelines.validate ARGV`` in this process (its one real process is
+    :func:`test_missing_data_root_is_one_line`): exit code, stdout, stderr."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what run_main sets: undone after the test
+    with pytest.raises(SystemExit) as exc:
+        run_main(validate_job.main, argv)
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=exc.value.code, stdout=out.out, stderr=out.err)
 
 
 def edit_annotations(root: Path, fn: Callable[[dict, Path], None]) -> None:
@@ -134,8 +147,8 @@ def damaged(synthetic_root, tmp_path_factory) -> tuple[Path, dict]:
     return root, make_damaged_copy(synthetic_root, root)
 
 
-def test_clean_synthetic_set_passes(synthetic_root):
-    proc = run_cli("pipelines.validate", "--data-root", str(synthetic_root))
+def test_clean_synthetic_set_passes(synthetic_root, capsys, monkeypatch):
+    proc = run_validate(["--data-root", str(synthetic_root)], capsys, monkeypatch)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK: nothing stops the shard job" in proc.stdout
     report = validate(synthetic_root, progress=False)
@@ -167,14 +180,14 @@ def test_every_planted_problem_is_reported(damaged):
     assert report["union"]["usable_annotations"] < report["union"]["annotations"]
 
 
-def test_damaged_copy_fails_on_the_command_line_text_and_json(damaged):
+def test_damaged_copy_fails_on_the_command_line_text_and_json(damaged, capsys, monkeypatch):
     root, planted = damaged
-    proc = run_cli("pipelines.validate", "--data-root", str(root), "--json")
+    proc = run_validate(["--data-root", str(root), "--json"], capsys, monkeypatch)
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)
     assert set(planted) <= {g["kind"] for g in report["problems"]}
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
-    text = run_cli("pipelines.validate", "--data-root", str(root))
+    text = run_validate(["--data-root", str(root)], capsys, monkeypatch)
     assert text.returncode == 1
     for kind in planted:
         assert f"ERROR   {kind} x" in text.stdout, kind
@@ -218,6 +231,7 @@ def test_exif_rotated_image_with_its_stored_size_in_the_json_is_a_size_mismatch(
 
 
 def test_missing_data_root_is_one_line(tmp_path):
+    """As a user runs it: the entry point's one real process (the other command lines run in this one)."""
     proc = run_cli("pipelines.validate", "--data-root", str(tmp_path / "nope"))
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: --data-root {tmp_path / 'nope'}: not a directory"

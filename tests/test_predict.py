@@ -10,6 +10,7 @@ import io
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from capenext.data.transforms import affine_matrix, apply_affine, box_center_sca
 from capenext.predict import Predictor, Query
 from jobs import predict as predict_job
 from capenext.data.embeddings import load_bank
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error
 from tests.test_evaluate import trained_run
 
 
@@ -106,8 +107,19 @@ def test_predictor_feeds_the_model_what_the_test_protocol_feeds_it(predictor, da
     assert np.allclose([[p["x"], p["y"]] for p in got], expected_px, atol=1e-2)
 
 
-def test_cli_prints_json_and_writes_a_picture(trained, predictor, data, tmp_path):
-    """As a user runs it: a subprocess, one image, names, class, skeleton, box."""
+def _predict_cli(argv: list[str], capsys, monkeypatch, cwd: Path) -> SimpleNamespace:
+    """``python -m jobs.predict ARGV`` in this process, from ``cwd``: exit code, stdout, stderr. (The entry
+    point's one real process is in tests/test_quickstart.py, which runs the predict command it prints.)"""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what run_main sets: undone after the test
+    with pytest.raises(SystemExit) as exc:
+        run_main(predict_job.main, argv)
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=exc.value.code, stdout=out.out, stderr=out.err)
+
+
+def test_cli_prints_json_and_writes_a_picture(trained, predictor, data, tmp_path, capsys, monkeypatch):
+    """As a user runs it (in this process): one image, names, class, skeleton, box."""
     index, _, test = data
     s = _held_out(test, 1)[0]
     cat = test.categories[s.category_id]
@@ -115,9 +127,9 @@ def test_cli_prints_json_and_writes_a_picture(trained, predictor, data, tmp_path
     Image.fromarray(index.load_image(s)).save(image)
     out = tmp_path / "pred.png"
     skeleton = ",".join(f"{a}-{b}" for a, b in cat.skeleton)
-    proc = run_cli("jobs.predict", "--checkpoint", trained["checkpoint"], "--image", str(image), "--keypoints",
-                   ",".join(cat.keypoints), "--class", cat.name, "--skeleton", skeleton, "--bbox",
-                   ",".join(f"{v:g}" for v in s.bbox), "--out", str(out), cwd=tmp_path)
+    proc = _predict_cli(["--checkpoint", trained["checkpoint"], "--image", str(image), "--keypoints",
+                         ",".join(cat.keypoints), "--class", cat.name, "--skeleton", skeleton, "--bbox",
+                         ",".join(f"{v:g}" for v in s.bbox), "--out", str(out)], capsys, monkeypatch, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = proc.stdout.strip().splitlines()
     record = json.loads(line)
@@ -211,10 +223,11 @@ def test_bad_input_gives_one_line_and_exit_2(trained, tmp_path, capsys, monkeypa
     assert not list(tmp_path.glob("*.keypoints.png"))
 
 
-def test_cli_error_is_one_line_in_a_real_process(trained, tmp_path):
-    proc = run_cli("jobs.predict", "--checkpoint", trained["checkpoint"], "--image", str(tmp_path / "none.jpg"),
-                   "--keypoints", "nose", "--class", "cat", cwd=tmp_path)
+def test_cli_error_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    proc = _predict_cli(["--checkpoint", trained["checkpoint"], "--image", str(tmp_path / "none.jpg"),
+                         "--keypoints", "nose", "--class", "cat"], capsys, monkeypatch, tmp_path)
     assert_one_line_error(proc, "image not found", "none.jpg")
+    assert proc.returncode == 2 and proc.stdout == ""
 
 
 def test_api_accepts_pil_images_and_arrays_alike(predictor, data):

@@ -7,11 +7,13 @@ import subprocess
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from capenext.cli import run_main
 from pipelines import synthetic as syn, synthetic_categories as cat
 from pipelines.synthetic_render import draw_scene
 
@@ -256,22 +258,35 @@ def test_generate_rejects_out_of_range_arguments(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m pipelines.synthetic ARGS`` as a user runs it: a real process."""
     return subprocess.run([sys.executable, "-m", "pipelines.synthetic", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
-def test_cli_help_and_one_line_errors(tmp_path):
-    shown = _cli("--help")
+def _in_process(argv: list[str], capsys, monkeypatch) -> SimpleNamespace:
+    """``python -m pipelines.synthetic ARGV`` in this process: exit code, stdout, stderr."""
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps help as in a real process whose output is a pipe
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what run_main sets: undone after the test
+    with pytest.raises(SystemExit) as exc:
+        run_main(syn.main, argv)
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=exc.value.code, stdout=out.out, stderr=out.err)
+
+
+def test_cli_help_and_one_line_errors(tmp_path, capsys, monkeypatch):
+    shown = _in_process(["--help"], capsys, monkeypatch)
     assert shown.returncode == 0 and "--full-size" in shown.stdout and "--mp100-sized" in shown.stdout
     assert "--split-rule {default,polysemy}" in shown.stdout
+    # the entry point's one real process (the others run in this one): the one error line and exit code 2
     too_few = _cli("--out", str(tmp_path / "x"), "--categories", "5")
     assert too_few.returncode == 2
     assert too_few.stderr.strip().count("\n") == 0
     assert too_few.stderr.startswith("error: categories")
     assert too_few.stderr.strip().endswith("(--categories)")
     assert not (tmp_path / "x").exists()
-    not_a_number = _cli("--out", str(tmp_path / "x"), "--categories", "five")
+    not_a_number = _in_process(["--out", str(tmp_path / "x"), "--categories", "five"], capsys, monkeypatch)
     assert not_a_number.returncode == 2 and "error:" in not_a_number.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_template_file_schema():
