@@ -1,19 +1,51 @@
-"""Shared fixtures: one synthetic MP-100 and one local Ray instance per test session.
+"""Shared fixtures: one synthetic MP-100, its shards and tables, and one local Ray instance per test process.
 
-Ray start-ups cost seconds on 2 cores, so tests that need Ray share ``ray_local``; tests that run a
-command line as a user would use ``run_cli`` (a real subprocess, with the project's Python).
+The suite runs in two pytest-xdist worker processes (``-n 2 --dist loadfile`` in pyproject.toml: a module's
+tests stay in one process, so its module fixtures are made once). What every worker reads - the synthetic
+set, the shards and tables, the random tiny checkpoint, the trained tiny run of ``tests/test_evaluate.py`` -
+is made once per test run by whichever worker asks first (:func:`shared`), the other waits for it. Ray
+start-ups cost seconds on 2 cores, so tests that need Ray share ``ray_local`` (one per worker); tests that
+run a command line as a user would use ``run_cli`` (a real subprocess, with the project's Python).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# the modules that run longest first: pytest-xdist hands whole modules to whichever worker is free, in this
+# order, so the long ones start early instead of one of them being the last thing either worker does
+LONG_MODULES = ("test_train.py", "test_sweep.py", "test_quickstart.py", "test_bench_gpu.py", "test_serve.py",
+                "test_evaluate.py", "test_pipelines_shard.py", "test_convert.py", "test_cluster.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def shared(tmp_path_factory, name: str, build: Callable[[Path], object]) -> object:
+    """``build(folder)``'s JSON-able result, made once per test run: the first worker that asks builds it into
+    ``folder`` (under the run's temp root, which every xdist worker shares) while holding a lock; the others
+    wait, then read its result. Without xdist, the session's temp dir."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.json"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not done.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps(build(folder)))
+    return json.loads(done.read_text())
 
 
 @pytest.fixture(autouse=True)
@@ -30,12 +62,14 @@ def one_cpu_thread():
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    """The default synthetic mini MP-100 (seed 0), generated once; tests must not modify it."""
+    """The default synthetic mini MP-100 (seed 0), generated once per test run; tests must not modify it."""
     from pipelines.synthetic import generate
 
-    root = tmp_path_factory.mktemp("synthetic") / "mp100"
-    generate(root, seed=0, progress=False)
-    return root
+    def build(folder: Path) -> str:
+        generate(folder / "mp100", seed=0, progress=False)
+        return str(folder / "mp100")
+
+    return Path(shared(tmp_path_factory, "synthetic", build))
 
 
 @pytest.fixture(scope="session")
@@ -50,16 +84,20 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def prepared(synthetic_root, ray_local, tmp_path_factory) -> Path:
+def prepared(synthetic_root, tmp_path_factory, request) -> Path:
     """Shards (``prepared / "shards"``) and tiny random-CLIP embeddings (``prepared / "emb"``, crop 128)
-    of the synthetic set, made once per session; tests must not modify them."""
+    of the synthetic set, made once per test run (on the Ray of the worker that makes them); tests must not
+    modify them."""
     from capenext.config import load_preset
     from pipelines import embed, shard
 
-    base = tmp_path_factory.mktemp("prepared")
-    shard.run(synthetic_root, base / "shards", progress=False)
-    embed.run(base / "shards", base / "emb", load_preset("tiny"), batch_size=64, progress=False)
-    return base
+    def build(base: Path) -> str:
+        request.getfixturevalue("ray_local")
+        shard.run(synthetic_root, base / "shards", progress=False)
+        embed.run(base / "shards", base / "emb", load_preset("tiny"), batch_size=64, progress=False)
+        return str(base)
+
+    return Path(shared(tmp_path_factory, "prepared", build))
 
 
 @pytest.fixture(scope="session")
@@ -72,12 +110,14 @@ def random_tiny_checkpoint(tmp_path_factory) -> Path:
     from capenext.config import load_preset
     from capenext.models import build_model
 
-    cfg = load_preset("tiny")
-    cfg.model.clip_checkpoint = "random"
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("random_tiny") / "tiny.pt"
-    save_checkpoint(path, build_model(cfg.model), cfg)
-    return path
+    def build(folder: Path) -> str:
+        cfg = load_preset("tiny")
+        cfg.model.clip_checkpoint = "random"
+        torch.manual_seed(0)
+        save_checkpoint(folder / "tiny.pt", build_model(cfg.model), cfg)
+        return str(folder / "tiny.pt")
+
+    return Path(shared(tmp_path_factory, "random_tiny", build))
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):

@@ -1,7 +1,7 @@
 """jobs.evaluate: the training run's test protocol reproduced, noisy prompts, MLflow evaluation runs.
 
-A tiny CapeNext is trained once per session (:func:`trained_run`, shared with ``test_predict.py`` through
-a folder in pytest's session temp dir) on the synthetic set's split 1, in Ray Train's local mode, with
+A tiny CapeNext is trained once per test run (:func:`trained_run`, shared with ``test_predict.py`` and
+``test_serve.py`` through :func:`tests.conftest.shared`) on the synthetic set's split 1, in Ray Train's local mode, with
 its own MLflow SQLite store; the evaluation job then reads that store like a user's.
 """
 
@@ -21,6 +21,7 @@ from capenext.cli import run_main
 from capenext.config import THRESHOLDS
 from capenext.noise import load_template_maps
 from jobs import evaluate
+from tests.conftest import shared
 
 # the tiny model of tests/test_train.py, trained a little longer so that it beats the baseline clearly
 TRAIN_ARGS = ["--split", "1", "--backbone", "tiny", "--clip-model", "tiny", "--clip-checkpoint", "random",
@@ -31,17 +32,16 @@ PCK_KEYS = [f"test/pck_{t:g}" for t in THRESHOLDS] + ["test/pck_mean"]
 
 
 def trained_run(tmp_path_factory, prepared: Path) -> dict:
-    """Shards, tiny random-CLIP embeddings and one trained run, made once per session (needs Ray).
+    """Shards, tiny random-CLIP embeddings and one trained run, made once per test run (:func:`shared`).
 
     Returns ``{"base", "shards", "emb", "uri", "run_id", "experiment_id", "checkpoint", "metrics"}``.
     """
-    base = tmp_path_factory.getbasetemp() / "capenext-trained"
-    done = base / "trained.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    return shared(tmp_path_factory, "trained", lambda base: _train(base, prepared))
+
+
+def _train(base: Path, prepared: Path) -> dict:
     from jobs import train
 
-    base.mkdir(parents=True, exist_ok=True)
     shards, emb = prepared / "shards", prepared / "emb"
     uri = f"sqlite:///{base / 'mlflow.db'}"
     old_env, old_threads = os.environ.get("MLFLOW_TRACKING_URI"), torch.get_num_threads()
@@ -60,11 +60,9 @@ def trained_run(tmp_path_factory, prepared: Path) -> dict:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("capenext-tests")
     (run,) = client.search_runs([exp.experiment_id], "tags.`capenext.run_name` = 'tiny-full'")
-    info = {"base": str(base), "shards": str(shards), "emb": str(emb), "uri": uri,
+    return {"base": str(base), "shards": str(shards), "emb": str(emb), "uri": uri,
             "run_id": run.info.run_id, "experiment_id": exp.experiment_id,
             "checkpoint": str(base / "runs" / "tiny-full" / "artifacts" / "final.pt"), "metrics": metrics}
-    done.write_text(json.dumps(info))
-    return info
 
 
 @pytest.fixture(scope="module")
