@@ -1,7 +1,13 @@
 """The sweep for real: a Ray head started with ``ray start --head`` on localhost, then ``ray job submit`` of a
-tiny sweep (2 splits x 2 ablations, tiny configs, 2 steps), checked with ``MlflowClient``; then the same
-sweep re-submitted after one trial was "killed" and another's checkpoint was torn: finished trials are
-skipped, the killed one resumes in its MLflow run, the torn one fails with its reason, and the job fails.
+tiny sweep (2 splits x 2 ablations, tiny configs, 4 epochs of 3 steps), checked with ``MlflowClient``:
+
+1. the first submission is stopped (the job API's stop, as ``ray job stop``) as soon as one trial has written
+   its first epoch's checkpoint: that trial really stopped mid-run;
+2. re-submitted, every trial ends FINISHED, the one stopped mid-run continuing its own MLflow run from its
+   checkpoint (its first epoch not run again); ``jobs.report`` reads the store these trials wrote;
+3. re-submitted once more after one finished trial was left RUNNING (killed after its last checkpoint) and
+   another's checkpoint was torn: finished trials are skipped, the killed one goes straight to its test in
+   its own run, the torn one fails with its reason, and the job fails.
 
 Isolation from the rest of the session (``ray_local`` runs an in-process Ray): the head gets its own ports and
 ``--temp-dir`` (so no ``ray.init()`` finds it), ``RAY_ADDRESS`` is set only in the subprocesses' environment,
@@ -27,6 +33,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from capenext.cli import run_main
@@ -37,8 +44,8 @@ from tests.conftest import REPO
 EXPERIMENT = "tinysweep"
 TRIALS = [f"{EXPERIMENT}-split{k}-{a}-tiny" for k in (1, 2) for a in ("full", "baseline")]
 TINY_SWEEP = ["--splits", "1-2", "--ablations", "full,baseline", "--backbones", "tiny", "--experiment", EXPERIMENT,
-              "--clip-model", "tiny", "--clip-checkpoint", "random", "--batch-size", "8", "--epochs", "1",
-              "--max-steps", "2", "--val-episodes", "1", "--episodes", "2", "--queries", "4",
+              "--clip-model", "tiny", "--clip-checkpoint", "random", "--batch-size", "8", "--epochs", "4",
+              "--max-steps", "3", "--val-episodes", "1", "--episodes", "2", "--queries", "4",
               "--set", "model.dropout=0.0", "--cpus-per-worker", "0.5",
               # two trials at a time: four Ray Train runs at once (each a controller, a worker and helper
               # actors) came within 1 GB of the 24 GB machine's memory beside the rest of the suite
@@ -104,7 +111,8 @@ def ray_head(tmp_path_factory):
     assert started is not None, "the Ray head did not come up in 3 attempts: see " + str(base)
     proc, ports = started
     client_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{ports['port']}"}  # for subprocesses only
-    yield {"dashboard": f"http://127.0.0.1:{ports['dashboard-port']}", "env": client_env, "proc": proc}
+    yield {"dashboard": f"http://127.0.0.1:{ports['dashboard-port']}", "env": client_env, "proc": proc,
+           "token": token.read_text()}
     _stop(proc)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -119,25 +127,54 @@ def sweep_data(prepared, tmp_path_factory):
     return base
 
 
-def _submit(ray_head, data: Path, store: Path, log: str) -> subprocess.CompletedProcess:
-    """``ray job submit --working-dir <repo> --runtime-env-json ... -- python -m jobs.sweep ...``; waits."""
+def _submit_command(ray_head, data: Path, store: Path, *submit_options: str) -> list[str]:
+    """``ray job submit --working-dir <repo> --runtime-env-json ... -- python -m jobs.sweep ...``."""
     runtime_env = {
         "excludes": [".venv", ".git", "runs", "mlruns", "mlartifacts", "*.db", "quickstart_out", "report"],
         "env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{store}", "HF_HUB_OFFLINE": "1"},
     }
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head["dashboard"],
-           "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
-           sys.executable, "-m", "jobs.sweep", *TINY_SWEEP, "--shards", str(data / "shards"),
-           "--embeddings", str(data / "emb"), "--storage-path", str(data / "runs")]
-    proc = subprocess.run(cmd, env=ray_head["env"], cwd=data, capture_output=True, text=True, timeout=420)
+    return [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head["dashboard"],
+            *submit_options, "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
+            sys.executable, "-m", "jobs.sweep", *TINY_SWEEP, "--shards", str(data / "shards"),
+            "--embeddings", str(data / "emb"), "--storage-path", str(data / "runs")]
+
+
+def _submit(ray_head, data: Path, store: Path, log: str) -> subprocess.CompletedProcess:
+    """One submission, waited for."""
+    proc = subprocess.run(_submit_command(ray_head, data, store), env=ray_head["env"], cwd=data, capture_output=True,
+                          text=True, timeout=420)
     (data / log).write_text(proc.stdout + proc.stderr)  # for a failing test's post-mortem
     return proc
 
 
+def _epochs_done(data: Path, name: str) -> int:
+    """How many epochs the trial's newest whole checkpoint holds (0: none)."""
+    done = 0
+    for path in (data / "runs" / name).glob("checkpoint_*/progress.json"):
+        try:
+            done = max(done, json.loads(path.read_text())["epoch"] + 1)
+        except (OSError, ValueError, KeyError):  # being written
+            continue
+    return done
+
+
+def _stop_job(ray_head, submission_id: str) -> None:
+    """The job API's stop (what ``ray job stop`` calls): the sweep's driver gets SIGTERM."""
+    request = urllib.request.Request(f"{ray_head['dashboard']}/api/jobs/{submission_id}/stop", method="POST",
+                                     headers={"Authorization": f"Bearer {ray_head['token']}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert json.loads(r.read())["stopped"] is True
+
+
 def _children(client: MlflowClient) -> dict[str, object]:
+    """The newest child run of each trial (a trial stopped before its first checkpoint starts a new one)."""
     exp = client.get_experiment_by_name(EXPERIMENT)
-    return {r.data.tags["capenext.run_name"]: r for r in client.search_runs([exp.experiment_id])
-            if r.data.tags.get("capenext.kind") != "sweep"}
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    newest: dict[str, object] = {}
+    for r in runs:
+        if r.data.tags.get("capenext.kind") != "sweep":
+            newest.setdefault(r.data.tags["capenext.run_name"], r)
+    return newest
 
 
 def _parent(client: MlflowClient):
@@ -147,10 +184,54 @@ def _parent(client: MlflowClient):
 
 
 @pytest.fixture(scope="module")
-def first_sweep(ray_head, sweep_data):
+def stopped_sweep(ray_head, sweep_data):
+    """The first submission, stopped once a trial has its first epoch's checkpoint: ``(output, stopped trial,
+    its MLflow run id and its logged losses)``."""
+    store = sweep_data / "mlflow.db"
+    submission = f"tinysweep-{secrets.token_hex(4)}"
+    proc = subprocess.Popen(_submit_command(ray_head, sweep_data, store, "--submission-id", submission),
+                            env=ray_head["env"], cwd=sweep_data, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline, stopped = time.time() + 300, None
+    while stopped is None and proc.poll() is None and time.time() < deadline:
+        stopped = next((name for name in TRIALS if _epochs_done(sweep_data, name) >= 1), None)
+        time.sleep(0.1)
+    assert stopped is not None, "no trial wrote a checkpoint: " + (proc.stdout.read() if proc.poll() is not None else "")
+    _stop_job(ray_head, submission)
+    out = proc.communicate(timeout=120)[0]
+    (sweep_data / "stopped_sweep.log").write_text(out)
+    assert f"Job '{submission}' was stopped" in out, out[-4000:]
+    client = MlflowClient(f"sqlite:///{store}")
+    run = _children(client)[stopped]
+    assert run.info.status != "FINISHED" and _epochs_done(sweep_data, stopped) < 4, out[-4000:]  # mid-run
+    return out, stopped, run.info.run_id, _history(client, run.info.run_id)
+
+
+def _history(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
+
+
+@pytest.fixture(scope="module")
+def first_sweep(stopped_sweep, ray_head, sweep_data):
+    """The stopped sweep submitted again, waited for."""
     store = sweep_data / "mlflow.db"
     proc = _submit(ray_head, sweep_data, store, "first_sweep.log")
     return proc, store
+
+
+def test_a_sweep_stopped_mid_run_resumes_its_trial_in_its_own_run(stopped_sweep, first_sweep, sweep_data):
+    _, stopped, run_id, logged = stopped_sweep
+    proc, store = first_sweep
+    out = proc.stdout + proc.stderr
+    assert "found again: a re-submitted sweep" in out
+    assert re.search(rf"\[start\] {stopped} \(split \d, \w+, tiny\): resuming from checkpoint_", out), out[-4000:]
+    client = MlflowClient(f"sqlite:///{store}")
+    run = _children(client)[stopped]
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    history = _history(client, run_id)
+    assert [s for s, _ in history] == [0, 1, 2, 3] and logged and history[:len(logged)] == logged  # not run again
+    latest = max((sweep_data / "runs" / stopped).glob("checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime)
+    assert torch.load(latest, weights_only=True)["step"] == 12  # 4 epochs x 3 steps in all, over two submissions
 
 
 def test_ray_job_submit_runs_every_trial_as_a_child_run(first_sweep, sweep_data):
@@ -159,7 +240,7 @@ def test_ray_job_submit_runs_every_trial_as_a_child_run(first_sweep, sweep_data)
     assert proc.returncode == 0, out[-6000:]
     assert "is a SQLite store" in out and "starts `mlflow server` on http://127.0.0.1:" in out
     assert "4 finished, 0 skipped (finished before), 0 failed, of 4 trials" in out, out[-4000:]
-    assert "4 trials to run, 2 at a time" in out
+    assert "4 trials to run, 2 at a time" in out  # the stopped submission finished none
     client = MlflowClient(f"sqlite:///{store}")
     parent = _parent(client)
     assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/finished"] == 4
@@ -172,7 +253,7 @@ def test_ray_job_submit_runs_every_trial_as_a_child_run(first_sweep, sweep_data)
         assert (tags["split"], tags["ablation"], tags["backbone"]) == tuple(re.match(
             rf"{EXPERIMENT}-split(\d)-(\w+)-(tiny)$", name).groups())
         assert 0.0 <= run.data.metrics["test/pck_0.2"] <= 1.0 and "floor/pck_0.2" in run.data.metrics
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1, 2, 3]
         assert client.get_metric_history(run.info.run_id, "val/pck_0.2")
         assert (sweep_data / "runs" / name).is_dir()  # checkpoints on the storage path, outside the working dir
     # the sweep's MLflow server is gone with the sweep
@@ -236,7 +317,7 @@ def test_resubmitted_sweep_skips_finished_resumes_unfinished_and_reports_a_faile
     after = _children(client)
     assert sorted(after) == sorted(TRIALS)  # no new runs: the resumed trial continued its own
     assert after[killed].info.run_id == before[killed].info.run_id and after[killed].info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(after[killed].info.run_id, "train/loss")] == [0]
+    assert [m.step for m in client.get_metric_history(after[killed].info.run_id, "train/loss")] == [0, 1, 2, 3]
     assert after[torn].info.status == "FAILED"
     for name in set(TRIALS) - {killed, torn}:
         assert after[name].info.status == "FINISHED" and after[name].info.end_time == before[name].info.end_time
