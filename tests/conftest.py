@@ -21,10 +21,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# the modules that run longest first: pytest-xdist hands whole modules to whichever worker is free, in this
-# order, so the long ones start early instead of one of them being the last thing either worker does
-LONG_MODULES = ("test_train.py", "test_sweep.py", "test_quickstart.py", "test_bench_gpu.py", "test_serve.py",
-                "test_evaluate.py", "test_pipelines_shard.py", "test_convert.py", "test_cluster.py")
+# the modules that run longest first, in this order: pytest-xdist hands whole modules to whichever worker is
+# free (``--no-loadscope-reorder`` keeps this order), so the long ones start early instead of one of them being
+# the last thing either worker does. The sweep builds the shared shards while the quickstart (which needs
+# none) runs beside it; test_evaluate trains the shared tiny run before test_serve and test_predict need it.
+LONG_MODULES = ("test_sweep.py", "test_quickstart.py", "test_train.py", "test_evaluate.py", "test_bench_gpu.py",
+                "test_serve.py", "test_predict.py", "test_cluster.py", "test_pipelines_shard.py", "test_convert.py")
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -1,10 +1,12 @@
 """The sweep for real: a Ray head started with ``ray start --head`` on localhost, then ``ray job submit`` of a
 tiny sweep (2 splits x 2 ablations, tiny configs, 4 epochs of 3 steps), checked with ``MlflowClient``:
 
-1. the first submission is stopped (the job API's stop, as ``ray job stop``) as soon as one trial has written
-   its first epoch's checkpoint: that trial really stopped mid-run;
-2. re-submitted, every trial ends FINISHED, the one stopped mid-run continuing its own MLflow run from its
-   checkpoint (its first epoch not run again); ``jobs.report`` reads the store these trials wrote;
+1. the first submission (two trials at a time) is stopped (the job API's stop, as ``ray job stop``) once its
+   first two trials have finished and one of the other two has written its first epoch's checkpoint: that
+   trial really stopped mid-run;
+2. re-submitted, the two finished trials are skipped and the other two end FINISHED, the one stopped
+   mid-run continuing its own MLflow run from its checkpoint (its first epoch not run again);
+   ``jobs.report`` reads the store these trials wrote;
 3. re-submitted once more after one finished trial was left RUNNING (killed after its last checkpoint) and
    another's checkpoint was torn: finished trials are skipped, the killed one goes straight to its test in
    its own run, the torn one fails with its reason, and the job fails.
@@ -185,26 +187,36 @@ def _parent(client: MlflowClient):
 
 @pytest.fixture(scope="module")
 def stopped_sweep(ray_head, sweep_data):
-    """The first submission, stopped once a trial has its first epoch's checkpoint: ``(output, stopped trial,
-    its MLflow run id and its logged losses)``."""
+    """The first submission, stopped once its first two trials have finished and one of the other two has its
+    first epoch's checkpoint: ``(output, the trials finished, the trial stopped mid-run, its MLflow run id and
+    its logged losses)``."""
+    import threading
+
     store = sweep_data / "mlflow.db"
     submission = f"tinysweep-{secrets.token_hex(4)}"
     proc = subprocess.Popen(_submit_command(ray_head, sweep_data, store, "--submission-id", submission),
                             env=ray_head["env"], cwd=sweep_data, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     deadline, stopped = time.time() + 300, None
     while stopped is None and proc.poll() is None and time.time() < deadline:
-        stopped = next((name for name in TRIALS if _epochs_done(sweep_data, name) >= 1), None)
+        finished = [ln.split()[1].rstrip(":") for ln in list(lines) if re.match(r"\[\d/4\] \S+: finished", ln)]
+        if len(finished) == 2:
+            stopped = next((n for n in TRIALS if n not in finished and _epochs_done(sweep_data, n) >= 1), None)
         time.sleep(0.1)
-    assert stopped is not None, "no trial wrote a checkpoint: " + (proc.stdout.read() if proc.poll() is not None else "")
+    assert stopped is not None, "no trial of the second pair wrote a checkpoint: " + "".join(lines)[-4000:]
     _stop_job(ray_head, submission)
-    out = proc.communicate(timeout=120)[0]
+    proc.wait(timeout=120)
+    reader.join(timeout=30)
+    out = "".join(lines)
     (sweep_data / "stopped_sweep.log").write_text(out)
     assert f"Job '{submission}' was stopped" in out, out[-4000:]
     client = MlflowClient(f"sqlite:///{store}")
     run = _children(client)[stopped]
     assert run.info.status != "FINISHED" and _epochs_done(sweep_data, stopped) < 4, out[-4000:]  # mid-run
-    return out, stopped, run.info.run_id, _history(client, run.info.run_id)
+    return out, finished, stopped, run.info.run_id, _history(client, run.info.run_id)
 
 
 def _history(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
@@ -220,10 +232,13 @@ def first_sweep(stopped_sweep, ray_head, sweep_data):
 
 
 def test_a_sweep_stopped_mid_run_resumes_its_trial_in_its_own_run(stopped_sweep, first_sweep, sweep_data):
-    _, stopped, run_id, logged = stopped_sweep
+    _, finished, stopped, run_id, logged = stopped_sweep
     proc, store = first_sweep
     out = proc.stdout + proc.stderr
-    assert "found again: a re-submitted sweep" in out
+    assert "found again: a re-submitted sweep" in out and "sweep: skipping 2 trials that finished before" in out
+    summary = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith(f"{EXPERIMENT}-split")}
+    assert summary == {**{name: "skipped" for name in finished}, **{name: "finished" for name in
+                                                                    set(TRIALS) - set(finished)}}
     assert re.search(rf"\[start\] {stopped} \(split \d, \w+, tiny\): resuming from checkpoint_", out), out[-4000:]
     client = MlflowClient(f"sqlite:///{store}")
     run = _children(client)[stopped]
@@ -239,8 +254,9 @@ def test_ray_job_submit_runs_every_trial_as_a_child_run(first_sweep, sweep_data)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "is a SQLite store" in out and "starts `mlflow server` on http://127.0.0.1:" in out
-    assert "4 finished, 0 skipped (finished before), 0 failed, of 4 trials" in out, out[-4000:]
-    assert "4 trials to run, 2 at a time" in out  # the stopped submission finished none
+    # two trials finished in the stopped submission: this one runs the other two
+    assert "2 finished, 2 skipped (finished before), 0 failed, of 4 trials" in out, out[-4000:]
+    assert "2 trials to run, 2 at a time" in out
     client = MlflowClient(f"sqlite:///{store}")
     parent = _parent(client)
     assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/finished"] == 4
