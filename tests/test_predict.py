@@ -25,7 +25,7 @@ from capenext.data.transforms import affine_matrix, apply_affine, box_center_sca
 from capenext.predict import Predictor, Query
 from jobs import predict as predict_job
 from capenext.data.embeddings import load_bank
-from tests.conftest import assert_one_line_error
+from tests.conftest import assert_one_line_error, run_cli
 from tests.test_evaluate import trained_run
 
 
@@ -223,9 +223,10 @@ def test_bad_input_gives_one_line_and_exit_2(trained, tmp_path, capsys, monkeypa
     assert not list(tmp_path.glob("*.keypoints.png"))
 
 
-def test_cli_error_is_one_line(trained, tmp_path, capsys, monkeypatch):
-    proc = _predict_cli(["--checkpoint", trained["checkpoint"], "--image", str(tmp_path / "none.jpg"),
-                         "--keypoints", "nose", "--class", "cat"], capsys, monkeypatch, tmp_path)
+def test_cli_error_is_one_line_in_a_real_process(trained, tmp_path):
+    """jobs.predict's one real process: nothing but the one line on stderr (no import-time warning either)."""
+    proc = run_cli("jobs.predict", "--checkpoint", trained["checkpoint"], "--image", str(tmp_path / "none.jpg"),
+                   "--keypoints", "nose", "--class", "cat", cwd=tmp_path)
     assert_one_line_error(proc, "image not found", "none.jpg")
     assert proc.returncode == 2 and proc.stdout == ""
 
