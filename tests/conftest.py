@@ -21,6 +21,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Ray Train's controller looks at its workers every 2 s by default, and a worker's report (every epoch) waits
+# for that look: a tiny test run's 0.3 s epochs took 2 s each, and its end 5-7 s more. Every Ray instance the
+# tests start (in process, `ray start`, the jobs they run as users would) inherits this environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
 # the modules that run longest first, in this order: pytest-xdist hands whole modules to whichever worker is
 # free (``--no-loadscope-reorder`` keeps this order), so the long ones start early instead of one of them being
 # the last thing either worker does. The sweep builds the shared shards while the quickstart (which needs
