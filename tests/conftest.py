@@ -1,9 +1,10 @@
 """Shared fixtures: one synthetic MP-100, its shards and tables, and one local Ray instance per test process.
 
 The suite runs in two pytest-xdist worker processes (``-n 2 --dist loadfile`` in pyproject.toml: a module's
-tests stay in one process, so its module fixtures are made once). What every worker reads - the synthetic
-set, the shards and tables, the random tiny checkpoint, the trained tiny run of ``tests/test_evaluate.py`` -
-is made once per test run by whichever worker asks first (:func:`shared`), the other waits for it. Ray
+tests stay in one process, so its module fixtures are made once; modules go to whichever worker is free,
+those with the most tests first: handing out the longest first measured slower, as the sweep and the
+quickstart then ran side by side). What every worker reads - the synthetic set, the shards and tables, the
+random tiny checkpoint, the trained tiny run of ``tests/test_evaluate.py`` - is made once per test run by whichever worker asks first (:func:`shared`), the other waits for it. Ray
 start-ups cost seconds on 2 cores, so tests that need Ray share ``ray_local`` (one per worker); tests that
 run a command line as a user would use ``run_cli`` (a real subprocess, with the project's Python).
 """
@@ -25,18 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 # for that look: a tiny test run's 0.3 s epochs took 2 s each, and its end 5-7 s more. Every Ray instance the
 # tests start (in process, `ray start`, the jobs they run as users would) inherits this environment.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-
-# the modules that run longest first, in this order: pytest-xdist hands whole modules to whichever worker is
-# free (``--no-loadscope-reorder`` keeps this order), so the long ones start early instead of one of them being
-# the last thing either worker does. The sweep builds the shared shards while the quickstart (which needs
-# none) runs beside it; test_evaluate trains the shared tiny run before test_serve and test_predict need it.
-LONG_MODULES = ("test_sweep.py", "test_quickstart.py", "test_train.py", "test_evaluate.py", "test_bench_gpu.py",
-                "test_serve.py", "test_predict.py", "test_cluster.py", "test_pipelines_shard.py", "test_convert.py")
-
-
-def pytest_collection_modifyitems(items) -> None:
-    rank = {name: i for i, name in enumerate(LONG_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 def shared(tmp_path_factory, name: str, build: Callable[[Path], object]) -> object:
