@@ -4,9 +4,10 @@ The suite runs in two pytest-xdist worker processes (``-n 2 --dist loadfile`` in
 tests stay in one process, so its module fixtures are made once; modules go to whichever worker is free,
 those with the most tests first: handing out the longest first measured slower, as the sweep and the
 quickstart then ran side by side). What every worker reads - the synthetic set, the shards and tables, the
-random tiny checkpoint, the trained tiny run of ``tests/test_evaluate.py`` - is made once per test run by whichever worker asks first (:func:`shared`), the other waits for it. Ray
-start-ups cost seconds on 2 cores, so tests that need Ray share ``ray_local`` (one per worker); tests that
-run a command line as a user would use ``run_cli`` (a real subprocess, with the project's Python).
+random tiny checkpoint, the trained tiny run of ``tests/test_evaluate.py`` - is made once per test run by
+whichever worker asks first (:func:`shared`), the other waits for it. Ray start-ups cost seconds on 2 cores,
+so tests that need Ray share ``ray_local`` (one per worker); tests that run a command line as a user would
+use ``run_cli`` (a real subprocess, with the project's Python).
 """
 
 from __future__ import annotations
