@@ -242,8 +242,6 @@ def last_line(text: str) -> str:
     return ((errors or lines or ["no output"])[-1])[:300]
 
 
-
-
 class Smokes(dict):
     """The smokes' results by name; those named in ``skip`` are not run (and not in the results)."""
 
@@ -252,9 +250,10 @@ class Smokes(dict):
         self.skip = skip
 
 
-def smoke(results: dict[str, Any], name: str, fn) -> Any:
-    """Run one smoke; record ``ok`` or ``failed`` with its one-line reason, and its wall time."""
-    if name in getattr(results, "skip", ()):
+def smoke(results: Smokes, name: str, fn) -> Any:
+    """Run one smoke; record ``ok`` or ``failed`` with its one-line reason, and its wall time (none of it for
+    a smoke the results skip)."""
+    if name in results.skip:
         return None
     start = time.perf_counter()
     try:
@@ -310,7 +309,7 @@ def steps_per_epoch(shards: Path, batch: int) -> int:
 
 
 def prepare_data(args: argparse.Namespace, s: dict[str, Any], run: Runner, work: Path,
-                 smokes: dict[str, Any]) -> None:
+                 smokes: Smokes) -> None:
     """The synthetic set (``python -m pipelines.synthetic``), its shards and its embeddings (the shard and
     embedding jobs' public ``run``, in this process) in ``work``; the embedding job is the ``embed`` smoke."""
     from capenext.config import resolve
@@ -339,7 +338,7 @@ def prepare_data(args: argparse.Namespace, s: dict[str, Any], run: Runner, work:
 
 
 def training_section(args: argparse.Namespace, s: dict[str, Any], run: Runner, work: Path,
-                     smokes: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
+                     smokes: Smokes) -> tuple[dict[str, Any], Path | None]:
     """Synthetic set → shards → embeddings → a short training run, measured; the final checkpoint."""
     from capenext.config import load_preset
 
@@ -492,7 +491,7 @@ def first_image(data: Path) -> Path:
 
 
 def job_smokes(args: argparse.Namespace, run: Runner, work: Path, checkpoint: Path | None,
-               smokes: dict[str, Any]) -> None:
+               smokes: Smokes) -> None:
     """``jobs.evaluate``, ``jobs.predict`` and ``jobs.serve`` on the device, with the run's checkpoint."""
     def need() -> Path:
         if checkpoint is None:
