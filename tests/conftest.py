@@ -23,12 +23,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Ray Train's controller looks at its workers every 2 s by default, and a worker's report (every epoch) waits
-# for that look: a tiny test run's 0.3 s epochs took 2 s each, and its end 5-7 s more. Every Ray instance the
-# tests start (in process, `ray start`, the jobs they run as users would) inherits this environment.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-
-
 def shared(tmp_path_factory, name: str, build: Callable[[Path], object]) -> object:
     """``build(folder)``'s JSON-able result, made once per test run: the first worker that asks builds it into
     ``folder`` (under the run's temp root, which every xdist worker shares) while holding a lock; the others
