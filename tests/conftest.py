@@ -2,8 +2,7 @@
 
 The suite runs in two pytest-xdist worker processes (``-n 2 --dist loadfile`` in pyproject.toml: a module's
 tests stay in one process, so its module fixtures are made once; modules go to whichever worker is free,
-those with the most tests first: handing out the longest first measured slower, as the sweep and the
-quickstart then ran side by side). What every worker reads - the synthetic set, the shards and tables, the
+those with the most tests first). What every worker reads - the synthetic set, the shards and tables, the
 random tiny checkpoint, the trained tiny run of ``tests/test_evaluate.py`` - is made once per test run by
 whichever worker asks first (:func:`shared`), the other waits for it. Ray start-ups cost seconds on 2 cores,
 so tests that need Ray share ``ray_local`` (one per worker); tests that run a command line as a user would
@@ -22,6 +21,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Ray Train's controller looks at its workers every 2 s by default, and a worker's report (every epoch) waits
+# for that look: a tiny test run's 0.3 s epochs took 2 s each, and its end 5-7 s more. Every Ray instance the
+# tests start (in process, `ray start`, the jobs they run as users would) inherits this environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
 
 def shared(tmp_path_factory, name: str, build: Callable[[Path], object]) -> object:
     """``build(folder)``'s JSON-able result, made once per test run: the first worker that asks builds it into
