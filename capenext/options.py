@@ -149,7 +149,7 @@ def positive(name: str, value: int | float | None) -> None:
         raise UsageError(f"{name} must be positive, got {value}")
 
 
-RUNTIMES = ("torch", "onnx")  # capenext.predict.RUNTIMES, spelled here so that --help imports no torch
+RUNTIMES = ("torch", "onnx")  # what computes a prediction; capenext.predict takes them from here
 
 
 def add_runtime(g, what: str = "the model") -> None:

@@ -70,6 +70,7 @@ from capenext.data.transforms import IMAGE_FORMATS, Crop, crop
 from capenext.engine import autocast, precision_of, to_image_pixels
 from capenext.inputs import (check_bbox, check_class_name, check_names, check_skeleton, parse_bbox,  # noqa: F401
                              parse_names, parse_skeleton, short)
+from capenext.options import RUNTIMES  # what computes: PyTorch, or onnxruntime on what jobs.export wrote
 from capenext.viz import to_rgb
 
 __all__ = ["IMAGE_FORMATS", "Predictor", "Query", "check_bbox", "check_names", "check_skeleton", "load_image",
@@ -79,7 +80,6 @@ ImageLike = str | Path | bytes | Image.Image | np.ndarray
 CONFIG_FILE = "config.json"  # save_pretrained's folder: config and meta ...
 WEIGHTS_FILE = "model.safetensors"  # ... and the trainable weights
 TEXT_CACHE_SIZE = 4096  # text embeddings a predictor keeps (least recently used out)
-RUNTIMES = ("torch", "onnx")  # what computes: PyTorch, or onnxruntime on the files jobs.export wrote
 
 
 def load_image(image: ImageLike) -> np.ndarray:

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from capenext.cli import UsageError
-from capenext.options import RUNTIMES  # --runtime's choices
+from capenext.options import DEVICES, RUNTIMES  # --device's and --runtime's choices
 
 APP_NAME = "capenext"
 DEPLOYMENT_NAME = "CapeNext"
 DEFAULT_PORT = 8000
-DEVICES = ("cpu", "cuda")  # as capenext.options.add_device's --device
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")  # names of this machine a request's Host may always carry
 WILDCARD_HOSTS = ("0.0.0.0", "::")  # binding every interface
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -57,18 +56,12 @@ class ServeOptions(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    @field_validator("device")
+    @field_validator("device", "runtime")
     @classmethod
-    def _device(cls, v: str) -> str:
-        if v not in DEVICES:
-            raise ValueError(f"device {v!r}: cpu or cuda")
-        return v
-
-    @field_validator("runtime")
-    @classmethod
-    def _runtime(cls, v: str) -> str:
-        if v not in RUNTIMES:
-            raise ValueError(f"runtime {v!r}: torch or onnx")
+    def _one_of(cls, v: str, info: ValidationInfo) -> str:
+        choices = {"device": DEVICES, "runtime": RUNTIMES}[info.field_name]
+        if v not in choices:
+            raise ValueError(f"{info.field_name} {v!r}: {' or '.join(choices)}")
         return v
 
     @field_validator("autoscale")
