@@ -1,10 +1,17 @@
-"""The benchmarks behind ``python -m jobs.benchmark {model,loader,embed,serve,gpu-suite}``: each module
-measures one thing against a baseline measured in the same run and returns JSON-ready dicts."""
+"""The benchmarks behind ``python -m jobs.benchmark {model,loader,embed,serve,evaluate,predict,text-prior,gpu-suite}``:
+each module measures one thing against a baseline measured in the same run and returns JSON-ready dicts."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any
+
+
+def sizes(args: argparse.Namespace, quick: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
+    """A benchmark's sizes: each flag given (``args.<key>`` not None), else ``quick``'s value with ``--quick``,
+    else ``full``'s. The caller checks the ranges."""
+    return {k: v if getattr(args, k) is None else getattr(args, k) for k, v in (quick if args.quick else full).items()}
 
 
 def machine() -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 from capenext.config import RunCfg, resolve
 from capenext.data.shards import ShardIndex
 from capenext.options import add_address, add_device, positive
-from jobs.benchmarks import machine
+from jobs.benchmarks import machine, sizes
 from jobs.runtime.cluster import init_ray
 from pipelines.clip_tables import (
     DEVICE_HELP,
@@ -65,10 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _sizes(args: argparse.Namespace) -> dict[str, Any]:
     """The flags given, else the quick or full defaults; one line for a count below 1."""
-    sizes = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in (QUICK if args.quick else FULL).items()}
+    chosen = sizes(args, QUICK, FULL)
     for key in ("encode_batch_size", "image_size", "images"):
-        positive("--" + key.replace("_", "-"), sizes[key])
-    return sizes
+        positive("--" + key.replace("_", "-"), chosen[key])
+    return chosen
 
 
 def first_shards(index: ShardIndex, images: int | None) -> ShardIndex:

@@ -61,6 +61,7 @@ from capenext.data.transforms import (
 )
 from capenext.options import positive
 from jobs.benchmarks import machine
+from jobs.benchmarks import sizes as bench_sizes
 
 GOAL = 2.0  # the target: our loader at least 2x the reference-style loader
 FULL = {"samples": 400, "rounds": 3}
@@ -497,7 +498,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Make the data and shards when not given, run :func:`loader_benchmark`, return its JSON."""
-    sizes = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in (QUICK if args.quick else FULL).items()}
+    sizes = bench_sizes(args, QUICK, FULL)
     for key, value in sizes.items():
         positive(f"--{key}", value)
     with contextlib.ExitStack() as stack:

@@ -42,6 +42,7 @@ import numpy as np
 
 from capenext.cli import UsageError
 from capenext.options import RUNTIMES, add_tracking_uri
+from jobs.benchmarks import sizes as bench_sizes
 
 AGREE_PX = 0.5  # the largest point difference between runtimes that counts as the same prediction
 KEYPOINTS = (5, 17, 40)  # keypoint names of the three queries
@@ -89,11 +90,7 @@ def _runtimes(text: str) -> list[str]:
 
 def _sizes(args: argparse.Namespace) -> dict[str, int]:
     """Calls, warm-up, batch size and rounds: the flags given, else the quick or full defaults."""
-    sizes = dict(QUICK if args.quick else FULL)
-    for key in sizes:
-        value = getattr(args, key)
-        if value is not None:
-            sizes[key] = value
+    sizes = bench_sizes(args, QUICK, FULL)
     floor = {"calls": 1, "warmup": 1, "batch_size": 1, "rounds": 1}
     for key, value in sizes.items():
         if value < floor[key]:

@@ -38,6 +38,7 @@ import numpy as np
 
 from capenext.cli import UsageError
 from capenext.options import add_device
+from jobs.benchmarks import sizes as bench_sizes
 
 FULL = {"concurrency": "1,8,32", "requests": 128, "rounds": 2, "warmup": 16, "image_size": "640x480"}
 QUICK = {"concurrency": "1,8", "requests": 16, "rounds": 1, "warmup": 4, "image_size": "320x240"}
@@ -146,7 +147,7 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
     with ``concurrency`` as a tuple and ``image_size`` as ``(width, height)``."""
     import torch
 
-    sizes = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in (QUICK if args.quick else FULL).items()}
+    sizes = bench_sizes(args, QUICK, FULL)
     if min(args.max_batch_size, sizes["requests"], sizes["rounds"], args.cpus, args.keypoints) < 1:
         raise UsageError("--max-batch-size, --requests, --rounds, --cpus and --keypoints must be >= 1")
     if sizes["warmup"] < 0:
