@@ -125,7 +125,7 @@ def test_the_deployment_bounds_serves_queue_and_answers_503_with_retry_after(che
     options = check_options({"checkpoint": checkpoint, "max_ongoing_requests": 10})
     deployment = build_application(options, page={})._bound_deployment
     assert (options.ongoing, options.queued) == (10, 40)  # default: 4 x the ongoing
-    assert deployment.max_ongoing_requests == 2 * 10 + 40 and deployment.max_queued_requests == 40
+    assert deployment.max_ongoing_requests == deployment.max_queued_requests == 2 * 10 + 40
     backpressure = deployment._deployment_config.backpressure_config
     assert backpressure.status_code == 503 and backpressure.retry_after_s == 1
 

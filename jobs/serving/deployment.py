@@ -9,8 +9,11 @@ deployment's ``user_config``, so ``serve deploy`` changes them without restartin
 Backpressure: a replica admits ``--max-ongoing-requests`` requests to work and ``--max-queued-requests`` to
 wait, and answers the next ones at once with a 503 in JSON and ``Retry-After`` (:class:`jobs.serving.app.Gate`);
 Serve hands a replica up to :attr:`~jobs.serving.options.ServeOptions.replica_capacity` requests, so that
-those refusals come from the replica. Serve's own ``max_queued_requests`` (the same number) bounds what waits
-in the proxy beyond that; a request past it gets Serve's own 503 (plain text, also with ``Retry-After``).
+those refusals come from the replica. Serve's own ``max_queued_requests`` bounds what waits in the proxy; Serve
+counts there every request not yet taken in by a replica, those on their way to it included, so it is that
+capacity too: a burst the replica can take in is not refused in the proxy while it travels (on a loaded machine
+a bound of ``--max-queued-requests`` refused part of a burst of 40 there). A request past it gets Serve's own
+503 (plain text, also with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def build_application(options: ServeOptions, page: dict[str, Any] | None = None)
         "ray_actor_options": {"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus},
         # the replica queues (and refuses, in JSON) itself; Serve's own queue is the backstop past that
         "max_ongoing_requests": options.replica_capacity,
-        "max_queued_requests": options.queued,
+        "max_queued_requests": options.replica_capacity,
         "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S},
         "user_config": {"max_batch_size": options.max_batch_size, "batch_wait_ms": options.batch_wait_ms},
     }

@@ -126,7 +126,7 @@ class ServeOptions(BaseModel):
 
     @property
     def queued(self) -> int:
-        """Requests that wait for one of those, per replica (and in Serve's proxy); past them, 503 at once."""
+        """Requests that wait for one of those, per replica; past them, 503 at once."""
         return self.max_queued_requests if self.max_queued_requests is not None else 4 * self.ongoing
 
     @property
@@ -134,7 +134,7 @@ class ServeOptions(BaseModel):
         """Serve's ``max_ongoing_requests``: what the proxy hands one replica. The replica works on
         :attr:`ongoing`, keeps :attr:`queued` waiting, and answers as many again as :attr:`ongoing` at once
         with a 503 (JSON, ``Retry-After``); only past all of those do requests wait in Serve's own queue
-        (``max_queued_requests`` = :attr:`queued`, Serve's own 503 past it)."""
+        (``max_queued_requests``, the same number, Serve's own 503 past it)."""
         return 2 * self.ongoing + self.queued
 
     @property
