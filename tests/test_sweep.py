@@ -1,15 +1,15 @@
 """The sweep for real: a Ray head started with ``ray start --head`` on localhost, then ``ray job submit`` of a
-tiny sweep (2 splits x 2 ablations, tiny configs, 4 epochs of 3 steps), checked with ``MlflowClient``:
+tiny sweep (3 splits of one ablation: trials A, B and C, tiny configs, 4 epochs of 3 steps), checked with
+``MlflowClient``:
 
-1. the first submission (two trials at a time) is stopped (the job API's stop, as ``ray job stop``) once its
-   first two trials have finished and one of the other two has written its first epoch's checkpoint: that
-   trial really stopped mid-run;
-2. re-submitted, the two finished trials are skipped and the other two end FINISHED, the one stopped
-   mid-run continuing its own MLflow run from its checkpoint (its first epoch not run again);
-   ``jobs.report`` reads the store these trials wrote;
-3. re-submitted once more after one finished trial was left RUNNING (killed after its last checkpoint) and
-   another's checkpoint was torn: finished trials are skipped, the killed one goes straight to its test in
-   its own run, the torn one fails with its reason, and the job fails.
+1. the first submission (two trials at a time: A and B, then C as soon as one of them is done) is stopped
+   (the job API's stop, as ``ray job stop``) once A and B have finished and C has written its first epoch's
+   checkpoint: C really stopped mid-run;
+2. re-submitted, A and B are skipped and C ends FINISHED, continuing its own MLflow run from its checkpoint
+   (its first epoch not run again); ``jobs.report`` reads the store these trials wrote;
+3. re-submitted once more after A was left RUNNING (killed after its last checkpoint) and B's checkpoint was
+   torn: C (finished) is skipped, A goes straight to its test in its own run, B fails with its reason, and
+   the job fails.
 
 Isolation from the rest of the session (``ray_local`` runs an in-process Ray): the head gets its own ports and
 ``--temp-dir`` (so no ``ray.init()`` finds it), ``RAY_ADDRESS`` is set only in the subprocesses' environment,
@@ -44,8 +44,8 @@ from jobs.runtime.tracking import free_port
 from tests.conftest import REPO
 
 EXPERIMENT = "tinysweep"
-TRIALS = [f"{EXPERIMENT}-split{k}-{a}-tiny" for k in (1, 2) for a in ("full", "baseline")]
-TINY_SWEEP = ["--splits", "1-2", "--ablations", "full,baseline", "--backbones", "tiny", "--experiment", EXPERIMENT,
+TRIALS = [f"{EXPERIMENT}-split{k}-full-tiny" for k in (1, 2, 3)]  # A, B, C: the order the sweep starts them
+TINY_SWEEP = ["--splits", "1-3", "--ablations", "full", "--backbones", "tiny", "--experiment", EXPERIMENT,
               "--clip-model", "tiny", "--clip-checkpoint", "random", "--batch-size", "8", "--epochs", "4",
               "--max-steps", "3", "--val-episodes", "1", "--episodes", "2", "--queries", "4",
               "--set", "model.dropout=0.0", "--cpus-per-worker", "0.5",
@@ -187,9 +187,8 @@ def _parent(client: MlflowClient):
 
 @pytest.fixture(scope="module")
 def stopped_sweep(ray_head, sweep_data):
-    """The first submission, stopped once its first two trials have finished and one of the other two has its
-    first epoch's checkpoint: ``(output, the trials finished, the trial stopped mid-run, its MLflow run id and
-    its logged losses)``."""
+    """The first submission, stopped once A and B have finished and C has its first epoch's checkpoint:
+    ``(output, the trials finished, the trial stopped mid-run, its MLflow run id and its logged losses)``."""
     import threading
 
     store = sweep_data / "mlflow.db"
@@ -202,17 +201,23 @@ def stopped_sweep(ray_head, sweep_data):
     reader.start()
     deadline, stopped = time.time() + 300, None
     while stopped is None and proc.poll() is None and time.time() < deadline:
-        finished = [ln.split()[1].rstrip(":") for ln in list(lines) if re.match(r"\[\d/4\] \S+: finished", ln)]
+        finished = [ln.split()[1].rstrip(":") for ln in list(lines)
+                    if re.match(rf"\[\d/{len(TRIALS)}\] \S+: finished", ln)]
         if len(finished) == 2:
             stopped = next((n for n in TRIALS if n not in finished and _epochs_done(sweep_data, n) >= 1), None)
         time.sleep(0.1)
-    assert stopped is not None, "no trial of the second pair wrote a checkpoint: " + "".join(lines)[-4000:]
+    assert stopped is not None, "the third trial wrote no checkpoint: " + "".join(lines)[-4000:]
     _stop_job(ray_head, submission)
     proc.wait(timeout=120)
     reader.join(timeout=30)
     out = "".join(lines)
     (sweep_data / "stopped_sweep.log").write_text(out)
     assert f"Job '{submission}' was stopped" in out, out[-4000:]
+    # two at a time: A and B first, C only once one of them was done
+    assert sorted(finished) == TRIALS[:2] and stopped == TRIALS[2], out[-4000:]
+    starts = [i for i, ln in enumerate(out.splitlines()) if ln.startswith("[start] ")]
+    first_done = next(i for i, ln in enumerate(out.splitlines()) if re.match(rf"\[1/{len(TRIALS)}\] ", ln))
+    assert len(starts) == 3 and starts[1] < first_done < starts[2], out[-4000:]
     client = MlflowClient(f"sqlite:///{store}")
     run = _children(client)[stopped]
     assert run.info.status != "FINISHED" and _epochs_done(sweep_data, stopped) < 4, out[-4000:]  # mid-run
@@ -237,8 +242,7 @@ def test_a_sweep_stopped_mid_run_resumes_its_trial_in_its_own_run(stopped_sweep,
     out = proc.stdout + proc.stderr
     assert "found again: a re-submitted sweep" in out and "sweep: skipping 2 trials that finished before" in out
     summary = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith(f"{EXPERIMENT}-split")}
-    assert summary == {**{name: "skipped" for name in finished}, **{name: "finished" for name in
-                                                                    set(TRIALS) - set(finished)}}
+    assert summary == {**{name: "skipped" for name in finished}, stopped: "finished"}
     assert re.search(rf"\[start\] {stopped} \(split \d, \w+, tiny\): resuming from checkpoint_", out), out[-4000:]
     client = MlflowClient(f"sqlite:///{store}")
     run = _children(client)[stopped]
@@ -254,12 +258,12 @@ def test_ray_job_submit_runs_every_trial_as_a_child_run(first_sweep, sweep_data)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "is a SQLite store" in out and "starts `mlflow server` on http://127.0.0.1:" in out
-    # two trials finished in the stopped submission: this one runs the other two
-    assert "2 finished, 2 skipped (finished before), 0 failed, of 4 trials" in out, out[-4000:]
-    assert "2 trials to run, 2 at a time" in out
+    # two trials finished in the stopped submission: this one runs the third
+    assert "1 finished, 2 skipped (finished before), 0 failed, of 3 trials" in out, out[-4000:]
+    assert "1 trials to run, 2 at a time" in out
     client = MlflowClient(f"sqlite:///{store}")
     parent = _parent(client)
-    assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/finished"] == 4
+    assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/finished"] == 3
     children = _children(client)
     assert sorted(children) == sorted(TRIALS)
     for name, run in children.items():
@@ -280,7 +284,7 @@ def test_ray_job_submit_runs_every_trial_as_a_child_run(first_sweep, sweep_data)
 
 def test_report_over_the_sweeps_own_runs(first_sweep, tmp_path, capsys):
     """``jobs.report`` over the store the real trials wrote: each cell is the mean of the trials' own logged
-    test PCK over the two splits, every run carries its recipe and departures, the paper column is there."""
+    test PCK over the three splits, every run carries its recipe and departures, the paper column is there."""
     import csv
 
     from jobs import report
@@ -293,11 +297,10 @@ def test_report_over_the_sweeps_own_runs(first_sweep, tmp_path, capsys):
     children = _children(MlflowClient(f"sqlite:///{store}"))
     rows = {r[0]: r for r in csv.reader((tmp_path / "pck_thresholds.csv").open())}
     header = rows.pop("Ablation")
-    for ablation in ("full", "baseline"):
-        logged = [children[f"{EXPERIMENT}-split{k}-{ablation}-tiny"].data.metrics["test/pck_0.2"] for k in (1, 2)]
-        cell = rows[ablation]
-        assert cell[header.index("Splits")] == "2"
-        assert float(cell[header.index("PCK@0.2")]) == pytest.approx(100 * sum(logged) / 2, abs=0.006)
+    logged = [children[name].data.metrics["test/pck_0.2"] for name in TRIALS]
+    cell = rows["full"]
+    assert cell[header.index("Splits")] == "3"
+    assert float(cell[header.index("PCK@0.2")]) == pytest.approx(100 * sum(logged) / 3, abs=0.006)
     runs = list(csv.DictReader((tmp_path / "runs.csv").open()))
     assert sorted(r["run_name"] for r in runs) == sorted(TRIALS)
     assert {r["recipe"] for r in runs} == {"default"}
@@ -313,7 +316,7 @@ def test_resubmitted_sweep_skips_finished_resumes_unfinished_and_reports_a_faile
     client = MlflowClient(f"sqlite:///{store}")
     before = _children(client)
     parent_id = _parent(client).info.run_id
-    killed, torn = f"{EXPERIMENT}-split1-full-tiny", f"{EXPERIMENT}-split2-baseline-tiny"
+    killed, torn, done = TRIALS  # A, B, C
     # a trial killed after its checkpoint (its MLflow run left RUNNING), and one whose checkpoint was torn
     for name in (killed, torn):
         client.update_run(before[name].info.run_id, status="RUNNING")
@@ -324,19 +327,19 @@ def test_resubmitted_sweep_skips_finished_resumes_unfinished_and_reports_a_faile
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-6000:]
     assert "found again: a re-submitted sweep" in out and f"{killed} (split 1, full, tiny): resuming from" in out
-    assert "1 finished, 2 skipped (finished before), 1 failed, of 4 trials" in out, out[-4000:]
+    assert "sweep: skipping 1 trials that finished before" in out and "2 trials to run, 2 at a time" in out
+    assert "1 finished, 1 skipped (finished before), 1 failed, of 3 trials" in out, out[-4000:]
     summary = {line.split()[0]: line for line in out.splitlines() if line.startswith(f"{EXPERIMENT}-split")}
     assert summary[torn].split()[1] == "failed" and "is cut short (model.pt is 4 bytes of the" in summary[torn]
-    assert summary[killed].split()[1] == "finished"
-    assert f"error: 1 of 4 trials failed: {torn}" in out
+    assert summary[killed].split()[1] == "finished" and summary[done].split()[1] == "skipped"
+    assert f"error: 1 of 3 trials failed: {torn}" in out
 
     after = _children(client)
     assert sorted(after) == sorted(TRIALS)  # no new runs: the resumed trial continued its own
     assert after[killed].info.run_id == before[killed].info.run_id and after[killed].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(after[killed].info.run_id, "train/loss")] == [0, 1, 2, 3]
     assert after[torn].info.status == "FAILED"
-    for name in set(TRIALS) - {killed, torn}:
-        assert after[name].info.status == "FINISHED" and after[name].info.end_time == before[name].info.end_time
+    assert after[done].info.status == "FINISHED" and after[done].info.end_time == before[done].info.end_time
     parent = _parent(client)
     assert parent.info.run_id == parent_id and parent.info.status == "FAILED"
 
