@@ -129,16 +129,18 @@ def test_killed_run_resumes_in_the_same_mlflow_run_with_equal_losses(prepared, l
     assert [v for _, v in resumed] == pytest.approx([v for _, v in reference], rel=1e-5, abs=1e-7)
 
 
-def test_two_ddp_workers_match_one_worker_and_resume_when_resubmitted(prepared, ray_local, workdir, capsys):
-    """gloo DDP with 2 workers x batch 4 follows the same loss curve as 1 worker x batch 8; the 2-worker run,
-    submitted again with one epoch more, resumes from its checkpoint in its own MLflow run."""
+def test_two_ddp_workers_match_one_process_and_resume_when_resubmitted(prepared, ray_local, workdir, capsys):
+    """gloo DDP with 2 Ray Train workers x batch 4 follows the same loss curve as one process x batch 8 (the
+    same loop in local mode: one Ray Train worker group start fewer; Ray Train with one worker is
+    test_killed_train_worker_resumes_and_logs_each_epoch_once's run); the 2-worker run, submitted again with one
+    epoch more, resumes from its checkpoint in its own MLflow run."""
     curves = {}
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
 
     def submit(workers: int, epochs: int) -> None:
-        code, _, err = _run(_args(prepared, "--epochs", str(epochs), "--max-steps", "3", "--num-workers",
-                                  str(workers), "--run-name", f"w{workers}", "--storage-path", "runs",
-                                  "--val-every", "2"), capsys)
+        how = ["--num-workers", str(workers)] if workers > 1 else ["--local"]
+        code, _, err = _run(_args(prepared, "--epochs", str(epochs), "--max-steps", "3", *how,
+                                  "--run-name", f"w{workers}", "--storage-path", "runs", "--val-every", "2"), capsys)
         assert code == 0, err[-3000:]
 
     for workers in (1, 2):
