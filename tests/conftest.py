@@ -1,8 +1,10 @@
 """Shared fixtures: one synthetic MP-100, its shards and tables, and one local Ray instance per test process.
 
-The suite runs in two pytest-xdist worker processes (``-n 2 --dist loadfile`` in pyproject.toml: a module's
-tests stay in one process, so its module fixtures are made once; modules go to whichever worker is free,
-those with the most tests first). What every worker reads - the synthetic set, the shards and tables, the
+The suite runs in two pytest-xdist worker processes (``-n 2 --dist loadfile --no-loadscope-reorder`` in
+pyproject.toml: a module's tests stay in one process, so its module fixtures are made once; modules go to
+whichever worker is free, in the order :data:`FIRST` sets: the longest first, so that no long module starts
+last, and the two that make the trained run apart, so that one worker does not wait for the other's). What
+every worker reads - the synthetic set, the shards and tables, the
 random tiny checkpoint, the trained tiny run of ``tests/test_evaluate.py`` - is made once per test run by
 whichever worker asks first (:func:`shared`), the other waits for it. Ray start-ups cost seconds on 2 cores,
 so tests that need Ray share ``ray_local`` (one per worker); tests that run a command line as a user would
@@ -26,6 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 # for that look: a tiny test run's 0.3 s epochs took 2 s each, and its end 5-7 s more. Every Ray instance the
 # tests start (in process, `ray start`, the jobs they run as users would) inherits this environment.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+# the modules that take longest (seconds of one full run on 2 cores), handed out first in this order; the rest
+# follow in file order. test_serve makes the trained run that test_predict and test_evaluate read: they come
+# after the modules that need none of it, so that the other worker is not left waiting for it.
+FIRST = ("test_sweep.py", "test_train.py", "test_serve.py", "test_quickstart.py", "test_pipelines_shard.py",
+         "test_bench_gpu.py", "test_cluster.py", "test_predict.py", "test_convert.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: file order within a rank
 
 
 def shared(tmp_path_factory, name: str, build: Callable[[Path], object]) -> object:
