@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -136,6 +137,20 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         [sys.executable, "-m", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True,
         timeout=timeout,
     )
+
+
+def in_process(main: Callable, argv: list[str], capsys, monkeypatch) -> SimpleNamespace:
+    """``python -m <module> ARGV`` in this process, through :func:`capenext.cli.run_main` as the module's entry
+    runs it (no interpreter start; the worker's Ray reused): ``returncode``, ``stdout``, ``stderr``, as
+    :func:`run_cli` gives them. What ``run_main`` sets in the environment is undone after the test."""
+    from capenext.cli import run_main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, argv)
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=exc.value.code, stdout=out.out, stderr=out.err)
 
 
 def assert_one_line_error(proc, *fragments: str) -> None:

@@ -1,4 +1,7 @@
-"""``pipelines.shard`` on real Ray and real tars, and reading the shards back (``capenext.data.shards``)."""
+"""``pipelines.shard`` on real Ray and real tars, and reading the shards back (``capenext.data.shards``).
+
+The killed run is the entry point's one real process; its other command-line checks run ``main`` in this
+process (:func:`tests.conftest.in_process`), on the worker's Ray."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from capenext.data.shards import ShardIndex, iter_webdataset
 from capenext.data.transforms import read_image
 from pipelines import shard
 from pipelines.shard import MANIFEST, verify
-from tests.conftest import REPO, assert_one_line_error, run_cli
+from tests.conftest import REPO, assert_one_line_error, in_process
 from tests.test_pipelines_validate import make_variety_copy, single_instance_annotations
 
 SMALL = 7  # samples per shard: several shards per category
@@ -178,7 +181,7 @@ def test_killed_run_then_rerun_gives_the_clean_manifest(synthetic_root, clean, t
     assert json.loads((out / MANIFEST).read_text()) == manifest
 
 
-def test_verify_catches_a_flipped_byte(clean, tmp_path):
+def test_verify_catches_a_flipped_byte(clean, tmp_path, capsys, monkeypatch):
     src, manifest = clean
     out = tmp_path / "shards"
     shutil.copytree(src, out)
@@ -187,7 +190,7 @@ def test_verify_catches_a_flipped_byte(clean, tmp_path):
     data = bytearray((out / name).read_bytes())
     data[len(data) // 3] ^= 0x01
     (out / name).write_bytes(bytes(data))
-    proc = run_cli("pipelines.shard", "--out", str(out), "--verify")
+    proc = in_process(shard.main, ["--out", str(out), "--verify"], capsys, monkeypatch)
     assert_one_line_error(proc, name, "sha256", "1 of")
 
 
@@ -202,10 +205,12 @@ def truncated(synthetic_root, tmp_path_factory) -> tuple[Path, dict, str]:
     return root, ann, image["file_name"]
 
 
-def test_truncated_jpeg_stops_the_job_with_one_line_and_nothing_damaged(truncated, tmp_path):
+def test_truncated_jpeg_stops_the_job_with_one_line_and_nothing_damaged(truncated, ray_local, tmp_path, capsys,
+                                                                        monkeypatch):
     root, ann, file_name = truncated
     out = tmp_path / "shards"
-    proc = run_cli("pipelines.shard", "--data-root", str(root), "--out", str(out), "--shard-size", str(SMALL))
+    proc = in_process(shard.main, ["--data-root", str(root), "--out", str(out), "--shard-size", str(SMALL)],
+                      capsys, monkeypatch)
     assert_one_line_error(proc, file_name, f"annotation {ann['id']}", "--skip-bad")
     assert not (out / MANIFEST).exists()
     assert not list(out.glob(".*.tmp"))
@@ -232,14 +237,15 @@ def test_skip_bad_skips_and_lists_the_bad_samples(truncated, clean, tmp_path):
         shard.run(root, out, shard_size=SMALL, progress=False)
 
 
-def test_malformed_annotation_file_gets_the_data_layer_error(synthetic_root, tmp_path):
+def test_malformed_annotation_file_gets_the_data_layer_error(synthetic_root, ray_local, tmp_path, capsys,
+                                                             monkeypatch):
     root = tmp_path / "mp100"
     shutil.copytree(synthetic_root, root)
     path = annotation_path(root, 2, "val")
     data = json.loads(path.read_text())
     data["categories"][0]["skeleton"].append([0, 77])
     path.write_text(json.dumps(data))
-    proc = run_cli("pipelines.shard", "--data-root", str(root), "--out", str(tmp_path / "out"))
+    proc = in_process(shard.main, ["--data-root", str(root), "--out", str(tmp_path / "out")], capsys, monkeypatch)
     cid = data["categories"][0]["id"]
     assert_one_line_error(proc, str(path), f"category {cid}", "skeleton index out of range")
 

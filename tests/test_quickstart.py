@@ -10,7 +10,7 @@ import shlex
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_cli
+from tests.conftest import in_process, run_cli
 
 EPOCHS = 4
 MARGIN = 0.05  # the full model over the per-name floor at PCK@0.2 (measured: 0.61 vs 0.48 at 4 epochs)
@@ -53,14 +53,23 @@ def test_quickstart_run_is_finished_in_its_own_mlflow_store_with_its_metrics(qui
     assert "checkpoints/final.pt" in artifacts
 
 
-def test_the_commands_it_prints_run_as_printed(quickstart):
+def test_the_commands_it_prints_run_as_printed(quickstart, capsys, monkeypatch):
+    """Each printed command, from the folder the quickstart ran in: ``jobs.evaluate`` as a real process (its
+    only one in the suite), ``jobs.predict`` through its entry in this process (its real process is
+    tests/test_predict.py's)."""
+    from jobs import predict
+
     work, out = quickstart
     commands = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("python -m jobs.")]
     assert [c.split()[2] for c in commands] == ["jobs.evaluate", "jobs.predict"]
     model = _row(out, "CapeNext full (tiny)")
+    monkeypatch.chdir(work)
     for command in commands:
         argv = shlex.split(command)[2:]  # python -m <module> ...
-        proc = run_cli(*argv, cwd=work, timeout=600)
+        if argv[0] == "jobs.predict":
+            proc = in_process(predict.main, argv[1:], capsys, monkeypatch)
+        else:
+            proc = run_cli(*argv, cwd=work, timeout=600)
         assert proc.returncode == 0, (command, proc.stderr[-2000:])
         if argv[0] == "jobs.evaluate":  # the same protocol on the same checkpoint: the same PCK@0.2
             rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]

@@ -24,7 +24,7 @@ from capenext.checkpoint import read_checkpoint
 from capenext.cli import run_main
 from jobs import train
 from capenext.checkpoint import latest_checkpoint
-from tests.conftest import REPO, assert_one_line_error, run_cli
+from tests.conftest import REPO, assert_one_line_error, in_process, run_cli
 
 TINY = ["--backbone", "tiny", "--clip-model", "tiny", "--clip-checkpoint", "random", "--batch-size", "8",
         "--val-episodes", "2", "--episodes", "2", "--queries", "4", "--set", "model.dropout=0.0"]
@@ -244,11 +244,12 @@ def test_augmentation_of_a_pair_index_changes_per_epoch_and_repeats(prepared, mo
     assert torch.equal(item(1)["img"], later["img"])  # and draws it again the same way (a repeated run)
 
 
-def test_checkpoint_of_another_config_is_refused(prepared, local_run):
+def test_checkpoint_of_another_config_is_refused(prepared, local_run, capsys, monkeypatch):
     wd, _ = local_run
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{wd / 'mlflow.db'}"}
-    proc = run_cli("jobs.train", *_args(prepared, "--local", "--ablation", "baseline", "--run-name", "ref",
-                                        "--storage-path", str(wd / "runs")), cwd=wd, env=env)
+    monkeypatch.chdir(wd)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{wd / 'mlflow.db'}")
+    proc = in_process(train.main, _args(prepared, "--local", "--ablation", "baseline", "--run-name", "ref",
+                                        "--storage-path", str(wd / "runs")), capsys, monkeypatch)
     assert_one_line_error(proc, "run 'ref' has a checkpoint of another config", "model.ablation")
 
 
