@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capenext.cli import run_main
 from capenext.config import ModelCfg, load_preset
 from capenext.losses import CapeNextLoss
 from capenext.metrics import pck
@@ -34,7 +33,7 @@ from capenext.models.clip import IMAGENET_MEAN, IMAGENET_STD
 from capenext.models.encoder import SinePositionalEncoding
 from capenext.models.graph_decoder import fix_all_masked, normalized_adjacency
 from capenext.models.proposal import ProposalGenerator
-from tests.conftest import assert_one_line_error
+from tests.conftest import assert_one_line_error, in_process
 
 REPO = Path(__file__).resolve().parents[1]
 K = 100  # keypoint slots
@@ -520,11 +519,8 @@ def _benchmark(argv: list[str], capsys, monkeypatch) -> SimpleNamespace:
     restored after; the torch thread count it sets, by the ``one_cpu_thread`` fixture."""
     from jobs import benchmark
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what run_main sets: undone after the test
-    with torch.random.fork_rng(devices=[]), pytest.raises(SystemExit) as exc:
-        run_main(benchmark.main, argv)
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=exc.value.code, stdout=out.out, stderr=out.err)
+    with torch.random.fork_rng(devices=[]):
+        return in_process(benchmark.main, argv, capsys, monkeypatch)
 
 
 def test_benchmark_model_prints_ratios_against_the_backbone(capsys, monkeypatch):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capenext.cli import run_main
 from pipelines import synthetic as syn, synthetic_categories as cat
 from pipelines.synthetic_render import draw_scene
+from tests.conftest import in_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,11 +266,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def _in_process(argv: list[str], capsys, monkeypatch) -> SimpleNamespace:
     """``python -m pipelines.synthetic ARGV`` in this process: exit code, stdout, stderr."""
     monkeypatch.setenv("COLUMNS", "80")  # argparse wraps help as in a real process whose output is a pipe
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what run_main sets: undone after the test
-    with pytest.raises(SystemExit) as exc:
-        run_main(syn.main, argv)
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=exc.value.code, stdout=out.out, stderr=out.err)
+    return in_process(syn.main, argv, capsys, monkeypatch)
 
 
 def test_cli_help_and_one_line_errors(tmp_path, capsys, monkeypatch):
