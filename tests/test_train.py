@@ -288,22 +288,22 @@ def test_killed_train_worker_resumes_and_logs_each_epoch_once(prepared, ray_loca
             kills.append("after report")
         while not reported(2) and time.time() < deadline:
             time.sleep(0.05)
-        time.sleep(1.0)  # into the third epoch's steps
+        time.sleep(1.0)  # into the last epoch's steps (20 of about 0.1 s each)
         for p in _train_workers():
             p.kill()
             kills.append("mid-epoch")
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    code, out, err = _run(_args(prepared, "--epochs", "4", "--max-steps", "30", "--run-name", "restart",
-                                "--storage-path", "runs", "--max-failures", "2", "--val-every", "4"), capsys)
+    code, out, err = _run(_args(prepared, "--epochs", "3", "--max-steps", "20", "--run-name", "restart",
+                                "--storage-path", "runs", "--max-failures", "2", "--val-every", "3"), capsys)
     thread.join(timeout=30)
     assert code == 0, err[-3000:]
     assert "after report" in kills and "mid-epoch" in kills, kills
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     run = _run_by_name(client, "restart")
     assert run.info.status == "FINISHED"
-    assert [s for s, _ in _history(client, run.info.run_id, "train/loss")] == [0, 1, 2, 3]
+    assert [s for s, _ in _history(client, run.info.run_id, "train/loss")] == [0, 1, 2]
     assert "test/pck_mean" in run.data.metrics and "floor/pck_mean" in run.data.metrics
 
 
