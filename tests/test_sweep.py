@@ -1,6 +1,7 @@
-"""The sweep for real: a Ray head started with ``ray start --head`` on localhost, then ``ray job submit`` of a
-tiny sweep (3 splits of one ablation: trials A, B and C, tiny configs, 4 epochs of 3 steps), checked with
-``MlflowClient``:
+"""The sweep for real, on the one-machine route the docs give users: ``cluster/local.sh start`` (a Ray head and
+an MLflow server on 127.0.0.1, token authentication), then ``ray job submit`` of a tiny sweep (3 splits of one
+ablation: trials A, B and C, tiny configs, 4 epochs of 3 steps) with the environment ``local.sh`` prints,
+checked with ``MlflowClient``:
 
 1. the first submission (two trials at a time: A and B, then C as soon as one of them is done) is stopped
    (the job API's stop, as ``ray job stop``) once A and B have finished and C has written its first epoch's
@@ -11,10 +12,21 @@ tiny sweep (3 splits of one ablation: trials A, B and C, tiny configs, 4 epochs 
    torn: C (finished) is skipped, A goes straight to its test in its own run, B fails with its reason, and
    the job fails.
 
-Isolation from the rest of the session (``ray_local`` runs an in-process Ray): the head gets its own ports and
-``--temp-dir`` (so no ``ray.init()`` finds it), ``RAY_ADDRESS`` is set only in the subprocesses' environment,
-and the head is stopped by ending the ``ray start --block`` process this module started - not ``ray stop``,
-which would end every Ray process on the machine, the session's own instance included.
+The sweep keeps its own MLflow store (a SQLite URI in the job's runtime env, so the sweep starts and stops its
+own ``mlflow server``), not ``local.sh``'s server.
+
+``cluster/local.sh`` itself is checked here, not in ``tests/test_cluster.py``: the sweep runs on the head it
+starts, so a test run starts one Ray head fewer (seconds of CPU on 2 cores), and pytest-xdist hands out whole
+modules, so the check and the sweep must share this one. The first test makes every check while it runs
+(the exports and env.sh, the dashboard with the bearer token, the MLflow server owning its SQLite store, what
+listens where, ``status``, a second ``start`` refused in one line); the test after the sweep's runs ``local.sh
+stop`` and checks that both are gone (the fixture stops them too when that test did not run).
+
+Isolation from the rest of the session (``ray_local`` runs an in-process Ray): ``local.sh`` gives the head its
+own ``--temp-dir`` (so no ``ray.init()`` finds it) and the fixture its own free ports, ``RAY_ADDRESS`` and the
+other exports are set only in the subprocesses' environment, and the head is stopped by ``local.sh stop``,
+which ends the ``ray start --block`` process it started - not ``ray stop``, which would end every Ray process
+on the machine, the session's own instance included.
 """
 
 from __future__ import annotations
@@ -24,13 +36,10 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -43,6 +52,7 @@ from jobs import sweep
 from jobs.runtime.tracking import free_port
 from tests.conftest import REPO
 
+LOCAL_SH = REPO / "cluster" / "local.sh"
 EXPERIMENT = "tinysweep"
 TRIALS = [f"{EXPERIMENT}-split{k}-full-tiny" for k in (1, 2, 3)]  # A, B, C: the order the sweep starts them
 TINY_SWEEP = ["--splits", "1-3", "--ablations", "full", "--backbones", "tiny", "--experiment", EXPERIMENT,
@@ -54,69 +64,144 @@ TINY_SWEEP = ["--splits", "1-3", "--ablations", "full", "--backbones", "tiny", "
               "--max-concurrent", "2"]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)  # `ray start --block` shuts down every process it started
+# --- cluster/local.sh: the Ray head (and MLflow server) the sweep runs on ---------------------------------
+
+
+def _sh(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(LOCAL_SH), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def _env_file(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^export (\w+)=(\S+)", text, flags=re.M))
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int) -> bool:
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
-def _start_head(base: Path, token: Path, env: dict, temp_dir: str, attempt: int):
-    """One ``ray start --head --block`` on fresh free ports; ``(proc, ports)`` once its dashboard answers, or
-    ``None`` when a port was taken between choosing and binding it (the caller retries)."""
-    ports = {opt: free_port() for opt in ("port", "dashboard-port", "ray-client-server-port",
-                                           "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                           "runtime-env-agent-port", "metrics-export-port")}
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
-           "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats"]
-    cmd += [x for opt, port in ports.items() for x in (f"--{opt}", str(port))]
-    log_path = base / f"ray.{attempt}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    request = urllib.request.Request(f"http://127.0.0.1:{ports['dashboard-port']}/api/version",
-                                     headers={"Authorization": f"Bearer {token.read_text()}"})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(request, timeout=2):
-                return proc, ports
-        except (urllib.error.URLError, OSError):
-            if "address already in use" in log_path.read_text():
-                break
-            time.sleep(0.5)
-    _stop(proc)
-    return None
+# what docs/sweep.md ("What listens where") names as listening beyond loopback: Ray's own servers, which
+# bind every interface whatever --node-ip-address says (GCS, raylet, its agents and worker processes)
+RAY_WIDE_LISTENERS = re.compile(r"gcs_server|raylet|^ray::|ray/dashboard/agent\.py|ray/_private/runtime_env/agent"
+                                r"|ray[./]util[./]client[./]server|ray/_private/log_monitor|ray/autoscaler|ray/dashboard/dashboard\.py")
+
+
+def _listeners(root_pids: list[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process) of every TCP listener of these processes and their descendants."""
+    import ray  # noqa: F401  (puts the psutil Ray ships with on sys.path)
+
+    import psutil
+
+    procs = {}
+    for pid in root_pids:
+        p = psutil.Process(pid)
+        for q in [p, *p.children(recursive=True)]:
+            procs[q.pid] = " ".join(q.cmdline()) or q.name()
+    out = []
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in procs:
+            out.append((conn.laddr.ip, conn.laddr.port, procs[conn.pid]))
+    return out
+
+
+def _drop_ray_tmp(state: Path) -> None:
+    """Remove the temp dir a failed ``start`` left (``stop`` removes a running head's)."""
+    marker = state / "state" / "ray_tmp"
+    if marker.is_file() and marker.read_text().strip().startswith("/tmp/cnray."):
+        shutil.rmtree(marker.read_text().strip(), ignore_errors=True)
+        marker.unlink()
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """``ray start --head --block`` on localhost with 2 CPUs, its own ports, temp dir and auth token."""
-    base = tmp_path_factory.mktemp("ray_head")
-    token = base / "token"
-    token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # no Serve here: stop at once on SIGTERM
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": str(REPO)}
+def local_sh(tmp_path_factory):
+    """``cluster/local.sh start`` with its state in a temp dir, 2 CPUs and no GPU, on free ports of its own:
+    ``{"state", "env", "started" (the CompletedProcess), "pids" (ray, mlflow; empty if it did not start)}``.
+    2 CPUs, as the sweep's own head had: its two trials at a time hold 0.5 each (the trial tasks and Train
+    controllers none), and the worker processes Ray keeps warm follow the CPU count. A start that lost a port
+    between local.sh choosing and binding it is tried again (3 times in all). Stops both at teardown unless
+    the last test did."""
+    state = tmp_path_factory.mktemp("local_sh") / "local"
+    env = {**os.environ, "PYTHON": sys.executable,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    started = None
-    for attempt in range(3):
-        temp_dir = tempfile.mkdtemp(prefix="cnrt.", dir="/tmp")  # short: Ray's socket paths are length-limited
-        started = _start_head(base, token, env, temp_dir, attempt)
-        if started is not None:
+    for _ in range(3):
+        ports = [str(free_port()) for _ in range(3)]  # never 6379/8265/5000: another Ray or MLflow may be there
+        started = _sh("start", "--dir", str(state), "--num-cpus", "2", "--num-gpus", "0", "--ray-port", ports[0],
+                      "--dashboard-port", ports[1], "--mlflow-port", ports[2], env=env)
+        logs = " ".join(p.read_text(errors="replace") for p in (state / "logs").glob("*.log")).lower()
+        if started.returncode == 0 or "did not come up" not in started.stderr or "already in use" not in logs:
             break
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert started is not None, "the Ray head did not come up in 3 attempts: see " + str(base)
-    proc, ports = started
-    client_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{ports['port']}"}  # for subprocesses only
-    yield {"dashboard": f"http://127.0.0.1:{ports['dashboard-port']}", "env": client_env, "proc": proc,
-           "token": token.read_text()}
-    _stop(proc)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+        _drop_ray_tmp(state)
+    pids = {}
+    if started.returncode == 0:
+        pids = {name: int((state / "state" / f"{name}.pid").read_text()) for name in ("ray", "mlflow")}
+    yield {"state": state, "env": env, "started": started, "pids": pids}
+    if any((state / "state" / f"{name}.pid").is_file() for name in ("ray", "mlflow")):
+        _sh("stop", "--dir", str(state), env=env, timeout=120)  # the stopping test did not run (or failed)
+    _drop_ray_tmp(state)
+
+
+@pytest.fixture(scope="module")
+def ray_head(local_sh):
+    """The head ``local.sh`` started, as ``ray job submit`` reaches it: the dashboard's address, its token,
+    and the environment for the subprocesses (the Ray exports ``local.sh`` prints, as the docs have users
+    source them; not its ``MLFLOW_TRACKING_URI``: the sweep keeps its own store)."""
+    started = local_sh["started"]
+    assert started.returncode == 0, started.stdout + started.stderr
+    exports = _env_file(started.stdout)
+    client_env = {**local_sh["env"], **{k: v for k, v in exports.items() if k.startswith("RAY_")}}
+    return {"dashboard": exports["RAY_API_SERVER_ADDRESS"], "env": client_env,
+            "token": Path(exports["RAY_AUTH_TOKEN_PATH"]).read_text().strip()}
+
+
+def test_local_script_starts_ray_and_mlflow_on_loopback_with_token_auth(local_sh):
+    state, env, started, pids = local_sh["state"], local_sh["env"], local_sh["started"], local_sh["pids"]
+    assert started.returncode == 0, started.stdout + started.stderr
+    exports = _env_file(started.stdout)
+    assert set(exports) == {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH",
+                            "MLFLOW_TRACKING_URI"}
+    assert exports == _env_file((state / "env.sh").read_text())
+    assert "Ray head:" in started.stdout and "MLflow server:" in started.stdout
+    dashboard, uri = exports["RAY_API_SERVER_ADDRESS"], exports["MLFLOW_TRACKING_URI"]
+    assert dashboard.startswith("http://127.0.0.1:") and uri.startswith("http://127.0.0.1:")
+    token = Path(exports["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(f"{dashboard}/api/version", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert r.status == 200
+    # the server owns the SQLite store in the state dir: a run logged through it lands there
+    client = MlflowClient(uri)
+    exp = client.create_experiment("local-check")
+    run = client.create_run(exp)
+    client.log_metric(run.info.run_id, "x", 1.0)
+    direct = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    assert direct.get_run(run.info.run_id).data.metrics == {"x": 1.0}
+    assert _sh("status", "--dir", str(state), env=env).returncode == 0
+    # what listens where: the dashboard (job API) and MLflow on loopback only; beyond loopback only
+    # the Ray servers the docs name
+    listeners = _listeners([pids["ray"], pids["mlflow"]])
+    dash_port, mlflow_port = (int(a.rsplit(":", 1)[1]) for a in (dashboard, uri))
+    loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+    assert {ip for ip, port, _ in listeners if port in (dash_port, mlflow_port)} <= loopback, listeners
+    assert any(port == mlflow_port for _, port, _ in listeners)
+    wide = [(ip, port, who) for ip, port, who in listeners if ip not in loopback]
+    assert all(RAY_WIDE_LISTENERS.search(who) for _, _, who in wide), wide
+    mlflow_group = _listeners([pids["mlflow"]])
+    assert mlflow_group and all(ip in loopback for ip, _, _ in mlflow_group), mlflow_group
+    again = _sh("start", "--dir", str(state), env=env)
+    assert again.returncode == 2 and again.stderr.strip().startswith("error: ") and "already running" in \
+        again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+# --- the sweep, submitted to that head ------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +220,9 @@ def _submit_command(ray_head, data: Path, store: Path, *submit_options: str) -> 
         "excludes": [".venv", ".git", "runs", "mlruns", "mlartifacts", "*.db", "quickstart_out", "report"],
         "env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{store}", "HF_HUB_OFFLINE": "1"},
     }
-    return [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head["dashboard"],
-            *submit_options, "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
+    # no --address: RAY_API_SERVER_ADDRESS and the token come from local.sh's exports (ray_head["env"])
+    return [str(Path(sys.executable).parent / "ray"), "job", "submit", *submit_options, "--working-dir", str(REPO),
+            "--runtime-env-json", json.dumps(runtime_env), "--",
             sys.executable, "-m", "jobs.sweep", *TINY_SWEEP, "--shards", str(data / "shards"),
             "--embeddings", str(data / "emb"), "--storage-path", str(data / "runs")]
 
@@ -206,6 +292,7 @@ def stopped_sweep(ray_head, sweep_data):
         if len(finished) == 2:
             stopped = next((n for n in TRIALS if n not in finished and _epochs_done(sweep_data, n) >= 1), None)
         time.sleep(0.1)
+    (sweep_data / "stopped_sweep.log").write_text("".join(lines))  # for a failing test's post-mortem
     assert stopped is not None, "the third trial wrote no checkpoint: " + "".join(lines)[-4000:]
     _stop_job(ray_head, submission)
     proc.wait(timeout=120)
@@ -342,6 +429,23 @@ def test_resubmitted_sweep_skips_finished_resumes_unfinished_and_reports_a_faile
     assert after[done].info.status == "FINISHED" and after[done].info.end_time == before[done].info.end_time
     parent = _parent(client)
     assert parent.info.run_id == parent_id and parent.info.status == "FAILED"
+
+
+def test_local_script_stop_ends_both_and_keeps_the_store(local_sh):
+    """``local.sh stop`` after the sweep's submissions: the last test on the head (the tests below need none)."""
+    state, env, pids = local_sh["state"], local_sh["env"], local_sh["pids"]
+    assert pids, "local.sh did not start: " + local_sh["started"].stdout + local_sh["started"].stderr
+    exports = _env_file(local_sh["started"].stdout)
+    stopped = _sh("stop", "--dir", str(state), env=env, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    for name, pid in pids.items():
+        assert not _alive(pid), name
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)  # nothing left of either process group
+    for address in (exports["RAY_API_SERVER_ADDRESS"], exports["MLFLOW_TRACKING_URI"]):
+        assert not _listening(int(address.rsplit(":", 1)[1]))
+    assert not (state / "env.sh").exists() and (state / "mlflow.db").is_file()  # the store stays
+    assert _sh("status", "--dir", str(state), env=env).returncode == 1
 
 
 def test_split_forms():
