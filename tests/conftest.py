@@ -29,12 +29,17 @@ REPO = Path(__file__).resolve().parents[1]
 # for that look: a tiny test run's 0.3 s epochs took 2 s each, and its end 5-7 s more. Every Ray instance the
 # tests start (in process, `ray start`, the jobs they run as users would) inherits this environment.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Train starts a preemption watcher (one more actor process) beside each worker group; nothing preempts a
+# node of one machine, and the suite starts about a dozen worker groups on 2 cores. Its worker groups may
+# also take longer than Ray's 60 s to start while the other pytest worker trains too.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
 
 # the modules that take longest (seconds of one full run on 2 cores), handed out first in this order; the rest
 # follow in file order. test_serve makes the trained run that test_predict and test_evaluate read: they come
 # after the modules that need none of it, so that the other worker is not left waiting for it.
 FIRST = ("test_sweep.py", "test_train.py", "test_serve.py", "test_quickstart.py", "test_pipelines_shard.py",
-         "test_bench_gpu.py", "test_cluster.py", "test_predict.py", "test_convert.py")
+         "test_bench_gpu.py", "test_benchmarks_quick.py", "test_predict.py", "test_convert.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
