@@ -7,7 +7,7 @@ One prepared run that records, as one JSON object naming the machine (:func:`job
   precomputed and with online CLIP image embeddings, peak memory, the ratio full(precomputed) / backbone
   against the goal ≥ 0.85; each batch eager, with ``torch.compile`` and with fused Adam;
 * ``training``: a short ``python -m jobs.train --local`` run (``--device cuda`` on CUDA) of Swin V2-T at random
-  weights with the preset's CLIP at random weights, on a synthetic set with MP-100's image sizes
+  weights with the preset's CLIP at random weights, on split 1 of a synthetic set with MP-100's image sizes
   (``pipelines.synthetic --mp100-sized``, then ``pipelines.shard`` and ``pipelines.embed``, the embedding
   job's CLIP actors on ``--device``): img/s from
   the run's epoch lines, GPU utilisation sampled from ``nvidia-smi`` (null without one), the CPU cores
@@ -18,16 +18,29 @@ One prepared run that records, as one JSON object naming the machine (:func:`job
   online``, ``jobs.evaluate``, ``jobs.predict`` and ``jobs.serve`` (started, one request, stopped) on
   the device, and the reference's fp16 CLIP (``model.clip_precision=fp16``) against fp32 on the same
   weights: on CUDA the cosine of their text and image embeddings must be ≥ 0.99; on CPU fp16 must be
-  refused in one line, as documented.
+  refused in one line, as documented;
+* ``data``: what it ran on (the synthetic set it made, or the folders it was given) and ``ray``: whether it
+  started Ray, and for what.
 
-Ray starts once: this process starts a local instance and stops it at the end. The training runs, the
-synthetic set's generation and the server run as subprocesses (``RAY_ADDRESS`` names that instance); the
-shard and embedding jobs (their public ``run``) and the evaluation and prediction jobs (their ``main``) run
-in this process, on the same instance, which saves an interpreter start each. Each job's output is in
-``logs/`` of ``--workdir``.
+Existing data instead of the synthetic set: ``--data-root DIR`` (an MP-100-layout folder: it is sharded and
+embedded, and the predict and serve smokes read an image from it), and with it ``--shards DIR
+--embeddings DIR`` (both or neither): shards of that folder and tables made from them for the run's config
+(``pipelines.embed --config swinv2_t --clip-checkpoint random``; ``--config tiny`` with ``--quick``), used
+instead of the shard and embedding jobs, so the ``embed`` smoke is not run (it is listed under
+``skipped_smokes``). Tables of another config or of other shards are refused in one line before anything
+starts, as ``jobs.train`` refuses them.
+
+Ray starts only when something needs it (the shard and embedding jobs, the ``serve`` smoke): this process
+starts a local instance the first time and stops it at the end; with given shards and tables and
+``serve`` skipped, none is started. The training runs, the synthetic set's generation and the server run
+as subprocesses (``RAY_ADDRESS`` names the suite's instance once it is started, and is left out of their
+environment before; ``jobs.train --local`` needs no Ray); the shard and embedding jobs (their public
+``run``) and the evaluation and prediction jobs (their ``main``) run in this process, which saves an
+interpreter start each. Each job's output is in ``logs/`` of ``--workdir``.
 ``--quick`` runs the same suite at toy sizes (tiny backbone and CLIP, a few steps, 3 images per category,
-``torch.compile`` with the ``eager`` backend at one batch size); ``--device cpu --quick`` is what the test
-suite runs.
+``torch.compile`` with the ``eager`` backend at one batch size); ``--device cpu --quick`` with the test
+suite's own synthetic set, shards and tables (``--data-root``, ``--shards``, ``--embeddings``) is what the
+test suite runs.
 """
 
 from __future__ import annotations
@@ -48,6 +61,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
@@ -59,10 +73,12 @@ from jobs.benchmarks import machine
 from jobs.benchmarks.model import GOAL_RATIO, ModelBenchmark, benchmark_model
 from jobs.runtime.tracking import free_port
 
+CATEGORIES = 20  # of the synthetic set
 PAIRS_PER_EPOCH = 14_000  # training pairs in one epoch of an MP-100 split
 EPOCHS = 200  # the paper's schedule
 GOAL_HOURS = 1.5
-SKIPPABLE = ("clip_fp16", "train_online", "evaluate", "predict", "serve")  # not "embed": training needs its tables
+# not "embed": training needs its tables (it is not run when --shards and --embeddings give them)
+SKIPPABLE = ("clip_fp16", "train_online", "evaluate", "predict", "serve")
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) .* ([0-9.]+) img/s", re.MULTILINE)
 
 
@@ -80,10 +96,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DataLoader processes of the training run (default: CPU cores - 2, at most 8; "
                              "0 with --quick)")
     parser.add_argument("--images-per-category", type=int, default=None,
-                        help="synthetic images per category, 20 categories (default 100; 3 with --quick)")
+                        help="synthetic images per category, 20 categories (default 100; 3 with --quick); not "
+                             "with --data-root")
     parser.add_argument("--skip-smokes", default="", metavar="NAMES",
                         help=f"smokes not to run, comma-separated, from {', '.join(SKIPPABLE)} (default: none; the "
-                             "test suite skips those its other tests run); the JSON lists them under skipped_smokes")
+                             "test suite skips those its other tests run); the JSON lists them under skipped_smokes "
+                             "(with embed when --embeddings is given)")
+    g = parser.add_argument_group("existing data instead of the synthetic set (the JSON's data entry says which)")
+    g.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                   help="an MP-100-layout folder (images/, annotations/) used instead of generating the synthetic "
+                        "set: training runs on its split 1, the predict and serve smokes read an image from it")
+    g.add_argument("--shards", type=Path, default=None, metavar="DIR",
+                   help="with --data-root and --embeddings: the folder's shards (pipelines.shard), used instead of "
+                        "running the shard job")
+    g.add_argument("--embeddings", type=Path, default=None, metavar="DIR",
+                   help="with --shards: tables made from those shards for the run's config (pipelines.embed "
+                        "--config swinv2_t --clip-checkpoint random; --config tiny with --quick), used instead of "
+                        "running the embedding job, so the embed smoke is skipped; tables of another config or "
+                        "other shards are refused in one line before anything starts")
 
 
 def skipped_smokes(text: str) -> tuple[str, ...]:
@@ -91,7 +121,10 @@ def skipped_smokes(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = sorted(set(names) - set(SKIPPABLE))
     if unknown:
-        raise UsageError(f"--skip-smokes: unknown smoke {unknown[0]!r}; these can be skipped: {', '.join(SKIPPABLE)}")
+        why = (" (embed is the embedding job, whose tables training needs: it is not run when --shards and "
+               "--embeddings give existing ones)" if unknown[0] == "embed" else "")
+        raise UsageError(f"--skip-smokes: unknown smoke {unknown[0]!r}; these can be skipped: "
+                         f"{', '.join(SKIPPABLE)}{why}")
     return names
 
 
@@ -117,6 +150,129 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     if s["steps"] < 1 or s["loader_workers"] < 0 or s["images_per_category"] < 2:
         raise UsageError("--steps must be >= 1, --loader-workers >= 0 and --images-per-category >= 2")
     return s
+
+
+# --- the data -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Data:
+    """The folders a suite runs on: given (``--data-root``, ``--shards``, ``--embeddings``) or made in the work
+    folder (``made`` names those the suite makes: ``synthetic``, ``shards``, ``embeddings``)."""
+
+    root: Path
+    shards: Path
+    embeddings: Path
+    made: tuple[str, ...]
+
+    def entry(self, s: dict[str, Any]) -> dict[str, Any]:
+        """The JSON's ``data``: the given folders (null: made by the suite in its work folder), what it made,
+        the synthetic set's size when it made one; ``samples`` (the shards' annotations) is added later."""
+        synthetic = "synthetic" in self.made
+        return {
+            "data_root": None if synthetic else str(self.root),
+            "shards": None if "shards" in self.made else str(self.shards),
+            "embeddings": None if "embeddings" in self.made else str(self.embeddings),
+            "made": list(self.made),
+            "synthetic": {"categories": CATEGORIES, "images_per_category": s["images_per_category"],
+                          "images": CATEGORIES * s["images_per_category"], "mp100_sized": s["mp100_sized"]}
+            if synthetic else None,
+            "samples": None,
+        }
+
+
+def check_data(args: argparse.Namespace) -> None:
+    """``--data-root``, ``--shards`` and ``--embeddings`` go together as documented and name existing folders;
+    one line otherwise."""
+    if (args.shards is None) != (args.embeddings is None):
+        raise UsageError("--shards and --embeddings go together: existing shards and the tables made from them, "
+                         "both used instead of the shard and embedding jobs")
+    if args.shards is not None and args.data_root is None:
+        raise UsageError("--shards and --embeddings need --data-root, the MP-100 copy the shards were made from "
+                         "(the predict and serve smokes read an image from it)")
+    if args.data_root is not None and args.images_per_category is not None:
+        raise UsageError("--images-per-category sizes the synthetic set, which --data-root replaces: not both")
+    for flag in ("data_root", "shards", "embeddings"):
+        folder = getattr(args, flag)
+        if folder is not None and not folder.is_dir():
+            raise UsageError(f"--{flag.replace('_', '-')} {folder}: no such folder")
+    if args.data_root is not None:
+        need = ("images",) if args.shards is not None else ("images", "annotations")
+        for sub in need:
+            if not (args.data_root / sub).is_dir():
+                raise UsageError(f"--data-root {args.data_root}: no {sub}/ folder (expected the MP-100 layout: "
+                                 "images/ and annotations/)")
+
+
+def plan_data(args: argparse.Namespace, work: Path) -> Data:
+    """Where each folder is: the given one, or the one the suite makes in ``work``."""
+    made = (("synthetic",) if args.data_root is None else ()) + (("shards", "embeddings") if args.shards is None
+                                                                  else ())
+    return Data(root=(args.data_root or work / "data").resolve(), shards=(args.shards or work / "shards").resolve(),
+                embeddings=(args.embeddings or work / "emb").resolve(), made=made)
+
+
+def check_tables_fit(args: argparse.Namespace, s: dict[str, Any]) -> int:
+    """``--shards`` and ``--embeddings``: refuse, in one line, what ``jobs.train`` would refuse (no manifest,
+    tables of another config or of other shards), with the config the suite's training run resolves; the
+    shards' sample (annotation) count."""
+    import jobs.train
+    from capenext.data.embeddings import check_tables, needs_image_table
+    from capenext.data.mp100 import DataError
+    from capenext.data.shards import ShardIndex
+    from jobs.training.spec import resolve_config
+
+    data = Data(root=args.data_root, shards=args.shards, embeddings=args.embeddings, made=())
+    cfg = resolve_config(jobs.train.parse_args([str(a) for a in train_argv(args, s, data, Path("runs"))]))
+    try:
+        index = ShardIndex(data.shards, descriptions=cfg.data.descriptions, text_variant=cfg.data.text_variant)
+    except (OSError, DataError) as err:
+        raise UsageError(f"--shards: {err}") from None
+    remake = (f"python -m pipelines.embed --shards {data.shards} --out {data.embeddings} --config {s['preset']} "
+              "--clip-checkpoint random")
+    try:
+        check_tables(data.embeddings, cfg, index.digest, images=needs_image_table(cfg), remake=remake)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--embeddings: {err}") from None
+    return len(index.samples)
+
+
+# --- Ray, when something needs it --------------------------------------------------------------------------
+
+
+class RayInstance:
+    """The suite's local Ray instance, started the first time something needs it (the shard and embedding
+    jobs, the serve smoke); from then on ``RAY_ADDRESS`` in ``env`` (the subprocesses' environment) names it."""
+
+    def __init__(self, env: dict[str, str], cpus: int) -> None:
+        self.env, self.cpus = env, cpus
+        self.needed_by: list[str] = []
+        self.start_seconds: float | None = None
+        self._ray: ModuleType | None = None
+
+    def need(self, what: str) -> None:
+        self.needed_by.append(what)
+        if self._ray is not None:
+            return
+        import ray
+
+        start, before = time.perf_counter(), dict(os.environ)
+        ctx = ray.init(address="local", num_cpus=self.cpus, log_to_driver=False, include_dashboard=False,
+                       logging_level="ERROR")
+        self._ray = ray
+        self.start_seconds = round(time.perf_counter() - start, 1)
+        # what ray.init set in this process's environment (RAY_AUTH_MODE=token: a subprocess without it
+        # cannot connect) goes to the subprocesses too, with the instance's address
+        self.env.update({k: v for k, v in os.environ.items() if before.get(k) != v})
+        self.env["RAY_ADDRESS"] = ctx.address_info["gcs_address"]
+
+    def stop(self) -> None:
+        if self._ray is not None:
+            with contextlib.suppress(Exception):
+                self._ray.shutdown()
+
+    def entry(self) -> dict[str, Any]:
+        return {"started": self._ray is not None, "needed_by": self.needed_by, "start_seconds": self.start_seconds}
 
 
 # --- sampling while a run goes on -------------------------------------------------------------------------
@@ -308,54 +464,67 @@ def steps_per_epoch(shards: Path, batch: int) -> int:
     return len(training_pairs(train.by_category(), 0, 0)) // batch
 
 
-def prepare_data(args: argparse.Namespace, s: dict[str, Any], run: Runner, work: Path,
+def prepare_data(args: argparse.Namespace, s: dict[str, Any], run: Runner, data: Data, ray: RayInstance,
                  smokes: Smokes) -> None:
-    """The synthetic set (``python -m pipelines.synthetic``), its shards and its embeddings (the shard and
-    embedding jobs' public ``run``, in this process) in ``work``; the embedding job is the ``embed`` smoke."""
+    """What ``data`` says the suite makes: the synthetic set (``python -m pipelines.synthetic``), the shards
+    and the embeddings (the shard and embedding jobs' public ``run``, in this process, on the suite's Ray);
+    the embedding job is the ``embed`` smoke."""
     from capenext.config import resolve
     from pipelines import embed, shard
 
-    data, shards, emb = work / "data", work / "shards", work / "emb"
-    gen = ["--out", data, "--categories", 20, "--images-per-category", s["images_per_category"], "--quiet"]
-    run("synthetic", "pipelines.synthetic", *gen, *(["--mp100-sized"] if s["mp100_sized"] else []))
+    if "synthetic" in data.made:
+        gen = ["--out", data.root, "--categories", CATEGORIES, "--images-per-category", s["images_per_category"],
+               "--quiet"]
+        run("synthetic", "pipelines.synthetic", *gen, *(["--mp100-sized"] if s["mp100_sized"] else []))
+    if "shards" not in data.made:
+        return
 
     def shard_job() -> str:
-        manifest = shard.run(data, shards, progress=False)
+        manifest = shard.run(data.root, data.shards, progress=False)
         return f"{manifest['samples']} samples in {len(manifest['shards'])} shards"
 
     def embed_job() -> str:
         cfg = resolve(s["preset"], {"model.clip_checkpoint": "random"}, [])
-        counts = embed.run(shards, emb, cfg, progress=False, device=args.device)["counts"]
+        counts = embed.run(data.shards, data.embeddings, cfg, progress=False, device=args.device)["counts"]
         return (f"{counts['images']} images, {counts['classes']} classes, {counts['keypoints']} keypoint texts "
                 f"(CLIP actors on {args.device})")
 
-    run.inline("shard", f"pipelines.shard.run({data}, {shards})", shard_job)
-    smoke(smokes, "embed", lambda: last_line(run.inline(
-        "embed", f"pipelines.embed.run({shards}, {emb}, config {s['preset']}, clip random, device {args.device})",
-        embed_job)))
+    ray.need("shard")
+    run.inline("shard", f"pipelines.shard.run({data.root}, {data.shards})", shard_job)
+
+    def embed_smoke() -> str:
+        ray.need("embed")
+        return last_line(run.inline("embed", f"pipelines.embed.run({data.shards}, {data.embeddings}, config "
+                                             f"{s['preset']}, clip random, device {args.device})", embed_job))
+
+    smoke(smokes, "embed", embed_smoke)
     if smokes["embed"]["status"] != "ok":
         raise RuntimeError(f"the embedding job failed: {smokes['embed']['detail']}")
 
 
-def training_section(args: argparse.Namespace, s: dict[str, Any], run: Runner, work: Path,
-                     smokes: Smokes) -> tuple[dict[str, Any], Path | None]:
-    """Synthetic set → shards → embeddings → a short training run, measured; the final checkpoint."""
+def train_argv(args: argparse.Namespace, s: dict[str, Any], data: Data, runs: Path) -> list[Any]:
+    """The command line of the suite's training runs (less the run name, epochs, steps and loader workers)."""
+    return ["--split", 1, "--ablation", "full", "--backbone", s["backbone"], "--config", s["preset"],
+            "--clip-checkpoint", "random", "--shards", data.shards, "--embeddings", data.embeddings, "--local",
+            "--val-every", 10**6, "--val-episodes", 1, "--episodes", 1, "--queries", 2, "--storage-path", runs,
+            "--experiment", "gpu-suite", "--cpus-per-worker", max(1, (os.cpu_count() or 1) // 2),
+            *(["--batch-size", s["train_batch"]] if s["train_batch"] else []), "--device", args.device]
+
+
+def training_section(args: argparse.Namespace, s: dict[str, Any], run: Runner, work: Path, data: Data,
+                     ray: RayInstance, smokes: Smokes) -> tuple[dict[str, Any], Path | None]:
+    """(Synthetic set → shards → embeddings, as far as ``data`` says) → a short training run, measured; the final
+    checkpoint."""
     from capenext.config import load_preset
 
-    prepare_data(args, s, run, work, smokes)
-    shards, emb = work / "shards", work / "emb"
-    model_args = ["--config", s["preset"], "--clip-checkpoint", "random"]
+    prepare_data(args, s, run, data, ray, smokes)
     batch = s["train_batch"] or load_preset(s["preset"]).optim.batch_size
-    natural = steps_per_epoch(shards, batch)
+    natural = steps_per_epoch(data.shards, batch)
     if natural < 1:
         raise RuntimeError(f"split 1 has fewer training pairs than one batch of {batch}")
     per_epoch = min(natural, s["steps"] if s["steps"] < 2 else max(1, s["steps"] // 2))
     epochs = math.ceil(s["steps"] / per_epoch)
-    train_args = ["--split", 1, "--ablation", "full", "--backbone", s["backbone"], *model_args,
-                  "--shards", shards, "--embeddings", emb, "--local", "--val-every", 10**6, "--val-episodes", 1,
-                  "--episodes", 1, "--queries", 2, "--storage-path", work / "runs",
-                  "--experiment", "gpu-suite", "--cpus-per-worker", max(1, (os.cpu_count() or 1) // 2),
-                  *(["--batch-size", batch] if s["train_batch"] else []), "--device", args.device]
+    train_args = train_argv(args, s, data, work / "runs")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with Sampler(args.device == "cuda") as sampler:
@@ -372,7 +541,6 @@ def training_section(args: argparse.Namespace, s: dict[str, Any], run: Runner, w
     section = {
         "backbone": s["backbone"], "preset": s["preset"], "batch_size": batch, "epochs": epochs,
         "steps_per_epoch": per_epoch, "steps": epochs * per_epoch, "loader_workers": s["loader_workers"],
-        "synthetic_images": 20 * s["images_per_category"], "mp100_sized_images": s["mp100_sized"],
         "epoch_img_per_s": epochs_img_s, "img_per_s": round(img_s, 2),
         "img_per_s_source": "median of the run's epoch lines after the first (train/img_per_s)",
         "gpu_utilisation": sampler.gpu_utilisation(),
@@ -487,12 +655,17 @@ def clip_fp16_smoke(device: str, quick: bool) -> str:
 
 
 def first_image(data: Path) -> Path:
-    return next(p for p in sorted((data / "images").rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    found = next((p for p in sorted((data / "images").rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png")),
+                 None)
+    if found is None:
+        raise RuntimeError(f"no .jpg or .png image under {data / 'images'}")
+    return found
 
 
-def job_smokes(args: argparse.Namespace, run: Runner, work: Path, checkpoint: Path | None,
-               smokes: Smokes) -> None:
-    """``jobs.evaluate``, ``jobs.predict`` and ``jobs.serve`` on the device, with the run's checkpoint."""
+def job_smokes(args: argparse.Namespace, run: Runner, work: Path, data: Data, ray: RayInstance,
+               checkpoint: Path | None, smokes: Smokes) -> None:
+    """``jobs.evaluate``, ``jobs.predict`` and ``jobs.serve`` on the device, with the run's checkpoint (the
+    server on the suite's Ray, started for it if nothing started it before)."""
     def need() -> Path:
         if checkpoint is None:
             raise RuntimeError("no checkpoint: the training run did not finish")
@@ -501,21 +674,26 @@ def job_smokes(args: argparse.Namespace, run: Runner, work: Path, checkpoint: Pa
     from jobs import evaluate, predict
 
     def evaluate_smoke() -> str:
-        out = run.main("evaluate", evaluate, "--checkpoint", need(), "--shards", work / "shards", "--split", 1,
-                       "--embeddings", work / "emb", "--episodes", 1, "--queries", 2, "--device", args.device,
+        out = run.main("evaluate", evaluate, "--checkpoint", need(), "--shards", data.shards, "--split", 1,
+                       "--embeddings", data.embeddings, "--episodes", 1, "--queries", 2, "--device", args.device,
                        "--no-mlflow", "--pictures", 0, "--out", work / "evaluation", "--quiet")
         return last_line(out)
 
     def predict_smoke() -> str:
-        out = run.main("predict", predict, "--checkpoint", need(), "--image", first_image(work / "data"),
+        out = run.main("predict", predict, "--checkpoint", need(), "--image", first_image(data.root),
                        "--keypoints", "nose,left eye", "--class", "cat", "--device", args.device,
                        "--out", work / "prediction")
         return last_line(out)
 
+    def serve() -> str:
+        checkpoint, image = need(), first_image(data.root)
+        ray.need("serve")
+        return serve_smoke(run, checkpoint, image, args.device)
+
     smoke(smokes, "evaluate", evaluate_smoke)
     smoke(smokes, "predict", predict_smoke)
     if (Path(__file__).parent / "serve.py").is_file():
-        smoke(smokes, "serve", lambda: serve_smoke(run, need(), first_image(work / "data"), args.device))
+        smoke(smokes, "serve", serve)
 
 
 # --- the suite ------------------------------------------------------------------------------------------
@@ -527,38 +705,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "CPU version of the suite)")
     s = settings(args)
     skip = skipped_smokes(args.skip_smokes)
+    check_data(args)
+    samples = check_tables_fit(args, s) if args.embeddings is not None else None
+    keep = args.workdir is not None
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="capenext-gpu-suite-"))).resolve()
+    data = plan_data(args, work)
+    try:
+        return _suite(args, s, skip, work, data, samples)
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _suite(args: argparse.Namespace, s: dict[str, Any], skip: tuple[str, ...], work: Path, data: Data,
+           samples: int | None) -> dict[str, Any]:
     started = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "gpu-suite", "device": args.device, "quick": bool(args.quick),
                               "machine": machine(), "torch": torch.__version__,
-                              "cuda": torch.version.cuda if args.device == "cuda" else None}
+                              "cuda": torch.version.cuda if args.device == "cuda" else None,
+                              "data": {**data.entry(s), "samples": samples}}
+    if "embeddings" not in data.made:  # given tables: the embedding job (the embed smoke) is not run
+        skip = ("embed", *skip)
+    work.mkdir(parents=True, exist_ok=True)
     result["model"] = model_section(args, s)
     smokes = Smokes(skip=skip)
     smoke(smokes, "clip_fp16", lambda: clip_fp16_smoke(args.device, args.quick))
 
-    import ray
-
-    keep = args.workdir is not None
-    work = (args.workdir or Path(tempfile.mkdtemp(prefix="capenext-gpu-suite-"))).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    cpus = max(2, os.cpu_count() or 1)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # set once the suite's Ray is started
+    env.update({"PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cpus // 2)))})
+    runner = Runner(work, env)
+    ray = RayInstance(env, cpus)
     try:
-        cpus = max(2, os.cpu_count() or 1)
-        ctx = ray.init(address="local", num_cpus=cpus, log_to_driver=False, include_dashboard=False,
-                       logging_level="ERROR")
-        env = {**os.environ, "RAY_ADDRESS": ctx.address_info["gcs_address"], "PYTHONUNBUFFERED": "1",
-               "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cpus // 2)))}
-        runner = Runner(work, env)
         try:
-            result["training"], checkpoint = training_section(args, s, runner, work, smokes)
+            result["training"], checkpoint = training_section(args, s, runner, work, data, ray, smokes)
         except Exception as err:  # recorded; the smokes that need no checkpoint still ran
             result["training"], checkpoint = {"status": "failed", "detail": " ".join(str(err).split())[:300]}, None
-        job_smokes(args, runner, work, checkpoint, smokes)
+        if result["data"]["samples"] is None:  # the shards the suite made (if it got that far)
+            from capenext.data.shards import read_manifest
+
+            with contextlib.suppress(Exception):
+                result["data"]["samples"] = read_manifest(data.shards)["samples"]
+        job_smokes(args, runner, work, data, ray, checkpoint, smokes)
         result["stage_seconds"] = runner.seconds
     finally:
-        with contextlib.suppress(Exception):
-            ray.shutdown()
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+        ray.stop()
+    result["ray"] = ray.entry()
     result["smoke"] = dict(smokes)
     result["skipped_smokes"] = sorted(smokes.skip)
     result["all_smokes_ok"] = all(v["status"] == "ok" for v in smokes.values())
