@@ -157,12 +157,15 @@ def _kill_group(pgid: int) -> None:
         time.sleep(0.05)
 
 
-def test_killed_run_then_rerun_gives_the_clean_manifest(synthetic_root, clean, tmp_path):
+def test_killed_run_then_rerun_gives_the_clean_manifest(synthetic_root, clean, ray_local, tmp_path):
+    """The job's driver, a real process on this worker's Ray (``--address``, as a job on a running cluster),
+    killed once it has written a tar; run again, the shards are those of a clean run."""
     _, manifest = clean
     out = tmp_path / "killed"
+    address = ray_local.get_runtime_context().gcs_address
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.shard", "--data-root", str(synthetic_root), "--out", str(out),
-         "--shard-size", str(SMALL), "--quiet"],
+         "--shard-size", str(SMALL), "--quiet", "--address", address],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -173,7 +176,7 @@ def test_killed_run_then_rerun_gives_the_clean_manifest(synthetic_root, clean, t
         proc.send_signal(signal.SIGKILL)  # the driver dies mid-run, as a killed job does
         proc.wait()
     finally:
-        _kill_group(proc.pid)  # the Ray processes it started (its own session) go too
+        _kill_group(proc.pid)  # whatever is left of its session (its tasks end with it: Ray ends a dead job's workers)
     written = list(out.glob("*.tar"))
     assert written and not (out / MANIFEST).exists(), "the run finished before it could be killed"
     assert len(written) < len(manifest["shards"])

@@ -97,9 +97,10 @@ def test_local_mode_trains_end_to_end_and_records_in_mlflow(local_run):
     assert not any(k.startswith("clip.") for k in ckpt["model"])
 
 
-def test_killed_run_resumes_in_the_same_mlflow_run_with_equal_losses(prepared, local_run):
-    """SIGKILL the driver after its second checkpoint, re-run: same run id, epochs continue, and the
-    losses after resuming equal those of the uninterrupted run (CPU, deterministic)."""
+def test_killed_run_resumes_in_the_same_mlflow_run_with_equal_losses(prepared, local_run, capsys, monkeypatch):
+    """SIGKILL the driver (a real process) after its second checkpoint, re-run (through the entry, in this
+    process): same run id, epochs continue, and the losses after resuming equal those of the uninterrupted run
+    (CPU, deterministic)."""
     wd, _ = local_run
     runs = wd / "runs"
     argv = [sys.executable, "-m", "jobs.train",
@@ -118,9 +119,11 @@ def test_killed_run_resumes_in_the_same_mlflow_run_with_equal_losses(prepared, l
     client = MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
     before = _run_by_name(client, "killed")
     assert before.info.status == "RUNNING"
-    done = subprocess.run(argv, cwd=wd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming killed" in done.stdout
+    monkeypatch.chdir(wd)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    code, out, err = _run(argv[3:], capsys)  # python -m jobs.train ...
+    assert code == 0, err[-3000:]
+    assert "resuming killed" in out
     after = _run_by_name(client, "killed")
     assert after.info.run_id == before.info.run_id and after.info.status == "FINISHED"
     resumed = _history(client, after.info.run_id, "train/loss")
