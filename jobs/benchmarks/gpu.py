@@ -167,7 +167,8 @@ class Data:
 
     def entry(self, s: dict[str, Any]) -> dict[str, Any]:
         """The JSON's ``data``: the given folders (null: made by the suite in its work folder), what it made,
-        the synthetic set's size when it made one; ``samples`` (the shards' annotations) is added later."""
+        the synthetic set's size when it made one; ``samples`` (the shards' annotations, from their manifest)
+        is filled in once the shards are there."""
         synthetic = "synthetic" in self.made
         return {
             "data_root": None if synthetic else str(self.root),
@@ -212,17 +213,15 @@ def plan_data(args: argparse.Namespace, work: Path) -> Data:
                 embeddings=(args.embeddings or work / "emb").resolve(), made=made)
 
 
-def check_tables_fit(args: argparse.Namespace, s: dict[str, Any]) -> int:
+def check_tables_fit(args: argparse.Namespace, s: dict[str, Any], data: Data) -> None:
     """``--shards`` and ``--embeddings``: refuse, in one line, what ``jobs.train`` would refuse (no manifest,
-    tables of another config or of other shards), with the config the suite's training run resolves; the
-    shards' sample (annotation) count."""
+    tables of another config or of other shards), with the config the suite's training run resolves."""
     import jobs.train
     from capenext.data.embeddings import check_tables, needs_image_table
     from capenext.data.mp100 import DataError
     from capenext.data.shards import ShardIndex
     from jobs.training.spec import resolve_config
 
-    data = Data(root=args.data_root, shards=args.shards, embeddings=args.embeddings, made=())
     cfg = resolve_config(jobs.train.parse_args([str(a) for a in train_argv(args, s, data, Path("runs"))]))
     try:
         index = ShardIndex(data.shards, descriptions=cfg.data.descriptions, text_variant=cfg.data.text_variant)
@@ -234,7 +233,6 @@ def check_tables_fit(args: argparse.Namespace, s: dict[str, Any]) -> int:
         check_tables(data.embeddings, cfg, index.digest, images=needs_image_table(cfg), remake=remake)
     except (OSError, ValueError) as err:
         raise UsageError(f"--embeddings: {err}") from None
-    return len(index.samples)
 
 
 # --- Ray, when something needs it --------------------------------------------------------------------------
@@ -706,24 +704,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     s = settings(args)
     skip = skipped_smokes(args.skip_smokes)
     check_data(args)
-    samples = check_tables_fit(args, s) if args.embeddings is not None else None
     keep = args.workdir is not None
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="capenext-gpu-suite-"))).resolve()
     data = plan_data(args, work)
     try:
-        return _suite(args, s, skip, work, data, samples)
+        if "embeddings" not in data.made:
+            check_tables_fit(args, s, data)
+        return _suite(args, s, skip, work, data)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _suite(args: argparse.Namespace, s: dict[str, Any], skip: tuple[str, ...], work: Path, data: Data,
-           samples: int | None) -> dict[str, Any]:
+def _suite(args: argparse.Namespace, s: dict[str, Any], skip: tuple[str, ...], work: Path,
+           data: Data) -> dict[str, Any]:
     started = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "gpu-suite", "device": args.device, "quick": bool(args.quick),
                               "machine": machine(), "torch": torch.__version__,
                               "cuda": torch.version.cuda if args.device == "cuda" else None,
-                              "data": {**data.entry(s), "samples": samples}}
+                              "data": data.entry(s)}
     if "embeddings" not in data.made:  # given tables: the embedding job (the embed smoke) is not run
         skip = ("embed", *skip)
     work.mkdir(parents=True, exist_ok=True)
@@ -742,11 +741,10 @@ def _suite(args: argparse.Namespace, s: dict[str, Any], skip: tuple[str, ...], w
             result["training"], checkpoint = training_section(args, s, runner, work, data, ray, smokes)
         except Exception as err:  # recorded; the smokes that need no checkpoint still ran
             result["training"], checkpoint = {"status": "failed", "detail": " ".join(str(err).split())[:300]}, None
-        if result["data"]["samples"] is None:  # the shards the suite made (if it got that far)
-            from capenext.data.shards import read_manifest
+        from capenext.data.shards import read_manifest
 
-            with contextlib.suppress(Exception):
-                result["data"]["samples"] = read_manifest(data.shards)["samples"]
+        with contextlib.suppress(Exception):  # the shards given or made (if the suite got that far)
+            result["data"]["samples"] = read_manifest(data.shards)["samples"]
         job_smokes(args, runner, work, data, ray, checkpoint, smokes)
         result["stage_seconds"] = runner.seconds
     finally:
