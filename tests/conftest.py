@@ -158,6 +158,15 @@ def in_process(main: Callable, argv: list[str], capsys, monkeypatch) -> SimpleNa
     return SimpleNamespace(returncode=exc.value.code, stdout=out.out, stderr=out.err)
 
 
+LOCAL_SH = REPO / "cluster" / "local.sh"
+
+
+def local_script(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``bash cluster/local.sh ARGS`` from the repository root, as its docs have users run it."""
+    return subprocess.run(["bash", str(LOCAL_SH), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
 def assert_one_line_error(proc, *fragments: str) -> None:
     """A non-zero exit with exactly one ``error: ...`` line on stderr that names every fragment."""
     assert proc.returncode != 0, proc.stdout + proc.stderr

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,10 +20,9 @@ import yaml
 
 from capenext.models import available_ablations
 from jobs import sweep
-from tests.conftest import REPO
+from tests.conftest import LOCAL_SH, REPO, local_script
 
 CLUSTER = REPO / "cluster"
-LOCAL_SH = CLUSTER / "local.sh"
 
 
 def _load(name: str) -> dict:
@@ -239,16 +237,11 @@ def test_no_unpinned_pip_install():
             assert re.search(r"/archive/[0-9a-f]{40}\.zip$", url), (name, url)
 
 
-def _sh(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(LOCAL_SH), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
-
-
 def test_local_script_rejects_unknown_commands_and_options(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     for args, fragment in ((["restart"], "unknown command 'restart'"),
                            (["start", "--dir", str(tmp_path), "--gpus", "1"], "unknown option '--gpus'"),
                            (["stop", "--dir", str(tmp_path / "none")], "nothing started")):
-        proc = _sh(*args, env=env, timeout=30)
+        proc = local_script(*args, env=env, timeout=30)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and fragment in proc.stderr

@@ -50,9 +50,8 @@ from mlflow.tracking import MlflowClient
 from capenext.cli import run_main
 from jobs import sweep
 from jobs.runtime.tracking import free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, local_script
 
-LOCAL_SH = REPO / "cluster" / "local.sh"
 EXPERIMENT = "tinysweep"
 TRIALS = [f"{EXPERIMENT}-split{k}-full-tiny" for k in (1, 2, 3)]  # A, B, C: the order the sweep starts them
 TINY_SWEEP = ["--splits", "1-3", "--ablations", "full", "--backbones", "tiny", "--experiment", EXPERIMENT,
@@ -65,11 +64,6 @@ TINY_SWEEP = ["--splits", "1-3", "--ablations", "full", "--backbones", "tiny", "
 
 
 # --- cluster/local.sh: the Ray head (and MLflow server) the sweep runs on ---------------------------------
-
-
-def _sh(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(LOCAL_SH), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
 
 
 def _env_file(text: str) -> dict[str, str]:
@@ -135,8 +129,9 @@ def local_sh(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     for _ in range(3):
         ports = [str(free_port()) for _ in range(3)]  # never 6379/8265/5000: another Ray or MLflow may be there
-        started = _sh("start", "--dir", str(state), "--num-cpus", "2", "--num-gpus", "0", "--ray-port", ports[0],
-                      "--dashboard-port", ports[1], "--mlflow-port", ports[2], env=env)
+        started = local_script("start", "--dir", str(state), "--num-cpus", "2", "--num-gpus", "0",
+                               "--ray-port", ports[0], "--dashboard-port", ports[1], "--mlflow-port", ports[2],
+                               env=env)
         logs = " ".join(p.read_text(errors="replace") for p in (state / "logs").glob("*.log")).lower()
         if started.returncode == 0 or "did not come up" not in started.stderr or "already in use" not in logs:
             break
@@ -146,7 +141,8 @@ def local_sh(tmp_path_factory):
         pids = {name: int((state / "state" / f"{name}.pid").read_text()) for name in ("ray", "mlflow")}
     yield {"state": state, "env": env, "started": started, "pids": pids}
     if any((state / "state" / f"{name}.pid").is_file() for name in ("ray", "mlflow")):
-        _sh("stop", "--dir", str(state), env=env, timeout=120)  # the stopping test did not run (or failed)
+        # the stopping test did not run (or failed)
+        local_script("stop", "--dir", str(state), env=env, timeout=120)
     _drop_ray_tmp(state)
 
 
@@ -184,7 +180,7 @@ def test_local_script_starts_ray_and_mlflow_on_loopback_with_token_auth(local_sh
     client.log_metric(run.info.run_id, "x", 1.0)
     direct = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
     assert direct.get_run(run.info.run_id).data.metrics == {"x": 1.0}
-    assert _sh("status", "--dir", str(state), env=env).returncode == 0
+    assert local_script("status", "--dir", str(state), env=env).returncode == 0
     # what listens where: the dashboard (job API) and MLflow on loopback only; beyond loopback only
     # the Ray servers the docs name
     listeners = _listeners([pids["ray"], pids["mlflow"]])
@@ -196,7 +192,7 @@ def test_local_script_starts_ray_and_mlflow_on_loopback_with_token_auth(local_sh
     assert all(RAY_WIDE_LISTENERS.search(who) for _, _, who in wide), wide
     mlflow_group = _listeners([pids["mlflow"]])
     assert mlflow_group and all(ip in loopback for ip, _, _ in mlflow_group), mlflow_group
-    again = _sh("start", "--dir", str(state), env=env)
+    again = local_script("start", "--dir", str(state), env=env)
     assert again.returncode == 2 and again.stderr.strip().startswith("error: ") and "already running" in \
         again.stderr and len(again.stderr.strip().splitlines()) == 1
 
@@ -436,7 +432,7 @@ def test_local_script_stop_ends_both_and_keeps_the_store(local_sh):
     state, env, pids = local_sh["state"], local_sh["env"], local_sh["pids"]
     assert pids, "local.sh did not start: " + local_sh["started"].stdout + local_sh["started"].stderr
     exports = _env_file(local_sh["started"].stdout)
-    stopped = _sh("stop", "--dir", str(state), env=env, timeout=120)
+    stopped = local_script("stop", "--dir", str(state), env=env, timeout=120)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     for name, pid in pids.items():
         assert not _alive(pid), name
@@ -445,7 +441,7 @@ def test_local_script_stop_ends_both_and_keeps_the_store(local_sh):
     for address in (exports["RAY_API_SERVER_ADDRESS"], exports["MLFLOW_TRACKING_URI"]):
         assert not _listening(int(address.rsplit(":", 1)[1]))
     assert not (state / "env.sh").exists() and (state / "mlflow.db").is_file()  # the store stays
-    assert _sh("status", "--dir", str(state), env=env).returncode == 1
+    assert local_script("status", "--dir", str(state), env=env).returncode == 1
 
 
 def test_split_forms():
