@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", type=int, default=1, help="MP-100 split to use, 1-5 (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic set and the run (default 0)")
     p.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    p.add_argument("--cpus", type=int, default=None,
+                   help="CPUs the quickstart takes: its Ray's, and the torch threads of its training worker "
+                        "(default: all of this machine's). Give fewer on a machine that other work is using: "
+                        "a worker's threads that outnumber the CPUs it really gets wait on each other at every "
+                        "operation (measured on 2 cores beside one busy process of another login session: "
+                        "4.5 s an epoch alone, about 290 s with 2 threads, 5.5 s with --cpus 1)")
     p.add_argument("--text-encoder", choices=TEXT_ENCODERS, default="clip",
                    help="keypoint texts and class prompts: clip (the tiny CLIP's text tower, random weights; default) "
                         "or a packaged language prior (wordllama, e5; docs/model.md). Why clip stays the default: "
@@ -108,10 +114,18 @@ def results_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def cpus(asked: int | None) -> int:
+    """The CPUs the quickstart takes: ``--cpus``, else all of this machine's."""
+    have = max(1, os.cpu_count() or 1)
+    if asked is not None and not 1 <= asked <= have:
+        raise UsageError(f"--cpus {asked}: this machine has {have} CPU{'s' if have > 1 else ''}; pass 1 to {have}")
+    return have if asked is None else asked
+
+
 def training_run(args: argparse.Namespace, work: Path, cfg_texts: dict[str, str], uri: str) -> TrainRun:
     """The quickstart's training run: ``full`` with the tiny backbone and random tiny CLIP, one Ray Train
-    worker holding every CPU, validation every 4 epochs on 20 episodes, the test on 40. With ``--recipe
-    paper`` (an MP-100 copy and its descriptions) the reference's texts, image stream, schedule and test
+    worker holding the quickstart's CPUs, validation every 4 epochs on 20 episodes, the test on 40. With
+    ``--recipe paper`` (an MP-100 copy and its descriptions) the reference's texts, image stream, schedule and test
     episodes, the rest tiny: the run's ``paper_departures`` tag lists what still differs."""
     tiny = {"model.ablation": "full", "model.backbone": "tiny", "model.clip_model": "tiny",
             "model.clip_checkpoint": "random", "optim.epochs": args.epochs, "optim.seed": args.seed,
@@ -122,7 +136,7 @@ def training_run(args: argparse.Namespace, work: Path, cfg_texts: dict[str, str]
     return TrainRun(cfg=cfg, split=args.split, shards=work / "shards", embeddings=work / f"embeddings{prior}",
                     run_name=f"quickstart-split{args.split}-full-tiny{prior}", storage=work / "runs",
                     experiment="quickstart", tracking_uri=uri, val_every=4,
-                    cpus_per_worker=float(max(1, os.cpu_count() or 2)), recipe=args.recipe,
+                    cpus_per_worker=float(args.cpus), recipe=args.recipe,
                     data_root=args.data_root.resolve() if args.data_root is not None else None)
 
 
@@ -149,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import embed, shard
 
     args = parse_args(argv)
+    args.cpus = cpus(args.cpus)  # a bad --cpus: one line, before anything runs
     if args.descriptions is not None and args.data_root is None:
         raise UsageError("--descriptions applies to --data-root (an MP-100 copy); the synthetic set's names are its own")
     if args.recipe == "paper" and (args.data_root is None or args.descriptions is None):
@@ -172,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Ray's token-auth notice, and Ray Data's periodic progress blocks, would bury the stage lines
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=True, logging_level="WARNING")
+    ray.init(num_cpus=args.cpus, log_to_driver=True, logging_level="WARNING")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     stage(2, "shards (Ray tasks → webdataset tars)")
     manifest = shard.run(root, work / "shards")

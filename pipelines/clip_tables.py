@@ -79,19 +79,33 @@ def text_tables(clip: FrozenCLIP, categories: dict[int, Category], variants_of: 
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """The CLIP actor pool: where it runs, how many actors, the CPUs each holds."""
+    """The CLIP actor pool: where it runs, how many actors, the CPUs each holds, and the CPUs each read task
+    of the shards holds."""
 
     device: str  # cpu or cuda
     actors: int
     cpus_per_actor: float  # 0 on cuda: a GPU actor holds its GPU only
+    cpus_per_read: float = 1.0
+
+
+def cpu_plan(cpus: float, actors: int | None = None) -> ActorPlan:
+    """CPU actors on a cluster of ``cpus`` CPUs: one per CPU less one by default. The actors and one read task
+    fit in the cluster together (a pool that leaves a read task no room waits forever): a CPU actor holds
+    up to one CPU, and at least 0.1; the read tasks hold what the actors leave, up to one CPU."""
+    n = actors or max(1, int(cpus) - 1)
+    per = min(1.0, max(0.1, (cpus - 0.5) / n))
+    read = min(1.0, round(cpus - n * per, 6))
+    if read < 0.1:
+        raise UsageError(f"--actors {n}: a cluster of {cpus:g} CPU{'s' if cpus != 1 else ''} holds at most {int(round((cpus - 0.1) / 0.1, 6))} "
+                         "CPU actors (0.1 CPU each, and 0.1 for the read tasks)")
+    return ActorPlan("cpu", n, per, read)
 
 
 def plan_actors(device: str | None = None, actors: int | None = None) -> ActorPlan:
     """Size the actor pool from the (initialised) Ray cluster's resources.
 
     ``device`` None is cuda when the cluster has GPUs, else cpu; cuda on a cluster without a GPU is refused
-    in one line. On cuda, one actor per GPU; on CPUs, one per CPU less one, which the read tasks keep (a
-    pool that takes every CPU starves them and waits forever).
+    in one line. On cuda, one actor per GPU; on CPUs, :func:`cpu_plan`.
     """
     import ray
 
@@ -100,10 +114,9 @@ def plan_actors(device: str | None = None, actors: int | None = None) -> ActorPl
     device = device or ("cuda" if gpus else "cpu")
     if device == "cuda" and not gpus:
         raise UsageError("--device cuda: the Ray cluster has no GPU; use --device cpu (or leave --device out)")
-    n = actors or (gpus if device == "cuda" else max(1, int(cpus) - 1))
     if device == "cuda":
-        return ActorPlan("cuda", n, 0.0)
-    return ActorPlan("cpu", n, min(1.0, max(0.1, (cpus - 0.5) / n)))
+        return ActorPlan("cuda", actors or gpus, 0.0)
+    return cpu_plan(cpus, actors)
 
 
 class ClipImageEmbedder:
@@ -140,15 +153,14 @@ def image_table(index: ShardIndex, cfg: RunCfg, batch_size: int, plan: ActorPlan
     """Ray Data: shards → actor pool of CLIP image towers → one table, sorted by annotation id."""
     import ray
 
-    ds = ray.data.read_webdataset([str(p) for p in index.shard_paths], decoder=None)
+    ds = ray.data.read_webdataset([str(p) for p in index.shard_paths], decoder=None, num_cpus=plan.cpus_per_read)
     ds = ds.map_batches(
         ClipImageEmbedder,
         fn_constructor_kwargs=dict(run=to_dict(cfg), device=plan.device),
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=1 if plan.device == "cuda" else 0,
-        # CPU actors hold less than a whole CPU when the cluster has one: the read tasks need room too
-        num_cpus=plan.cpus_per_actor,
+        num_cpus=plan.cpus_per_actor,  # with the read tasks', fits the cluster (cpu_plan)
         batch_format="numpy",
     )
     parts = list(ds.iter_batches(batch_format="numpy", batch_size=None))

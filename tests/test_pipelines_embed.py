@@ -17,7 +17,7 @@ from capenext.data.transforms import crop
 from capenext.models.clip import FrozenCLIP, class_prompt
 from capenext.noise import load_template_maps, typo
 from pipelines import embed, shard
-from pipelines.clip_tables import plan_actors
+from pipelines.clip_tables import cpu_plan, plan_actors
 from tests.conftest import run_cli
 
 
@@ -100,6 +100,21 @@ def test_device_picks_cpu_actors_and_refuses_cuda_without_a_gpu(ray_local):
     assert (plan.device, plan.actors) == ("cpu", 1) and 0 < plan.cpus_per_actor <= 1
     with pytest.raises(UsageError, match="--device cuda: the Ray cluster has no GPU"):
         plan_actors("cuda")
+
+
+def test_cpu_actors_and_a_read_task_fit_the_cluster_together():
+    """A pool that leaves the shards' read tasks no room waits forever: on one CPU the default read task (one
+    CPU) beside an actor would never start. The quickstart's test runs the pool on a one-CPU Ray."""
+    for cpus in (1, 1.5, 2, 4, 16):
+        for actors in (None, 1, 3, 8):
+            plan = cpu_plan(cpus, actors)
+            assert plan.actors == (actors or max(1, int(cpus) - 1)), (cpus, actors)
+            assert 0.1 <= plan.cpus_per_actor <= 1 and 0.1 <= plan.cpus_per_read <= 1, plan
+            assert plan.actors * plan.cpus_per_actor + plan.cpus_per_read <= cpus + 1e-9, plan
+    assert cpu_plan(16) == cpu_plan(16, 15) and cpu_plan(16).cpus_per_actor == 1.0  # a whole CPU when there is one
+    assert (cpu_plan(1).cpus_per_actor, cpu_plan(1).cpus_per_read) == (0.5, 0.5)
+    with pytest.raises(UsageError, match=r"--actors 10: a cluster of 1 CPU holds at most 9 CPU actors"):
+        cpu_plan(1, 10)
 
 
 def test_help_names_the_shared_flags():
