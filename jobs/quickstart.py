@@ -68,7 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "docs/results.md")
     add_recipe(p)
     add_tracking_uri(p, "MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db, the quickstart's own store")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.cpus = cpus(args.cpus)  # a bad --cpus: one line, before anything runs
+    return args
 
 
 def stage(i: int, text: str) -> None:
@@ -163,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import embed, shard
 
     args = parse_args(argv)
-    args.cpus = cpus(args.cpus)  # a bad --cpus: one line, before anything runs
     if args.descriptions is not None and args.data_root is None:
         raise UsageError("--descriptions applies to --data-root (an MP-100 copy); the synthetic set's names are its own")
     if args.recipe == "paper" and (args.data_root is None or args.descriptions is None):
