@@ -12,8 +12,10 @@ checked with ``MlflowClient``:
    torn: C (finished) is skipped, A goes straight to its test in its own run, B fails with its reason, and
    the job fails.
 
-The sweep keeps its own MLflow store (a SQLite URI in the job's runtime env, so the sweep starts and stops its
-own ``mlflow server``), not ``local.sh``'s server.
+The trials log to ``local.sh``'s MLflow server: the head passes its ``MLFLOW_TRACKING_URI`` to the jobs it runs,
+so the submissions set none (docs/sweep.md). The sweep's route for a SQLite store (it starts its own ``mlflow
+server`` on the file and stops it at the end) runs once ``local.sh`` has stopped, over the store the trials
+wrote: the sweep submitted once more in this process, on the session's Ray, skips the trial it finds finished.
 
 ``cluster/local.sh`` itself is checked here, not in ``tests/test_cluster.py``: the sweep runs on the head it
 starts, so a test run starts one Ray head fewer (seconds of CPU on 2 cores), and pytest-xdist hands out whole
@@ -50,7 +52,7 @@ from mlflow.tracking import MlflowClient
 from capenext.cli import run_main
 from jobs import sweep
 from jobs.runtime.tracking import free_port
-from tests.conftest import REPO, local_script
+from tests.conftest import REPO, in_process, local_script
 
 EXPERIMENT = "tinysweep"
 TRIALS = [f"{EXPERIMENT}-split{k}-full-tiny" for k in (1, 2, 3)]  # A, B, C: the order the sweep starts them
@@ -149,14 +151,14 @@ def local_sh(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_head(local_sh):
     """The head ``local.sh`` started, as ``ray job submit`` reaches it: the dashboard's address, its token,
-    and the environment for the subprocesses (the Ray exports ``local.sh`` prints, as the docs have users
-    source them; not its ``MLFLOW_TRACKING_URI``: the sweep keeps its own store)."""
+    the environment for the subprocesses (the Ray exports ``local.sh`` prints, as the docs have users source
+    them), and the MLflow server the head gives its jobs (``mlflow``)."""
     started = local_sh["started"]
     assert started.returncode == 0, started.stdout + started.stderr
     exports = _env_file(started.stdout)
     client_env = {**local_sh["env"], **{k: v for k, v in exports.items() if k.startswith("RAY_")}}
     return {"dashboard": exports["RAY_API_SERVER_ADDRESS"], "env": client_env,
-            "token": Path(exports["RAY_AUTH_TOKEN_PATH"]).read_text().strip()}
+            "token": Path(exports["RAY_AUTH_TOKEN_PATH"]).read_text().strip(), "mlflow": exports["MLFLOW_TRACKING_URI"]}
 
 
 def test_local_script_starts_ray_and_mlflow_on_loopback_with_token_auth(local_sh):
@@ -210,11 +212,12 @@ def sweep_data(prepared, tmp_path_factory):
     return base
 
 
-def _submit_command(ray_head, data: Path, store: Path, *submit_options: str) -> list[str]:
-    """``ray job submit --working-dir <repo> --runtime-env-json ... -- python -m jobs.sweep ...``."""
+def _submit_command(ray_head, data: Path, *submit_options: str) -> list[str]:
+    """``ray job submit --working-dir <repo> --runtime-env-json ... -- python -m jobs.sweep ...``, with no
+    ``MLFLOW_TRACKING_URI``: the job logs to the head's MLflow server."""
     runtime_env = {
         "excludes": [".venv", ".git", "runs", "mlruns", "mlartifacts", "*.db", "quickstart_out", "report"],
-        "env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{store}", "HF_HUB_OFFLINE": "1"},
+        "env_vars": {"HF_HUB_OFFLINE": "1"},
     }
     # no --address: RAY_API_SERVER_ADDRESS and the token come from local.sh's exports (ray_head["env"])
     return [str(Path(sys.executable).parent / "ray"), "job", "submit", *submit_options, "--working-dir", str(REPO),
@@ -223,9 +226,9 @@ def _submit_command(ray_head, data: Path, store: Path, *submit_options: str) -> 
             "--embeddings", str(data / "emb"), "--storage-path", str(data / "runs")]
 
 
-def _submit(ray_head, data: Path, store: Path, log: str) -> subprocess.CompletedProcess:
+def _submit(ray_head, data: Path, log: str) -> subprocess.CompletedProcess:
     """One submission, waited for."""
-    proc = subprocess.run(_submit_command(ray_head, data, store), env=ray_head["env"], cwd=data, capture_output=True,
+    proc = subprocess.run(_submit_command(ray_head, data), env=ray_head["env"], cwd=data, capture_output=True,
                           text=True, timeout=420)
     (data / log).write_text(proc.stdout + proc.stderr)  # for a failing test's post-mortem
     return proc
@@ -273,9 +276,8 @@ def stopped_sweep(ray_head, sweep_data):
     ``(output, the trials finished, the trial stopped mid-run, its MLflow run id and its logged losses)``."""
     import threading
 
-    store = sweep_data / "mlflow.db"
     submission = f"tinysweep-{secrets.token_hex(4)}"
-    proc = subprocess.Popen(_submit_command(ray_head, sweep_data, store, "--submission-id", submission),
+    proc = subprocess.Popen(_submit_command(ray_head, sweep_data, "--submission-id", submission),
                             env=ray_head["env"], cwd=sweep_data, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines: list[str] = []
@@ -301,7 +303,7 @@ def stopped_sweep(ray_head, sweep_data):
     starts = [i for i, ln in enumerate(out.splitlines()) if ln.startswith("[start] ")]
     first_done = next(i for i, ln in enumerate(out.splitlines()) if re.match(rf"\[1/{len(TRIALS)}\] ", ln))
     assert len(starts) == 3 and starts[1] < first_done < starts[2], out[-4000:]
-    client = MlflowClient(f"sqlite:///{store}")
+    client = MlflowClient(ray_head["mlflow"])
     run = _children(client)[stopped]
     assert run.info.status != "FINISHED" and _epochs_done(sweep_data, stopped) < 4, out[-4000:]  # mid-run
     return out, finished, stopped, run.info.run_id, _history(client, run.info.run_id)
@@ -313,21 +315,20 @@ def _history(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def first_sweep(stopped_sweep, ray_head, sweep_data):
-    """The stopped sweep submitted again, waited for."""
-    store = sweep_data / "mlflow.db"
-    proc = _submit(ray_head, sweep_data, store, "first_sweep.log")
-    return proc, store
+    """The stopped sweep submitted again, waited for: (the process, the MLflow server's URI)."""
+    proc = _submit(ray_head, sweep_data, "first_sweep.log")
+    return proc, ray_head["mlflow"]
 
 
 def test_a_sweep_stopped_mid_run_resumes_its_trial_in_its_own_run(stopped_sweep, first_sweep, sweep_data):
     _, finished, stopped, run_id, logged = stopped_sweep
-    proc, store = first_sweep
+    proc, uri = first_sweep
     out = proc.stdout + proc.stderr
     assert "found again: a re-submitted sweep" in out and "sweep: skipping 2 trials that finished before" in out
     summary = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith(f"{EXPERIMENT}-split")}
     assert summary == {**{name: "skipped" for name in finished}, stopped: "finished"}
     assert re.search(rf"\[start\] {stopped} \(split \d, \w+, tiny\): resuming from checkpoint_", out), out[-4000:]
-    client = MlflowClient(f"sqlite:///{store}")
+    client = MlflowClient(uri)
     run = _children(client)[stopped]
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     history = _history(client, run_id)
@@ -337,14 +338,14 @@ def test_a_sweep_stopped_mid_run_resumes_its_trial_in_its_own_run(stopped_sweep,
 
 
 def test_ray_job_submit_runs_every_trial_as_a_child_run(first_sweep, sweep_data):
-    proc, store = first_sweep
+    proc, uri = first_sweep
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    assert "is a SQLite store" in out and "starts `mlflow server` on http://127.0.0.1:" in out
+    assert f"MLflow: tracking server {uri}" in out  # the head's, with no MLFLOW_TRACKING_URI in the submission
     # two trials finished in the stopped submission: this one runs the third
     assert "1 finished, 2 skipped (finished before), 0 failed, of 3 trials" in out, out[-4000:]
     assert "1 trials to run, 2 at a time" in out
-    client = MlflowClient(f"sqlite:///{store}")
+    client = MlflowClient(uri)
     parent = _parent(client)
     assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/finished"] == 3
     children = _children(client)
@@ -359,10 +360,6 @@ def test_ray_job_submit_runs_every_trial_as_a_child_run(first_sweep, sweep_data)
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1, 2, 3]
         assert client.get_metric_history(run.info.run_id, "val/pck_0.2")
         assert (sweep_data / "runs" / name).is_dir()  # checkpoints on the storage path, outside the working dir
-    # the sweep's MLflow server is gone with the sweep
-    port = int(re.search(r"server up on http://127\.0\.0\.1:(\d+)", out).group(1))
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def test_report_over_the_sweeps_own_runs(first_sweep, tmp_path, capsys):
@@ -372,12 +369,12 @@ def test_report_over_the_sweeps_own_runs(first_sweep, tmp_path, capsys):
 
     from jobs import report
 
-    _, store = first_sweep
+    _, uri = first_sweep
     with pytest.raises(SystemExit) as exc:
-        run_main(report.main, ["--experiment", EXPERIMENT, "--tracking-uri", f"sqlite:///{store}", "--out",
-                               str(tmp_path), "--with-paper"])
+        run_main(report.main, ["--experiment", EXPERIMENT, "--tracking-uri", uri, "--out", str(tmp_path),
+                               "--with-paper"])
     assert exc.value.code == 0, capsys.readouterr().err
-    children = _children(MlflowClient(f"sqlite:///{store}"))
+    children = _children(MlflowClient(uri))
     rows = {r[0]: r for r in csv.reader((tmp_path / "pck_thresholds.csv").open())}
     header = rows.pop("Ablation")
     logged = [children[name].data.metrics["test/pck_0.2"] for name in TRIALS]
@@ -395,8 +392,8 @@ def test_report_over_the_sweeps_own_runs(first_sweep, tmp_path, capsys):
 
 def test_resubmitted_sweep_skips_finished_resumes_unfinished_and_reports_a_failed_trial(first_sweep, ray_head,
                                                                                          sweep_data):
-    _, store = first_sweep
-    client = MlflowClient(f"sqlite:///{store}")
+    _, uri = first_sweep
+    client = MlflowClient(uri)
     before = _children(client)
     parent_id = _parent(client).info.run_id
     killed, torn, done = TRIALS  # A, B, C
@@ -406,7 +403,7 @@ def test_resubmitted_sweep_skips_finished_resumes_unfinished_and_reports_a_faile
     for model in (sweep_data / "runs" / torn).glob("checkpoint_*/model.pt"):
         model.write_bytes(b"torn")
 
-    proc = _submit(ray_head, sweep_data, store, "resubmitted_sweep.log")
+    proc = _submit(ray_head, sweep_data, "resubmitted_sweep.log")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-6000:]
     assert "found again: a re-submitted sweep" in out and f"{killed} (split 1, full, tiny): resuming from" in out
@@ -427,8 +424,11 @@ def test_resubmitted_sweep_skips_finished_resumes_unfinished_and_reports_a_faile
     assert parent.info.run_id == parent_id and parent.info.status == "FAILED"
 
 
-def test_local_script_stop_ends_both_and_keeps_the_store(local_sh):
-    """``local.sh stop`` after the sweep's submissions: the last test on the head (the tests below need none)."""
+def test_local_script_stop_ends_both_and_keeps_the_store(local_sh, sweep_data, ray_local, capsys, monkeypatch):
+    """``local.sh stop`` after the sweep's submissions: the last test on the head. The store it keeps is a
+    SQLite file the sweep can take again: submitted once more (in this process, on the session's Ray) with
+    that file as its store, it starts its own ``mlflow server`` on it, finds its parent run and the trial
+    that finished, runs nothing, and stops the server."""
     state, env, pids = local_sh["state"], local_sh["env"], local_sh["pids"]
     assert pids, "local.sh did not start: " + local_sh["started"].stdout + local_sh["started"].stderr
     exports = _env_file(local_sh["started"].stdout)
@@ -442,6 +442,23 @@ def test_local_script_stop_ends_both_and_keeps_the_store(local_sh):
         assert not _listening(int(address.rsplit(":", 1)[1]))
     assert not (state / "env.sh").exists() and (state / "mlflow.db").is_file()  # the store stays
     assert local_script("status", "--dir", str(state), env=env).returncode == 1
+
+    store = f"sqlite:///{state / 'mlflow.db'}"
+    done = TRIALS[2]  # C: finished in the first re-submission, skipped in the second
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    argv = [*TINY_SWEEP, "--shards", str(sweep_data / "shards"), "--embeddings", str(sweep_data / "emb"),
+            "--storage-path", str(sweep_data / "runs")]
+    argv[argv.index("--splits") + 1] = "3"
+    proc = in_process(sweep.main, argv, capsys, monkeypatch)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"MLFLOW_TRACKING_URI {store} is a SQLite store" in out
+    assert "starts `mlflow server` on http://127.0.0.1:" in out and "found again: a re-submitted sweep" in out
+    assert "sweep: skipping 1 trials that finished before" in out
+    assert re.search(rf"^{done}\s+skipped", out, flags=re.M), out[-3000:]
+    port = int(re.search(r"server up on http://127\.0\.0\.1:(\d+)", out).group(1))
+    assert f"MLflow: stopping the server on http://127.0.0.1:{port}" in out and not _listening(port)
+    assert _parent(MlflowClient(store)).info.status == "FINISHED"  # nothing failed this time
 
 
 def test_split_forms():
