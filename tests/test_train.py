@@ -135,7 +135,7 @@ def test_killed_run_resumes_in_the_same_mlflow_run_with_equal_losses(prepared, l
 def test_two_ddp_workers_match_one_process(prepared, ray_local, workdir, capsys):
     """gloo DDP with 2 Ray Train workers x batch 4 follows the same loss curve as one process x batch 8 (the
     same loop in local mode). A Ray Train run resumed when submitted again: the sweep's stopped trial
-    (tests/test_sweep.py); resumed after its workers were killed: the killed-worker test below."""
+    (tests/test_sweep.py); resumed after its worker was killed: the killed-worker test below."""
     curves = {}
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     for workers in (1, 2):
