@@ -38,6 +38,7 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
 # instance and the machine used 2.0 s of CPU per 30 s with metrics on, 1.7 s off (a few live through a whole run).
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")  # Ray Train's own, from each controller and worker
 
 # the modules that take longest (seconds of one full run on 2 cores), handed out first in this order; the rest
 # follow in file order. test_serve makes the trained run that test_predict and test_evaluate read: they come
