@@ -127,8 +127,8 @@ def cpus(asked: int | None) -> int:
 def training_run(args: argparse.Namespace, work: Path, cfg_texts: dict[str, str], uri: str) -> TrainRun:
     """The quickstart's training run: ``full`` with the tiny backbone and random tiny CLIP, one Ray Train
     worker holding the quickstart's CPUs, validation every 4 epochs on 20 episodes, the test on 40. With
-    ``--recipe paper`` (an MP-100 copy and its descriptions) the reference's texts, image stream, schedule and test
-    episodes, the rest tiny: the run's ``paper_departures`` tag lists what still differs."""
+    ``--recipe paper`` (an MP-100 copy and its descriptions) the reference's texts, image stream, schedule and
+    test episodes, the rest tiny: the run's ``paper_departures`` tag lists what still differs."""
     tiny = {"model.ablation": "full", "model.backbone": "tiny", "model.clip_model": "tiny",
             "model.clip_checkpoint": "random", "optim.epochs": args.epochs, "optim.seed": args.seed,
             "data.val_episodes": 20, "data.test_episodes": 40, "model.text_encoder": args.text_encoder, **cfg_texts}

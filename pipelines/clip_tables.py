@@ -96,7 +96,8 @@ def cpu_plan(cpus: float, actors: int | None = None) -> ActorPlan:
     per = min(1.0, max(0.1, (cpus - 0.5) / n))
     read = min(1.0, round(cpus - n * per, 6))
     if read < 0.1:
-        raise UsageError(f"--actors {n}: a cluster of {cpus:g} CPU{'s' if cpus != 1 else ''} holds at most {int(round((cpus - 0.1) / 0.1, 6))} "
+        most = int(round((cpus - 0.1) / 0.1, 6))
+        raise UsageError(f"--actors {n}: a cluster of {cpus:g} CPU{'s' if cpus != 1 else ''} holds at most {most} "
                          "CPU actors (0.1 CPU each, and 0.1 for the read tasks)")
     return ActorPlan("cpu", n, per, read)
 
