@@ -6,7 +6,6 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -29,7 +28,7 @@ from capenext.data.dataset import make_item
 from capenext.data.mp100 import Category, Sample
 from capenext.data.transforms import clean_bbox
 from capenext.data.transforms import apply_affine, crop, heatmap_targets, target_weights
-from tests.conftest import assert_one_line_error
+from tests.conftest import assert_one_line_error, in_process
 
 
 def _expected_clean_count(path: Path) -> int:
@@ -477,21 +476,11 @@ def test_missing_image_can_be_skipped_and_listed(tmp_path):
     assert data.samples == [] and data.missing == [(11, "dog/a.jpg")]
 
 
-def _quickstart(argv: list[str], capsys) -> SimpleNamespace:
-    """``python -m jobs.quickstart ARGV`` in this process (its real-process run is tests/test_quickstart.py):
-    exit code, stdout, stderr."""
-    from capenext.cli import run_main
+def test_cli_reports_malformed_data_in_one_line(tmp_path, synthetic_root, capsys, monkeypatch):
+    """``python -m jobs.quickstart`` in this process (its real-process run is tests/test_quickstart.py)."""
     from jobs import quickstart
 
-    with pytest.raises(SystemExit) as exc:
-        run_main(quickstart.main, argv)
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=exc.value.code, stdout=out.out, stderr=out.err)
-
-
-def test_cli_reports_malformed_data_in_one_line(tmp_path, synthetic_root, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default --workdir ./quickstart_out lands here, not in the checkout
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what run_main sets: undone after the test
     root = tmp_path / "copy"
     shutil.copytree(synthetic_root / "annotations", root / "annotations")
     (root / "images").symlink_to(synthetic_root / "images")
@@ -500,11 +489,12 @@ def test_cli_reports_malformed_data_in_one_line(tmp_path, synthetic_root, capsys
     bad = data["annotations"][0]
     bad["keypoints"] = bad["keypoints"][:-3]
     path.write_text(json.dumps(data))
-    proc = _quickstart(["--data-root", str(root), "--workdir", str(tmp_path / "work")], capsys)
+    proc = in_process(quickstart.main, ["--data-root", str(root), "--workdir", str(tmp_path / "work")], capsys,
+                      monkeypatch)
     assert_one_line_error(proc, str(path), f"annotation {bad['id']}", "keypoints has")
     assert proc.returncode == 2
 
-    proc = _quickstart(["--data-root", str(root), "--split", "9"], capsys)
+    proc = in_process(quickstart.main, ["--data-root", str(root), "--split", "9"], capsys, monkeypatch)
     assert_one_line_error(proc, "unknown split 9")
     assert proc.returncode == 2
 
