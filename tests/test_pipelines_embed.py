@@ -16,26 +16,27 @@ from capenext.data.shards import ShardIndex
 from capenext.data.transforms import crop
 from capenext.models.clip import FrozenCLIP, class_prompt
 from capenext.noise import load_template_maps, typo
-from pipelines import embed, shard
+from pipelines import embed
 from pipelines.clip_tables import cpu_plan, plan_actors
 from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def embedded(synthetic_root, ray_local, tmp_path_factory):
-    base = tmp_path_factory.mktemp("embed")
-    shard.run(synthetic_root, base / "shards", progress=False)
-    meta = embed.run(base / "shards", base / "emb", load_preset("tiny"), batch_size=32, typo_rates=(0.1, 0.3),
-                     progress=False, device="cpu")
-    return base, meta
+def embedded(prepared, ray_local, tmp_path_factory):
+    """The job over the session's shards (read only), with two typo rates, into a folder of its own:
+    ``(shards, tables, the job's result)``."""
+    shards, emb = prepared / "shards", tmp_path_factory.mktemp("embed") / "emb"
+    meta = embed.run(shards, emb, load_preset("tiny"), batch_size=32, typo_rates=(0.1, 0.3), progress=False,
+                     device="cpu")
+    return shards, emb, meta
 
 
 def test_row_counts_match_the_shards(embedded):
-    base, meta = embedded
-    index = ShardIndex(base / "shards")
-    images = pq.read_table(base / "emb" / "images.parquet")
-    classes = pq.read_table(base / "emb" / "classes.parquet")
-    kps = pq.read_table(base / "emb" / "keypoints.parquet")
+    shards, emb, meta = embedded
+    index = ShardIndex(shards)
+    images = pq.read_table(emb / "images.parquet")
+    classes = pq.read_table(emb / "classes.parquet")
+    kps = pq.read_table(emb / "keypoints.parquet")
     n_kp = sum(c.num_keypoints for c in index.categories.values())
     variants = 1 + 2 + len(load_template_maps())
     assert images.num_rows == len(index.samples)
@@ -47,10 +48,10 @@ def test_row_counts_match_the_shards(embedded):
 
 
 def test_embeddings_equal_an_in_process_clip_forward(embedded):
-    base, _ = embedded
-    index = ShardIndex(base / "shards")
+    shards, emb, _ = embedded
+    index = ShardIndex(shards)
     clip = FrozenCLIP("tiny", "random")
-    bank = load_bank(base / "emb")
+    bank = load_bank(emb)
     samples = index.samples[::97][:6]
     crops = torch.from_numpy(np.stack([crop(index.load_image(s), s.bbox, 128, DataCfg.bbox_scale).image
                                        for s in samples]))
@@ -65,32 +66,32 @@ def test_embeddings_equal_an_in_process_clip_forward(embedded):
 
 
 def test_noisy_variants_hold_the_noise_module_texts(embedded):
-    base, _ = embedded
-    index = ShardIndex(base / "shards")
-    kps = pq.read_table(base / "emb" / "keypoints.parquet").to_pandas()
+    shards, emb, _ = embedded
+    index = ShardIndex(shards)
+    kps = pq.read_table(emb / "keypoints.parquet").to_pandas()
     cat = next(iter(index.categories.values()))
     rows = kps[(kps.category_id == cat.id) & (kps.variant == "typo@0.3")].sort_values("keypoint_index")
     assert rows.text.tolist() == [typo(t, 0.3, 0) for t in cat.keypoints]
-    noisy = load_bank(base / "emb", variant="typo@0.3", images=False)
+    noisy = load_bank(emb, variant="typo@0.3", images=False)
     assert noisy.images == {}
-    assert not torch.allclose(noisy.keypoints[cat.id], load_bank(base / "emb", images=False).keypoints[cat.id])
+    assert not torch.allclose(noisy.keypoints[cat.id], load_bank(emb, images=False).keypoints[cat.id])
     with pytest.raises(KeyError, match="available"):
-        load_bank(base / "emb", variant="typo@0.9")
+        load_bank(emb, variant="typo@0.9")
 
 
 def test_rerun_is_a_no_op_and_metadata_mismatch_is_refused(embedded, capsys):
-    base, meta = embedded
-    before = (base / "emb" / "images.parquet").stat().st_mtime_ns
-    again = embed.run(base / "shards", base / "emb", load_preset("tiny"), batch_size=32, typo_rates=(0.1, 0.3))
+    shards, emb, meta = embedded
+    before = (emb / "images.parquet").stat().st_mtime_ns
+    again = embed.run(shards, emb, load_preset("tiny"), batch_size=32, typo_rates=(0.1, 0.3))
     assert "up to date" in capsys.readouterr().out
-    assert again == json.loads((base / "emb" / "embeddings.json").read_text())
-    assert (base / "emb" / "images.parquet").stat().st_mtime_ns == before
-    digest = ShardIndex(base / "shards").digest
-    check_tables(base / "emb", load_preset("tiny"), digest)
+    assert again == json.loads((emb / "embeddings.json").read_text())
+    assert (emb / "images.parquet").stat().st_mtime_ns == before
+    digest = ShardIndex(shards).digest
+    check_tables(emb, load_preset("tiny"), digest)
     with pytest.raises(ValueError, match="clip_model='tiny'"):
-        check_tables(base / "emb", override(load_preset("tiny"), {"model.clip_model": "ViT-B-32"}), digest)
+        check_tables(emb, override(load_preset("tiny"), {"model.clip_model": "ViT-B-32"}), digest)
     with pytest.raises(ValueError, match="image_size=128"):
-        check_tables(base / "emb", override(load_preset("tiny"), {"data.image_size": "256"}), digest)
+        check_tables(emb, override(load_preset("tiny"), {"data.image_size": "256"}), digest)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")

@@ -8,14 +8,14 @@ checked with ``MlflowClient``:
    checkpoint: C really stopped mid-run;
 2. re-submitted, A and B are skipped and C ends FINISHED, continuing its own MLflow run from its checkpoint
    (its first epoch not run again); ``jobs.report`` reads the store these trials wrote;
-3. re-submitted once more after A was left RUNNING (killed after its last checkpoint) and B's checkpoint was
-   torn: C (finished) is skipped, A goes straight to its test in its own run, B fails with its reason, and
-   the job fails.
+3. after ``local.sh stop``, the sweep's route for a SQLite store: submitted once more (in this process, on the
+   session's Ray) with the store ``local.sh`` kept, after A was left RUNNING (killed after its last
+   checkpoint) and B's checkpoint was torn. It starts its own ``mlflow server`` on the file, its trials log
+   through it, and it stops it at the end: C (finished) is skipped, A goes straight to its test in its own
+   run, B fails with its reason, and the sweep fails.
 
-The trials log to ``local.sh``'s MLflow server: the head passes its ``MLFLOW_TRACKING_URI`` to the jobs it runs,
-so the submissions set none (docs/sweep.md). The sweep's route for a SQLite store (it starts its own ``mlflow
-server`` on the file and stops it at the end) runs once ``local.sh`` has stopped, over the store the trials
-wrote: the sweep submitted once more in this process, on the session's Ray, skips the trial it finds finished.
+The first two submissions log to ``local.sh``'s MLflow server: the head passes its ``MLFLOW_TRACKING_URI`` to
+the jobs it runs, so the submissions set none (docs/sweep.md).
 
 ``cluster/local.sh`` itself is checked here, not in ``tests/test_cluster.py``: the sweep runs on the head it
 starts, so a test run starts one Ray head fewer (seconds of CPU on 2 cores), and pytest-xdist hands out whole
@@ -390,45 +390,13 @@ def test_report_over_the_sweeps_own_runs(first_sweep, tmp_path, capsys):
     assert "### How far from the paper" in (tmp_path / "report.md").read_text()
 
 
-def test_resubmitted_sweep_skips_finished_resumes_unfinished_and_reports_a_failed_trial(first_sweep, ray_head,
-                                                                                         sweep_data):
-    _, uri = first_sweep
-    client = MlflowClient(uri)
-    before = _children(client)
-    parent_id = _parent(client).info.run_id
-    killed, torn, done = TRIALS  # A, B, C
-    # a trial killed after its checkpoint (its MLflow run left RUNNING), and one whose checkpoint was torn
-    for name in (killed, torn):
-        client.update_run(before[name].info.run_id, status="RUNNING")
-    for model in (sweep_data / "runs" / torn).glob("checkpoint_*/model.pt"):
-        model.write_bytes(b"torn")
-
-    proc = _submit(ray_head, sweep_data, "resubmitted_sweep.log")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out[-6000:]
-    assert "found again: a re-submitted sweep" in out and f"{killed} (split 1, full, tiny): resuming from" in out
-    assert "sweep: skipping 1 trials that finished before" in out and "2 trials to run, 2 at a time" in out
-    assert "1 finished, 1 skipped (finished before), 1 failed, of 3 trials" in out, out[-4000:]
-    summary = {line.split()[0]: line for line in out.splitlines() if line.startswith(f"{EXPERIMENT}-split")}
-    assert summary[torn].split()[1] == "failed" and "is cut short (model.pt is 4 bytes of the" in summary[torn]
-    assert summary[killed].split()[1] == "finished" and summary[done].split()[1] == "skipped"
-    assert f"error: 1 of 3 trials failed: {torn}" in out
-
-    after = _children(client)
-    assert sorted(after) == sorted(TRIALS)  # no new runs: the resumed trial continued its own
-    assert after[killed].info.run_id == before[killed].info.run_id and after[killed].info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(after[killed].info.run_id, "train/loss")] == [0, 1, 2, 3]
-    assert after[torn].info.status == "FAILED"
-    assert after[done].info.status == "FINISHED" and after[done].info.end_time == before[done].info.end_time
-    parent = _parent(client)
-    assert parent.info.run_id == parent_id and parent.info.status == "FAILED"
-
-
 def test_local_script_stop_ends_both_and_keeps_the_store(local_sh, sweep_data, ray_local, capsys, monkeypatch):
     """``local.sh stop`` after the sweep's submissions: the last test on the head. The store it keeps is a
     SQLite file the sweep can take again: submitted once more (in this process, on the session's Ray) with
-    that file as its store, it starts its own ``mlflow server`` on it, finds its parent run and the trial
-    that finished, runs nothing, and stops the server."""
+    that file as its store, after trial A was left RUNNING (as if killed after its last checkpoint) and B's
+    checkpoint was torn. The sweep starts its own ``mlflow server`` on the file and its trials log through it:
+    C (finished) is skipped, A goes straight to its test in its own run, B fails with its reason, the sweep
+    fails, and the server is stopped."""
     state, env, pids = local_sh["state"], local_sh["env"], local_sh["pids"]
     assert pids, "local.sh did not start: " + local_sh["started"].stdout + local_sh["started"].stderr
     exports = _env_file(local_sh["started"].stdout)
@@ -444,21 +412,44 @@ def test_local_script_stop_ends_both_and_keeps_the_store(local_sh, sweep_data, r
     assert local_script("status", "--dir", str(state), env=env).returncode == 1
 
     store = f"sqlite:///{state / 'mlflow.db'}"
-    done = TRIALS[2]  # C: finished in the first re-submission, skipped in the second
+    client = MlflowClient(store)
+    before = _children(client)
+    parent_id = _parent(client).info.run_id
+    killed, torn, done = TRIALS  # A, B, C: all three finished in the submissions above
+    tested = len(client.get_metric_history(before[killed].info.run_id, "test/pck_0.2"))
+    for name in (killed, torn):  # A killed after its last checkpoint (its run left RUNNING); B's checkpoint torn
+        client.update_run(before[name].info.run_id, status="RUNNING")
+    for model in (sweep_data / "runs" / torn).glob("checkpoint_*/model.pt"):
+        model.write_bytes(b"torn")
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     argv = [*TINY_SWEEP, "--shards", str(sweep_data / "shards"), "--embeddings", str(sweep_data / "emb"),
             "--storage-path", str(sweep_data / "runs")]
-    argv[argv.index("--splits") + 1] = "3"
     proc = in_process(sweep.main, argv, capsys, monkeypatch)
-    out = proc.stdout
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-6000:]
     assert f"MLFLOW_TRACKING_URI {store} is a SQLite store" in out
     assert "starts `mlflow server` on http://127.0.0.1:" in out and "found again: a re-submitted sweep" in out
-    assert "sweep: skipping 1 trials that finished before" in out
-    assert re.search(rf"^{done}\s+skipped", out, flags=re.M), out[-3000:]
+    assert f"{killed} (split 1, full, tiny): resuming from" in out
+    assert "sweep: skipping 1 trials that finished before" in out and "2 trials to run, 2 at a time" in out
+    assert "1 finished, 1 skipped (finished before), 1 failed, of 3 trials" in out, out[-4000:]
+    summary = {line.split()[0]: line for line in out.splitlines() if line.startswith(f"{EXPERIMENT}-split")}
+    assert summary[torn].split()[1] == "failed" and "is cut short (model.pt is 4 bytes of the" in summary[torn]
+    assert summary[killed].split()[1] == "finished" and summary[done].split()[1] == "skipped"
+    assert f"error: 1 of 3 trials failed: {torn}" in out
     port = int(re.search(r"server up on http://127\.0\.0\.1:(\d+)", out).group(1))
     assert f"MLflow: stopping the server on http://127.0.0.1:{port}" in out and not _listening(port)
-    assert _parent(MlflowClient(store)).info.status == "FINISHED"  # nothing failed this time
+
+    after = _children(client)
+    assert sorted(after) == sorted(TRIALS)  # no new runs: the resumed trial continued its own
+    assert after[killed].info.run_id == before[killed].info.run_id and after[killed].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(after[killed].info.run_id, "train/loss")] == [0, 1, 2, 3]
+    # its test ran again, logged through the sweep's own server
+    assert len(client.get_metric_history(after[killed].info.run_id, "test/pck_0.2")) == tested + 1
+    assert after[torn].info.status == "FAILED"
+    assert after[done].info.status == "FINISHED" and after[done].info.end_time == before[done].info.end_time
+    parent = _parent(client)
+    assert parent.info.run_id == parent_id and parent.info.status == "FAILED"
 
 
 def test_split_forms():
