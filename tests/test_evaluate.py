@@ -21,7 +21,7 @@ from capenext.cli import run_main
 from capenext.config import THRESHOLDS
 from capenext.noise import load_template_maps
 from jobs import evaluate
-from tests.conftest import shared
+from tests.conftest import assert_one_line_error, run_cli, shared
 
 # the tiny model of tests/test_train.py, trained a little longer so that it beats the baseline clearly
 TRAIN_ARGS = ["--split", "1", "--backbone", "tiny", "--clip-model", "tiny", "--clip-checkpoint", "random",
@@ -230,9 +230,10 @@ def test_bad_input_gives_one_line(trained, store, capsys, tmp_path, case):
     assert _evaluation_runs(store, trained) == []
 
 
-def test_a_job_that_fails_on_its_input_leaves_no_store_behind(capsys, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    code, _, err = _evaluate(capsys, "--checkpoint", "none.pt", "--shards", "shards", "--split", "1")
-    assert code == 2 and "checkpoint not found: none.pt" in err, err
+def test_a_job_that_fails_on_its_input_leaves_no_store_behind(tmp_path, monkeypatch):
+    """As a user runs it (``jobs.evaluate``'s one real process in the suite): one line, and no default store
+    made in the working directory."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store: ./mlflow.db
+    proc = run_cli("jobs.evaluate", "--checkpoint", "none.pt", "--shards", "shards", "--split", "1", cwd=tmp_path)
+    assert_one_line_error(proc, "checkpoint not found: none.pt")
     assert list(tmp_path.iterdir()) == []  # no mlflow.db (nor mlartifacts/) in the working directory

@@ -61,10 +61,10 @@ def test_quickstart_run_is_finished_in_its_own_mlflow_store_with_its_metrics(qui
 
 
 def test_the_commands_it_prints_run_as_printed(quickstart, capsys, monkeypatch):
-    """Each printed command, from the folder the quickstart ran in: ``jobs.evaluate`` as a real process (its
-    only one in the suite), ``jobs.predict`` through its entry in this process (its real process is
-    tests/test_predict.py's)."""
-    from jobs import predict
+    """Each printed command, from the folder the quickstart ran in, through its module's entry in this process
+    (the argv it prints; no interpreter start). Their real processes: tests/test_evaluate.py's and
+    tests/test_predict.py's."""
+    from jobs import evaluate, predict
 
     work, out = quickstart
     commands = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("python -m jobs.")]
@@ -73,10 +73,8 @@ def test_the_commands_it_prints_run_as_printed(quickstart, capsys, monkeypatch):
     monkeypatch.chdir(work)
     for command in commands:
         argv = shlex.split(command)[2:]  # python -m <module> ...
-        if argv[0] == "jobs.predict":
-            proc = in_process(predict.main, argv[1:], capsys, monkeypatch)
-        else:
-            proc = run_cli(*argv, cwd=work, timeout=600)
+        entry = {"jobs.evaluate": evaluate.main, "jobs.predict": predict.main}[argv[0]]
+        proc = in_process(entry, argv[1:], capsys, monkeypatch)
         assert proc.returncode == 0, (command, proc.stderr[-2000:])
         if argv[0] == "jobs.evaluate":  # the same protocol on the same checkpoint: the same PCK@0.2
             rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
