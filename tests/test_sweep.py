@@ -390,7 +390,8 @@ def test_report_over_the_sweeps_own_runs(first_sweep, tmp_path, capsys):
     assert "### How far from the paper" in (tmp_path / "report.md").read_text()
 
 
-def test_local_script_stop_ends_both_and_keeps_the_store(local_sh, sweep_data, ray_local, capsys, monkeypatch):
+def test_local_script_stop_ends_both_and_keeps_the_store(local_sh, first_sweep, sweep_data, ray_local, capsys,
+                                                         monkeypatch):
     """``local.sh stop`` after the sweep's submissions: the last test on the head. The store it keeps is a
     SQLite file the sweep can take again: submitted once more (in this process, on the session's Ray) with
     that file as its store, after trial A was left RUNNING (as if killed after its last checkpoint) and B's
