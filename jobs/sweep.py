@@ -331,8 +331,10 @@ def execute(args: argparse.Namespace, trials: list[Trial], client, experiment_id
                           flush=True)
     except KeyboardInterrupt:
         for ref, (t, _) in running.items():
-            ray.cancel(ref, force=True)
+            ray.cancel(ref, force=True)  # its process, and with it the trial's Train controller and workers
             t.status, t.reason = "failed", "interrupted (the sweep was stopped); re-submit to resume"
+        for t, _ in running.values():  # a re-submitted sweep resumes them in these runs
+            _settle_child(client, experiment_id, t, "KILLED")
         raise
 
 
@@ -345,8 +347,9 @@ def _describe_checkpoint(storage: Path, run_name: str) -> str:
     return f"resuming from {latest.name}" if latest is not None else "new"
 
 
-def _settle_child(client, experiment_id: str, t: Trial) -> None:
-    """After a trial: tag a finished child with its epochs; mark a failed one FAILED (it was left RUNNING)."""
+def _settle_child(client, experiment_id: str, t: Trial, ended: str = "FAILED") -> None:
+    """After a trial: tag a finished child with its epochs; mark a failed one ``ended`` (FAILED, or KILLED
+    when the sweep was stopped), as its trial left it RUNNING."""
     try:
         run = runs_by_name(client, experiment_id, [t.run_name]).get(t.run_name)
         if run is None:
@@ -354,7 +357,7 @@ def _settle_child(client, experiment_id: str, t: Trial) -> None:
         if t.status == "finished":
             client.set_tag(run.info.run_id, EPOCHS_TAG, str(t.epochs))
         elif run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "FAILED")
+            client.set_terminated(run.info.run_id, ended)
     except Exception as err:  # bookkeeping must not end the sweep
         print(f"warning: could not update the MLflow run of {t.run_name}: {one_line(err)}", flush=True)
 
@@ -415,6 +418,9 @@ def sweep(args: argparse.Namespace) -> list[Trial]:
             server.launch()
         if own_ray:  # while the server starts
             ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
+            # ray.init puts Ray's own SIGTERM handler in place, which ends the process with no clean-up:
+            # the trials would train on, and the parent run and the server would be left behind
+            signal.signal(signal.SIGTERM, _raise_interrupt)
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         print(f"Ray: {nodes} node{'s' * (nodes != 1)}, {ray.cluster_resources().get('CPU', 0):g} CPUs, "
               f"{ray.cluster_resources().get('GPU', 0):g} GPUs", flush=True)

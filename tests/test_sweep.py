@@ -5,7 +5,7 @@ checked with ``MlflowClient``:
 
 1. the first submission (two trials at a time: A and B, then C as soon as one of them is done) is stopped
    (the job API's stop, as ``ray job stop``) once A and B have finished and C has written its first epoch's
-   checkpoint: C really stopped mid-run;
+   checkpoint: C really stopped mid-run, and its run and the parent are KILLED;
 2. re-submitted, A and B are skipped and C ends FINISHED, continuing its own MLflow run from its checkpoint
    (its first epoch not run again); ``jobs.report`` reads the store these trials wrote;
 3. after ``local.sh stop``, the sweep's route for a SQLite store: submitted once more (in this process, on the
@@ -305,7 +305,9 @@ def stopped_sweep(ray_head, sweep_data):
     assert len(starts) == 3 and starts[1] < first_done < starts[2], out[-4000:]
     client = MlflowClient(ray_head["mlflow"])
     run = _children(client)[stopped]
-    assert run.info.status != "FINISHED" and _epochs_done(sweep_data, stopped) < 4, out[-4000:]  # mid-run
+    assert _epochs_done(sweep_data, stopped) < 4, out[-4000:]  # mid-run
+    # the sweep ran its clean-up on the stop's SIGTERM (Ray's own handler would have ended it on the spot)
+    assert run.info.status == "KILLED" and _parent(client).info.status == "KILLED", out[-4000:]
     return out, finished, stopped, run.info.run_id, _history(client, run.info.run_id)
 
 
